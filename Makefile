@@ -1,0 +1,32 @@
+# Two commands for a fresh machine; both build their own virtual environment from the package index.
+#   make demo   -- the main job: the benchmark on its bundled default tasks
+#   make test   -- every check: unit tests, docs build, notebooks
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,docs,notebooks,bench]"
+	touch $(STAMP)
+
+.PHONY: install test unit docs notebooks demo primitives
+install: $(STAMP)
+
+unit: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict -q -d site
+
+notebooks: $(STAMP)
+	$(PY) -m pytest -n 2 -q --nbmake notebooks
+
+test: unit docs notebooks
+
+demo: $(STAMP)
+	$(PY) -m optax_second_order.bench
+
+primitives: $(STAMP)
+	$(PY) -m optax_second_order.bench primitives
