@@ -1,0 +1,83 @@
+"""Stochastic estimators of curvature diagonals.
+
+* Hutchinson (Bekas, Kokiopoulou & Saad 2007): ``diag(H) = E_z[z * H z]`` for probes with
+  ``E[z z^T] = I``; Rademacher probes (the default) make it exact on a diagonal matrix.
+* Gauss-Newton-Bartlett (Liu et al. 2023, "Sophia", Algorithm 2): with targets ``t_hat`` sampled from
+  the model and ``g_hat`` the gradient of the *mean* loss at them, ``B * g_hat^2`` is an unbiased estimate
+  of ``diag(J^T H_L J)`` for a batch of ``B`` examples (second Bartlett identity).
+* Exact Hessian diagonal, for tests and small problems.
+
+The empirical-Fisher diagonal lives beside the empirical-Fisher product in :mod:`.products`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from optax_second_order.curvature.losses import OutputLoss
+from optax_second_order.curvature.products import hvp_operator
+
+__all__ = ["probes", "hutchinson_diagonal", "gnb_diagonal", "exact_hessian_diagonal"]
+
+PyTree = Any
+_DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def probes(key: jax.Array, params: PyTree, distribution: str = "rademacher") -> PyTree:
+    """A random pytree like ``params`` with ``E[z z^T] = I``: Rademacher (+-1) or standard Gaussian."""
+    if distribution not in _DISTRIBUTIONS:
+        raise ValueError(f"probes: distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    draw = jax.random.rademacher if distribution == "rademacher" else jax.random.normal
+    return treedef.unflatten([draw(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+
+
+def hutchinson_diagonal(
+    value_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    key: jax.Array,
+    num_probes: int = 1,
+    distribution: str = "rademacher",
+) -> PyTree:
+    """Hutchinson's estimate ``(1/n) sum_k z_k * H z_k`` of the Hessian diagonal of ``value_fn``.
+
+    The Hessian is linearized once and applied to the ``num_probes`` probes in one batched call;
+    probe ``k`` is ``probes(jax.random.split(key, num_probes)[k], params, distribution)``.
+    """
+    if num_probes < 1:
+        raise ValueError(f"hutchinson_diagonal: num_probes must be >= 1, got {num_probes}")
+    hessian_vp = hvp_operator(value_fn, params)
+
+    def z_hz(key):
+        z = probes(key, params, distribution)
+        return jax.tree.map(jnp.multiply, z, hessian_vp(z))
+
+    estimates = jax.vmap(z_hz)(jax.random.split(key, num_probes))
+    return jax.tree.map(lambda e: jnp.mean(e, axis=0), estimates)
+
+
+def gnb_diagonal(
+    model_fn: Callable[[PyTree], jax.Array], loss: OutputLoss, params: PyTree, key: jax.Array
+) -> PyTree:
+    """Gauss-Newton-Bartlett estimate ``B * g_hat * g_hat`` of ``diag(J^T H_L J)``.
+
+    ``g_hat`` is the gradient of the weighted mean loss with targets sampled from the model's
+    predictive distribution at ``key``, and ``B = sum_i w_i`` the number of examples (unbiased for
+    0/1 weights; for a language model an example is a token).
+    """
+    outputs, vjp_fn = jax.vjp(model_fn, params)
+    sampled = loss.with_targets(loss.sample_targets(key, outputs))
+    (g_hat,) = vjp_fn(jax.grad(sampled)(outputs).astype(outputs.dtype))
+    batch = loss.num_examples(outputs)
+    return jax.tree.map(lambda g: (batch * jnp.square(g.astype(batch.dtype))).astype(g.dtype), g_hat)
+
+
+def exact_hessian_diagonal(value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> PyTree:
+    """The exact Hessian diagonal from the dense Hessian (``#params^2`` memory: small problems only)."""
+    flat, unravel = ravel_pytree(params)
+    return unravel(jnp.diag(jax.hessian(lambda x: value_fn(unravel(x)))(flat)))

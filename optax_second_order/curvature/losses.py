@@ -1,0 +1,211 @@
+"""Output-space losses: value, output-space Hessian-vector product, targets sampled from the model.
+
+A loss object is bound to the targets of the current batch, so the curvature primitives need only
+``model_fn`` (params -> outputs) and ``loss``:
+
+.. math::
+
+    L(y) = \\frac{\\sum_i w_i \\, \\ell(y_i, t_i)}{\\sum_i w_i}
+
+where ``i`` runs over the *examples* (every leading index of the outputs that is not part of an
+event: the class axis of a softmax, the last ``event_ndim`` axes of a regression), ``w_i`` are
+optional per-example weights or a 0/1 mask, and ``t_i`` the targets.
+
+Every loss provides
+
+* ``loss(outputs)`` -- the weighted mean above;
+* ``loss.per_example(outputs)`` -- the unweighted per-example losses ``l_i``;
+* ``loss.output_hvp(outputs, v)`` -- ``H_L v`` with ``H_L = d^2 L / dy^2`` (closed form);
+* ``loss.sample_targets(key, outputs)`` -- targets drawn from the model's predictive distribution
+  ``p(t | y)`` for which ``l = -log p(t | y)`` (up to a constant);
+* ``loss.with_targets(t)`` -- the same loss bound to other targets (for example sampled ones).
+
+For these three losses the negative log-likelihood is an exponential family in its natural
+parameter ``y``, so the true Fisher ``E_{t ~ p(t|y)}[grad grad^T]`` equals the output Hessian
+``H_L`` and the true Fisher of the network equals its generalized Gauss-Newton matrix
+(Martens, "New insights and perspectives on the natural gradient method", JMLR 2020, section 9.2).
+
+Losses are registered JAX pytrees (targets and weights are leaves), so they can be passed through
+``jax.jit`` and ``optax.chain`` as extra arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "OutputLoss",
+    "SquaredError",
+    "SigmoidBinaryCrossEntropy",
+    "SoftmaxCrossEntropy",
+    "squared_error",
+    "sigmoid_binary_cross_entropy",
+    "softmax_cross_entropy",
+]
+
+
+def _compute_dtype(x: jax.Array) -> jnp.dtype:
+    """float32 or better, whatever the model's output dtype."""
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputLoss:
+    """Base class: a per-example loss ``l(y_i, t_i)`` averaged with weights ``w_i``.
+
+    Subclasses implement ``_per_example``, ``_output_hvp_per_example`` and ``_sample``.
+    ``event_ndim`` is the number of trailing output axes that form one example's output.
+    """
+
+    targets: jax.Array
+    weights: jax.Array | None = None
+    event_ndim: int = 1
+
+    def _event_axes(self, outputs: jax.Array) -> tuple[int, ...]:
+        return tuple(range(outputs.ndim - self.event_ndim, outputs.ndim))
+
+    def _example_weights(self, outputs: jax.Array) -> jax.Array:
+        shape = outputs.shape[: outputs.ndim - self.event_ndim]
+        if self.weights is None:
+            return jnp.ones(shape, _compute_dtype(outputs))
+        return jnp.broadcast_to(self.weights, shape).astype(_compute_dtype(outputs))
+
+    def num_examples(self, outputs: jax.Array) -> jax.Array:
+        """``sum_i w_i``: the number of examples (tokens, pixels, ...) for a 0/1 mask."""
+        return jnp.sum(self._example_weights(outputs))
+
+    def per_example(self, outputs: jax.Array) -> jax.Array:
+        """Unweighted per-example losses ``l_i``, shape ``outputs.shape[:-event_ndim]``."""
+        return self._per_example(outputs.astype(_compute_dtype(outputs)))
+
+    def __call__(self, outputs: jax.Array) -> jax.Array:
+        """The weighted mean ``sum_i w_i l_i / sum_i w_i``."""
+        w = self._example_weights(outputs)
+        return jnp.sum(w * self.per_example(outputs)) / jnp.sum(w)
+
+    def output_hvp(self, outputs: jax.Array, v: jax.Array) -> jax.Array:
+        """``H_L v``, the Hessian of the weighted mean loss w.r.t. the outputs, times ``v``."""
+        y = outputs.astype(_compute_dtype(outputs))
+        w = self._example_weights(outputs)
+        scale = jnp.expand_dims(w / jnp.sum(w), self._event_axes(outputs))
+        return (scale * self._output_hvp_per_example(y, v.astype(y.dtype))).astype(v.dtype)
+
+    def per_example_output_grad(self, outputs: jax.Array) -> jax.Array:
+        """``s_i = d l_i / d y_i`` for every example (unweighted)."""
+        y = outputs.astype(_compute_dtype(outputs))
+        return jax.grad(lambda y: jnp.sum(self._per_example(y)))(y)
+
+    def sample_targets(self, key: jax.Array, outputs: jax.Array) -> jax.Array:
+        """Targets ``t ~ p(t | y)`` from the model's predictive distribution, in the targets' format."""
+        return self._sample(key, outputs.astype(_compute_dtype(outputs)))
+
+    def with_targets(self, targets: jax.Array) -> "OutputLoss":
+        """The same loss (same weights) bound to other targets."""
+        return dataclasses.replace(self, targets=targets)
+
+    def _per_example(self, y: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def _output_hvp_per_example(self, y: jax.Array, v: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def _sample(self, key: jax.Array, y: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SquaredError(OutputLoss):
+    """``l = 1/2 ||y - t||^2`` summed over the event axes; ``H_L = I``; ``t ~ N(y, I)``."""
+
+    def _per_example(self, y):
+        return 0.5 * jnp.sum(jnp.square(y - self.targets), axis=self._event_axes(y))
+
+    def _output_hvp_per_example(self, y, v):
+        return v
+
+    def _sample(self, key, y):
+        return (y + jax.random.normal(key, y.shape, y.dtype)).astype(self.targets.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SigmoidBinaryCrossEntropy(OutputLoss):
+    """``l = sum softplus(y) - t y`` over the event axes (logits ``y``, targets in [0, 1]).
+
+    ``H_L = diag(s (1 - s))`` with ``s = sigmoid(y)``; ``t ~ Bernoulli(s)``.
+    """
+
+    def _per_example(self, y):
+        t = self.targets.astype(y.dtype)
+        return jnp.sum(jax.nn.softplus(y) - t * y, axis=self._event_axes(y))
+
+    def _output_hvp_per_example(self, y, v):
+        s = jax.nn.sigmoid(y)
+        return s * (1 - s) * v
+
+    def _sample(self, key, y):
+        return jax.random.bernoulli(key, jax.nn.sigmoid(y)).astype(self.targets.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoftmaxCrossEntropy(OutputLoss):
+    """``l = logsumexp(y) - y[t]`` over the last (class) axis, with integer or one-hot targets.
+
+    ``H_L = diag(p) - p p^T`` with ``p = softmax(y)``; ``t ~ Categorical(p)``.
+    """
+
+    def _is_one_hot(self, y) -> bool:
+        return self.targets.ndim == y.ndim
+
+    def _per_example(self, y):
+        log_p = jax.nn.log_softmax(y, axis=-1)
+        if self._is_one_hot(y):
+            return -jnp.sum(self.targets.astype(y.dtype) * log_p, axis=-1)
+        return -jnp.take_along_axis(log_p, self.targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+    def _output_hvp_per_example(self, y, v):
+        p = jax.nn.softmax(y, axis=-1)
+        return p * v - p * jnp.sum(p * v, axis=-1, keepdims=True)
+
+    def _sample(self, key, y):
+        labels = jax.random.categorical(key, y, axis=-1)
+        if self._is_one_hot(y):
+            return jax.nn.one_hot(labels, y.shape[-1], dtype=self.targets.dtype)
+        return labels.astype(self.targets.dtype)
+
+
+for _cls in (SquaredError, SigmoidBinaryCrossEntropy, SoftmaxCrossEntropy):
+    jax.tree_util.register_dataclass(
+        _cls, data_fields=["targets", "weights"], meta_fields=["event_ndim"]
+    )
+
+
+def squared_error(targets: jax.Array, weights: jax.Array | None = None, event_ndim: int = 1) -> SquaredError:
+    """Mean squared error ``1/2 ||y - t||^2`` (Gaussian likelihood with unit variance).
+
+    Args:
+      targets: regression targets, the shape of the outputs.
+      weights: optional per-example weights or 0/1 mask, shape ``outputs.shape[:-event_ndim]``.
+      event_ndim: trailing axes summed into one example's loss (0: every scalar is an example).
+    """
+    return SquaredError(jnp.asarray(targets), weights, event_ndim)
+
+
+def sigmoid_binary_cross_entropy(
+    targets: jax.Array, weights: jax.Array | None = None, event_ndim: int = 1
+) -> SigmoidBinaryCrossEntropy:
+    """Sigmoid cross-entropy on logits (independent Bernoulli outputs), targets in [0, 1]."""
+    return SigmoidBinaryCrossEntropy(jnp.asarray(targets), weights, event_ndim)
+
+
+def softmax_cross_entropy(labels: jax.Array, weights: jax.Array | None = None) -> SoftmaxCrossEntropy:
+    """Softmax cross-entropy on logits over the last axis.
+
+    Args:
+      labels: integer class labels of shape ``outputs.shape[:-1]`` or one-hot / soft labels of
+        the outputs' shape.
+      weights: optional per-example weights or 0/1 mask of shape ``outputs.shape[:-1]``.
+    """
+    return SoftmaxCrossEntropy(jnp.asarray(labels), weights, 1)

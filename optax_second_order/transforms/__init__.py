@@ -1,0 +1,3 @@
+"""Layer 2: ``scale_by_*`` gradient transformations, one module per optimizer family."""
+
+from optax_second_order.transforms.common import *  # noqa: F401,F403
