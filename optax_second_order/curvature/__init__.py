@@ -2,4 +2,5 @@
 
 from optax_second_order.curvature import losses
 from optax_second_order.curvature.estimators import *  # noqa: F401,F403
+from optax_second_order.curvature.matrix import *  # noqa: F401,F403
 from optax_second_order.curvature.products import *  # noqa: F401,F403
