@@ -1,0 +1,73 @@
+"""The benchmark's optimizer registry: every entry gets the same step budget and a 3-point learning-rate grid.
+
+An :class:`OptimizerSpec` builds the transformation for one learning rate and one task. The runner calls
+``tx.update(grads, state, params, value_fn=..., model_fn=..., loss=..., value=..., grad=...)`` for every
+optimizer (see :mod:`optax_second_order.bench.runner`), so methods that need curvature extras (and optax's
+own L-BFGS, which needs ``value``, ``grad`` and ``value_fn``) run unchanged; the others ignore them.
+
+Adding an optimizer is one entry here::
+
+    OPTIMIZERS["sophia-g"] = OptimizerSpec(
+        make=lambda learning_rate, task: oso.sophia(learning_rate),
+        learning_rates=(3e-3, 1e-3, 3e-4),
+        description="Sophia-G (GNB diagonal), Liu et al. 2023",
+    )
+
+The grid is each method's usual default and its neighbours a factor ~3 away (the same size and spacing for
+every method); ``--lrs`` replaces every grid with one common grid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable
+
+import optax
+
+if TYPE_CHECKING:
+    from optax_second_order.bench.tasks import Task
+
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "REFERENCE"]
+
+REFERENCE = "adam"
+"""The optimizer every run includes: step-time ratios and the default target loss are relative to it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """How the benchmark builds one optimizer.
+
+    Attributes:
+      make: ``make(learning_rate, task) -> optax.GradientTransformation``; ``task`` gives access to the
+        model (``task.module``) for methods that need it (layer capture) and may be ignored.
+      learning_rates: the default grid (3 values, best first is not required).
+      description: one line for the tables and the docs.
+    """
+
+    make: Callable[[float, "Task"], optax.GradientTransformation]
+    learning_rates: tuple[float, ...]
+    description: str
+
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "sgd": OptimizerSpec(
+        make=lambda learning_rate, task: optax.sgd(learning_rate, momentum=0.9),
+        learning_rates=(0.3, 0.1, 0.03),
+        description="optax.sgd, heavy-ball momentum 0.9",
+    ),
+    "adam": OptimizerSpec(
+        make=lambda learning_rate, task: optax.adam(learning_rate),
+        learning_rates=(1e-2, 3e-3, 1e-3),
+        description="optax.adam (b1=0.9, b2=0.999, eps=1e-8), Kingma & Ba 2015",
+    ),
+    "adamw": OptimizerSpec(
+        make=lambda learning_rate, task: optax.adamw(learning_rate, weight_decay=1e-4),
+        learning_rates=(1e-2, 3e-3, 1e-3),
+        description="optax.adamw, decoupled weight decay 1e-4, Loshchilov & Hutter 2019",
+    ),
+    "lbfgs": OptimizerSpec(
+        make=lambda learning_rate, task: optax.lbfgs(learning_rate),
+        learning_rates=(1.0, 0.3, 0.1),
+        description="optax.lbfgs, memory 10, zoom line search on the current batch (scaled by the learning rate)",
+    ),
+}
