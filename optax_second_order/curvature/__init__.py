@@ -1,6 +1,6 @@
 """Layer 1: pure, jittable curvature primitives over parameter pytrees (no optimizer state)."""
 
-from optax_second_order.curvature import losses
+from optax_second_order.curvature import kronecker, losses
 from optax_second_order.curvature.estimators import *  # noqa: F401,F403
 from optax_second_order.curvature.matrix import *  # noqa: F401,F403
 from optax_second_order.curvature.products import *  # noqa: F401,F403

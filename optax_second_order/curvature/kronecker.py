@@ -1,0 +1,409 @@
+"""Kronecker-factored Fisher blocks of dense and convolutional layers, and the layer capture they need.
+
+For a layer with pre-activations ``s = W^T a`` (weights ``W`` of shape ``(d_in [+1], d_out)``, the bias
+as the last row and a homogeneous coordinate ``1`` appended to ``a``) and per-example pre-activation
+gradients ``g = d l / d s``, the Fisher block of ``vec(W)`` (row-major vectorization, the order of
+``W.reshape(-1)``) is ``E[(a a^T) (x) (g g^T)]``, which K-FAC approximates by (Martens & Grosse 2015)
+
+.. math::
+
+    F_W \\approx A \\otimes G, \\qquad A = E[a a^T], \\quad G = E[g g^T].
+
+A layer applied at ``T`` locations per example (the spatial positions of a convolution, whose inputs
+``a_t`` are image patches, or the tokens of a dense layer on a sequence) contributes
+``sum_t a_t g_t^T`` to its gradient; assuming spatially uncorrelated derivatives (KFC, Grosse & Martens
+2016) its block is ``T E_t[a a^T] (x) E_t[g g^T]``, computed here as
+
+.. math::
+
+    A = \\frac{1}{N T} \\sum_{i,t} a_{i,t} a_{i,t}^T, \\qquad
+    G = \\frac{1}{N} \\sum_{i,t} g_{i,t} g_{i,t}^T ,
+
+which is exactly the dense-layer formula when ``T = 1``. A layer called several times (weight sharing)
+counts its calls as further locations.
+
+Capture, without JAX internals. A forward function marks its layers by calling :func:`dense` /
+:func:`conv` (or :func:`tag_layer` on a layer it computed itself); Flax models are captured by
+:mod:`optax_second_order.flax.capture`, which registers hooks here. Outside :func:`find_layers` and
+:func:`kronecker_factors` a tag does nothing but return the layer's output. Inside, it records the
+layer's input ``a`` and adds a zero perturbation ``p`` to its output ``s``, so ``d L / d p = d L / d s``
+gives ``g`` in the same backward pass. A layer is identified by its kernel: the array passed as ``kernel``
+must be a leaf of the parameters handed to ``model_fn`` (not a cast or reshaped copy). Tags work under
+``jit``, ``grad`` and ``vmap`` of the whole forward function, but not inside ``lax.scan`` / ``lax.cond``
+bodies (their tracers cannot leave the body).
+
+References: Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
+curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
+convolution layers", ICML 2016.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, ContextManager, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from optax_second_order.curvature.losses import OutputLoss
+
+__all__ = [
+    "ConvConfig",
+    "Layer",
+    "Layers",
+    "KroneckerStatistics",
+    "dense",
+    "conv",
+    "tag_layer",
+    "register_capture_hook",
+    "find_layers",
+    "layer_inputs",
+    "kernel_matrix",
+    "split_kernel_matrix",
+    "fisher_cotangent",
+    "kronecker_factors",
+]
+
+PyTree = Any
+
+_ACTIVE: list["_Recorder"] = []
+_CAPTURE_HOOKS: list[Callable[[], ContextManager]] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvConfig:
+    """A channels-last convolution: ``x (N, *spatial, C_in)``, kernel ``(*window, C_in, C_out)``."""
+
+    strides: tuple[int, ...]
+    padding: str | tuple[tuple[int, int], ...]
+    input_dilation: tuple[int, ...]
+    kernel_dilation: tuple[int, ...]
+
+    @classmethod
+    def make(cls, ndim: int, strides=1, padding="SAME", input_dilation=1, kernel_dilation=1) -> "ConvConfig":
+        """Canonical form: ints broadcast to every spatial axis, int padding to ``(p, p)`` pairs."""
+
+        def per_axis(v):
+            return (int(v),) * ndim if isinstance(v, int) else tuple(int(i) for i in v)
+
+        if isinstance(padding, str):
+            padding = padding.upper()
+        elif isinstance(padding, int):
+            padding = ((padding, padding),) * ndim
+        else:
+            padding = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
+        return cls(per_axis(strides), padding, per_axis(input_dilation), per_axis(kernel_dilation))
+
+    def dimension_numbers(self) -> tuple[str, str, str]:
+        spatial = "DHW"[3 - len(self.strides):] if len(self.strides) <= 3 else None
+        if spatial is None:
+            raise ValueError("conv: at most 3 spatial dimensions are supported")
+        return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A captured layer: its kind, its parameters (``jax.tree_util.keystr`` paths) and kernel shape."""
+
+    kind: str
+    kernel: str
+    bias: str | None
+    kernel_shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.kernel
+
+    @property
+    def input_dim(self) -> int:
+        """``d_in`` of ``A``: fan-in (patch size for a conv) plus one for the bias."""
+        return math.prod(self.kernel_shape[:-1]) + (self.bias is not None)
+
+    @property
+    def output_dim(self) -> int:
+        """``d_out`` of ``G``: the number of output features."""
+        return self.kernel_shape[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """What capture found: the layers K-FAC preconditions and the parameters that fall back."""
+
+    layers: tuple[Layer, ...]
+    fallback: tuple[str, ...]
+
+    def summary(self) -> str:
+        """A printable table of preconditioned layers and fallback parameters."""
+        lines = [f"K-FAC capture: {len(self.layers)} layers preconditioned, {len(self.fallback)} params fall back"]
+        for layer in self.layers:
+            bias = f" + {layer.bias}" if layer.bias else ""
+            lines.append(
+                f"  {layer.kind:5s} {layer.kernel}{bias}  A {layer.input_dim}x{layer.input_dim}, "
+                f"G {layer.output_dim}x{layer.output_dim}"
+            )
+        lines.extend(f"  diagonal {name}" for name in self.fallback)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+class KroneckerStatistics(NamedTuple):
+    """``factors``: ``{layer name: (A, G)}``; ``fallback_grads``: the fallback parameters' gradients."""
+
+    factors: dict[str, tuple[jax.Array, jax.Array]]
+    fallback_grads: dict[str, jax.Array]
+
+
+@dataclasses.dataclass
+class _Call:
+    layer: Layer
+    output: jax.ShapeDtypeStruct
+    inputs: jax.Array | None
+
+
+class _Recorder:
+    """Collects the tagged calls of one trace of ``model_fn`` and perturbs their outputs."""
+
+    def __init__(self, perturbations: Sequence[jax.Array] | None = None):
+        self.perturbations = perturbations
+        self.names: dict[int, str] = {}
+        self.calls: list[_Call] = []
+
+    def watch(self, keys: Sequence[str], leaves: Sequence[Any]) -> None:
+        self.names = {id(leaf): key for key, leaf in zip(keys, leaves)}
+
+    def record(self, kind, outputs, inputs, kernel, bias, config):
+        kernel_name = self.names.get(id(kernel))
+        if kernel_name is None:
+            return outputs  # not a parameter leaf of this model_fn: cannot be preconditioned
+        bias_name = self.names.get(id(bias)) if bias is not None else None
+        layer = Layer(kind, kernel_name, bias_name, tuple(kernel.shape))
+        rows = None
+        if self.perturbations is not None:
+            rows = layer_inputs(layer, inputs, config)
+            outputs = outputs + self.perturbations[len(self.calls)].astype(outputs.dtype)
+        self.calls.append(_Call(layer, jax.ShapeDtypeStruct(outputs.shape, outputs.dtype), rows))
+        return outputs
+
+
+def register_capture_hook(hook: Callable[[], ContextManager]) -> None:
+    """Register ``hook() -> context manager`` entered around every capturing trace (Flax uses this)."""
+    if hook not in _CAPTURE_HOOKS:
+        _CAPTURE_HOOKS.append(hook)
+
+
+@contextlib.contextmanager
+def _recording(recorder: _Recorder):
+    with contextlib.ExitStack() as stack:
+        for hook in _CAPTURE_HOOKS:
+            stack.enter_context(hook())
+        _ACTIVE.append(recorder)
+        try:
+            yield recorder
+        finally:
+            _ACTIVE.pop()
+
+
+def tag_layer(
+    kind: str,
+    outputs: jax.Array,
+    inputs: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    config: ConvConfig | None = None,
+) -> jax.Array:
+    """Mark ``outputs = layer(inputs; kernel, bias)`` as a ``"dense"`` or ``"conv"`` layer for K-FAC.
+
+    Returns ``outputs`` unchanged unless a capture is running (then with a zero perturbation added).
+    """
+    if not _ACTIVE:
+        return outputs
+    return _ACTIVE[-1].record(kind, outputs, inputs, kernel, bias, config)
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """Tagged dense layer ``x @ kernel + bias`` (kernel ``(d_in, d_out)``, any leading axes of ``x``)."""
+    y = jnp.dot(x, kernel)
+    if bias is not None:
+        y = y + bias
+    return tag_layer("dense", y, x, kernel, bias)
+
+
+def conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | int | Sequence = "SAME",
+    input_dilation: int | Sequence[int] = 1,
+    kernel_dilation: int | Sequence[int] = 1,
+) -> jax.Array:
+    """Tagged channels-last convolution: ``x (N, *spatial, C_in)``, kernel ``(*window, C_in, C_out)``."""
+    config = ConvConfig.make(kernel.ndim - 2, strides, padding, input_dilation, kernel_dilation)
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        config.strides,
+        config.padding,
+        config.input_dilation,
+        config.kernel_dilation,
+        dimension_numbers=config.dimension_numbers(),
+    )
+    if bias is not None:
+        y = y + bias
+    return tag_layer("conv", y, x, kernel, bias, config)
+
+
+def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -> jax.Array:
+    """The rows ``a`` of ``A`` (one per example and location), with a trailing ``1`` for the bias.
+
+    Dense: ``x`` flattened to ``(-1, d_in)``. Conv: image patches from
+    ``jax.lax.conv_general_dilated_patches`` (features ordered ``(C_in, *window)``, see
+    :func:`kernel_matrix`), one row per example and output location.
+    """
+    if layer.kind == "conv":
+        window = layer.kernel_shape[:-2]
+        x = x.reshape((-1,) + x.shape[x.ndim - len(window) - 1:])
+        x = jax.lax.conv_general_dilated_patches(
+            x,
+            window,
+            config.strides,
+            config.padding,
+            config.input_dilation,
+            config.kernel_dilation,
+            dimension_numbers=config.dimension_numbers(),
+        )
+    rows = x.reshape(-1, x.shape[-1])
+    if layer.bias is not None:
+        rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+    return rows
+
+
+def kernel_matrix(layer: Layer, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The ``(d_in [+1], d_out)`` matrix ``W`` whose rows match :func:`layer_inputs` (bias last)."""
+    if layer.kind == "conv":
+        kernel = jnp.moveaxis(kernel, -2, 0)  # (*window, C_in, C_out) -> (C_in, *window, C_out)
+    w = kernel.reshape(-1, layer.output_dim)
+    if layer.bias is not None:
+        w = jnp.concatenate([w, bias.reshape(1, -1).astype(w.dtype)], axis=0)
+    return w
+
+
+def split_kernel_matrix(layer: Layer, w: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Inverse of :func:`kernel_matrix`: ``(kernel, bias)`` in the parameters' shapes."""
+    bias = w[-1] if layer.bias is not None else None
+    w = w[:-1] if layer.bias is not None else w
+    if layer.kind == "conv":
+        shape = layer.kernel_shape
+        kernel = jnp.moveaxis(w.reshape((shape[-2],) + shape[:-2] + (shape[-1],)), 0, -2)
+    else:
+        kernel = w.reshape(layer.kernel_shape)
+    return kernel, bias
+
+
+def _flatten(params: PyTree) -> tuple[list[str], list[Any], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return [jax.tree_util.keystr(path) for path, _ in flat], [leaf for _, leaf in flat], treedef
+
+
+def _trace_calls(model_fn, params) -> list[_Call]:
+    """The tagged calls of ``model_fn(params)``, found by tracing it once (``jax.eval_shape``)."""
+    keys, leaves, treedef = _flatten(params)
+    recorder = _Recorder()
+
+    def run(leaves):
+        recorder.watch(keys, leaves)
+        with _recording(recorder):
+            return model_fn(jax.tree_util.tree_unflatten(treedef, leaves))
+
+    jax.eval_shape(run, leaves)
+    return recorder.calls
+
+
+def find_layers(model_fn: Callable[[PyTree], Any], params: PyTree) -> Layers:
+    """The layers ``model_fn(params)`` tags (or Flax capture finds), and the parameters that fall back.
+
+    Traces ``model_fn`` once without running it. Build this once, at construction, and pass it to
+    :func:`optax_second_order.scale_by_kfac`; print it to see what is preconditioned.
+    """
+    layers: dict[str, Layer] = {}
+    for call in _trace_calls(model_fn, params):
+        layers.setdefault(call.layer.name, call.layer)
+    covered = {p for layer in layers.values() for p in (layer.kernel, layer.bias) if p is not None}
+    keys, _, _ = _flatten(params)
+    return Layers(tuple(layers.values()), tuple(k for k in keys if k not in covered))
+
+
+def fisher_cotangent(loss: OutputLoss, key: jax.Array | None = None) -> Callable[[jax.Array], jax.Array]:
+    """``outputs -> u`` with ``u_i = sqrt(w_i / sum_j w_j) d l(y_i, t_i) / d y_i`` for :func:`kronecker_factors`.
+
+    ``t_i ~ p(t | y_i)`` sampled with ``key`` gives the true Fisher (K-FAC's default); ``key=None`` uses
+    the data's targets bound to ``loss`` (the empirical Fisher).
+    """
+
+    def cotangent(outputs):
+        outputs = jax.lax.stop_gradient(outputs)
+        bound = loss if key is None else loss.with_targets(loss.sample_targets(key, outputs))
+        weights = loss._example_weights(outputs)
+        scale = jnp.expand_dims(jnp.sqrt(weights / jnp.sum(weights)), loss._event_axes(outputs))
+        return (scale * bound.per_example_output_grad(outputs)).astype(outputs.dtype)
+
+    return cotangent
+
+
+def kronecker_factors(
+    model_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    layers: Layers,
+    output_cotangent: Callable[[jax.Array], jax.Array],
+) -> KroneckerStatistics:
+    """One forward and backward pass of ``model_fn``: every layer's ``(A, G)``, in float32 or better.
+
+    ``output_cotangent(outputs)`` must return ``u`` with ``u_i = sqrt(w_i / sum_j w_j) d l_i / d y_i``
+    (per-example output gradients at sampled targets for the true Fisher, at the data's for the
+    empirical one), so the perturbation gradients are ``p_{i,t} = sqrt(w_i / W) g_{i,t}`` and
+    ``G = sum_{i,t} p p^T`` is the weighted mean over examples. The same pass returns the fallback
+    parameters' gradients ``sum_i sqrt(w_i / W) d l_i / d theta``, whose square estimates the diagonal of
+    the Fisher (for sampled targets the cross terms vanish in expectation).
+    """
+    keys, leaves, treedef = _flatten(params)
+    shapes = [call.output for call in _trace_calls(model_fn, params)]
+    fallback_index = [keys.index(name) for name in layers.fallback]
+    calls: list[_Call] = []
+
+    def forward(fallback_leaves, perturbations):
+        all_leaves = list(leaves)
+        for i, leaf in zip(fallback_index, fallback_leaves):
+            all_leaves[i] = leaf
+        recorder = _Recorder(perturbations)
+        recorder.watch(keys, all_leaves)
+        with _recording(recorder):
+            outputs = model_fn(jax.tree_util.tree_unflatten(treedef, all_leaves))
+        calls[:] = recorder.calls
+        return outputs, [call.inputs for call in recorder.calls]
+
+    perturbations = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    fallback_leaves = [leaves[i] for i in fallback_index]
+    outputs, vjp_fn, inputs = jax.vjp(forward, fallback_leaves, perturbations, has_aux=True)
+    fallback_grads, output_grads = vjp_fn(output_cotangent(outputs))
+
+    sums: dict[str, tuple[jax.Array, jax.Array, int]] = {}
+    for call, a, g in zip(calls, inputs, output_grads):
+        dtype = jnp.promote_types(a.dtype, jnp.float32)
+        a = a.astype(dtype)
+        g = g.reshape(-1, call.layer.output_dim).astype(dtype)
+        aa = jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST)
+        gg = jnp.matmul(g.T, g, precision=jax.lax.Precision.HIGHEST)
+        previous = sums.get(call.layer.name, (0.0, 0.0, 0))
+        sums[call.layer.name] = (previous[0] + aa, previous[1] + gg, previous[2] + a.shape[0])
+    factors = {}
+    for layer in layers.layers:
+        if layer.name not in sums:
+            raise ValueError(f"kronecker_factors: layer {layer.name} was not called by model_fn")
+        aa, gg, rows = sums[layer.name]
+        factors[layer.name] = (aa / rows, gg)
+    return KroneckerStatistics(factors, dict(zip(layers.fallback, fallback_grads)))
