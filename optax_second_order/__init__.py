@@ -6,9 +6,10 @@ the ready optimizers (aliases).
 """
 
 from optax_second_order import curvature, transforms
-from optax_second_order.aliases import *  # noqa: F401,F403
 from optax_second_order.curvature import *  # noqa: F401,F403
 from optax_second_order.curvature import losses
 from optax_second_order.transforms import *  # noqa: F401,F403
+# Last, so that the aliases (e.g. ``oso.shampoo``) win over same-named transforms submodules.
+from optax_second_order.aliases import *  # noqa: F401,F403
 
 __version__ = "0.1.0"

@@ -2,4 +2,73 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import optax
+
+from optax_second_order.transforms import shampoo as _shampoo
+from optax_second_order.transforms import soap as _soap
+
+__all__: list[str] = ["shampoo", "soap"]
+
+
+# --- Kronecker-factored matrix preconditioners (transforms/shampoo.py, transforms/soap.py) -----
+
+
+def shampoo(
+    learning_rate: optax.ScalarOrSchedule,
+    beta1: float = 0.9,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    **shampoo_kwargs,
+) -> optax.GradientTransformationExtraArgs:
+    """Shampoo (Gupta et al. 2018; Anil et al. 2020) with momentum and decoupled weight decay.
+
+    ``u = scale_by_shampoo(**shampoo_kwargs)(g)`` (blocked, grafted; Adam grafting by default), then
+    momentum ``m <- beta1 m + u`` (Nesterov: ``u + beta1 m``) scaled by ``1 - beta1`` (SGD momentum with
+    dampening ``1 - beta1``, so the step keeps the graft's size), then
+    ``params <- params - lr * (m + weight_decay * params)``. See
+    :func:`optax_second_order.scale_by_shampoo` for the other arguments and their defaults.
+    """
+    momentum = (
+        [optax.trace(decay=beta1, nesterov=nesterov), optax.scale(1.0 - beta1)] if beta1 > 0 else []
+    )
+    return optax.chain(
+        _shampoo.scale_by_shampoo(**shampoo_kwargs),
+        *momentum,
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def soap(
+    learning_rate: optax.ScalarOrSchedule = 3e-3,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_beta: float | None = None,
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    precondition_frequency: int = 10,
+    max_precond_dim: int = 10000,
+    normalize_grads: bool = False,
+    correct_bias: bool = True,
+) -> optax.GradientTransformationExtraArgs:
+    """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
+
+    Defaults are the official code's (lr 3e-3, betas (0.95, 0.95), shampoo_beta = b2, eps 1e-8,
+    weight decay 0.01, precondition frequency 10, max_precond_dim 10000). Weight decay is applied to
+    the parameters before the step (optax's convention: ``-lr * (u + wd * params)``); the official code
+    decays after the step, a difference of order ``lr^2 * wd``. See :func:`optax_second_order.scale_by_soap`.
+    """
+    return optax.chain(
+        _soap.scale_by_soap(
+            b1=b1,
+            b2=b2,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            normalize_grads=normalize_grads,
+            correct_bias=correct_bias,
+        ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
