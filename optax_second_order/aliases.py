@@ -4,10 +4,116 @@ from __future__ import annotations
 
 import optax
 
+from optax_second_order.curvature.kronecker import Layers
+from optax_second_order.transforms import diagonal
+from optax_second_order.transforms import kfac as _kfac
 from optax_second_order.transforms import shampoo as _shampoo
 from optax_second_order.transforms import soap as _soap
 
-__all__: list[str] = ["shampoo", "soap"]
+__all__: list[str] = ["shampoo", "soap", "kfac", "adagrad", "adam", "adahessian", "sophia"]
+
+
+# --- diagonal preconditioners (transforms/diagonal.py) -----------------------------------------
+
+
+def adagrad(
+    learning_rate: optax.ScalarOrSchedule, initial_accumulator_value: float = 0.1, eps: float = 1e-7
+) -> optax.GradientTransformationExtraArgs:
+    """Adagrad as a diagonal-Fisher preconditioner: ``g / sqrt(initial + sum g^2 + eps)``.
+
+    Equals ``optax.adagrad`` (same arguments and defaults) step for step.
+    """
+    return optax.chain(
+        diagonal.scale_by_diagonal_curvature(
+            "squared_gradient",
+            b1=0.0,
+            averaging="sum",
+            initial_curvature=initial_accumulator_value,
+            eps=0.0,
+            eps_root=eps,
+            name="adagrad",
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Adam as a bias-corrected EMA of the diagonal empirical Fisher ``g * g``, square-rooted.
+
+    Equals ``optax.adam`` (same arguments and defaults) step for step.
+    """
+    return optax.chain(
+        diagonal.scale_by_diagonal_curvature(
+            "squared_gradient", b1=b1, b2=b2, eps=eps, eps_root=eps_root, name="adam"
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adahessian(
+    learning_rate: optax.ScalarOrSchedule = 0.15,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-4,
+    weight_decay: float = 0.0,
+    hessian_power: float = 1.0,
+    refresh_every: int = 1,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """AdaHessian (Yao et al. 2021) with decoupled weight decay: ``-lr * (u + weight_decay * params)``.
+
+    Defaults are the official code's (lr 0.15, betas (0.9, 0.999), eps 1e-4, weight decay 0,
+    Hessian power 1). Needs the extra argument ``value_fn``. See
+    :func:`optax_second_order.scale_by_adahessian`.
+    """
+    return optax.chain(
+        diagonal.scale_by_adahessian(
+            b1=b1, b2=b2, eps=eps, hessian_power=hessian_power, refresh_every=refresh_every, seed=seed
+        ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def sophia(
+    learning_rate: optax.ScalarOrSchedule = 1e-4,
+    estimator: str = "gnb",
+    b1: float = 0.965,
+    b2: float = 0.99,
+    rho: float = 0.04,
+    weight_decay: float = 0.1,
+    eps: float = 1e-15,
+    refresh_every: int = 10,
+    bias_correction: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Sophia-G (``estimator="gnb"``) or Sophia-H (``"hutchinson"``) with decoupled weight decay.
+
+    ``params <- params - lr * (clip(m / (rho * h + eps), 1) + weight_decay * params)``; defaults are
+    the official ``SophiaG`` class's (lr 1e-4, betas (0.965, 0.99), rho 0.04, weight decay 0.1,
+    eps 1e-15, k = 10). Sophia-G needs ``model_fn`` and ``loss``; Sophia-H needs ``value_fn``. See
+    :func:`optax_second_order.scale_by_sophia`.
+    """
+    return optax.chain(
+        diagonal.scale_by_sophia(
+            estimator,
+            b1=b1,
+            b2=b2,
+            rho=rho,
+            eps=eps,
+            refresh_every=refresh_every,
+            bias_correction=bias_correction,
+            seed=seed,
+        ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
 
 
 # --- Kronecker-factored matrix preconditioners (transforms/shampoo.py, transforms/soap.py) -----
@@ -69,6 +175,49 @@ def soap(
             normalize_grads=normalize_grads,
             correct_bias=correct_bias,
         ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# --- K-FAC (transforms/kfac.py) -----------------------------------------------------------------
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    layers: Layers,
+    *,
+    damping: float = 1e-3,
+    damping_mode: str = "factored",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    kl_clip: float | None = 1e-3,
+    ema_decay: float = 0.95,
+    statistics_frequency: int = 1,
+    inverse_frequency: int = 10,
+    fisher: str = "true",
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC: KL-clipped natural gradient, heavy-ball ``momentum`` on it, decoupled ``weight_decay``.
+
+    ``chain(scale_by_kfac, trace(momentum), add_decayed_weights(weight_decay), scale_by_learning_rate)``;
+    ``layers`` from ``oso.kronecker.find_layers`` or ``oso.flax.find_layers``; ``update`` needs
+    ``model_fn`` and ``loss``. See :func:`~optax_second_order.scale_by_kfac` for the other arguments.
+    """
+    return optax.chain(
+        _kfac.scale_by_kfac(
+            layers,
+            damping=damping,
+            damping_mode=damping_mode,
+            ema_decay=ema_decay,
+            statistics_frequency=statistics_frequency,
+            inverse_frequency=inverse_frequency,
+            kl_clip=kl_clip,
+            learning_rate=learning_rate,
+            fisher=fisher,
+            seed=seed,
+        ),
+        optax.trace(momentum),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -1,5 +1,7 @@
 """Layer 2: ``scale_by_*`` gradient transformations, one module per optimizer family."""
 
 from optax_second_order.transforms.common import *  # noqa: F401,F403
+from optax_second_order.transforms.diagonal import *  # noqa: F401,F403
+from optax_second_order.transforms.kfac import *  # noqa: F401,F403
 from optax_second_order.transforms.shampoo import *  # noqa: F401,F403
 from optax_second_order.transforms.soap import *  # noqa: F401,F403

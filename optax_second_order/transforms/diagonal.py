@@ -1,0 +1,414 @@
+r"""Diagonal preconditioners: Adagrad, Adam, AdaHessian and Sophia as one transformation.
+
+An adaptive method preconditions the gradient by a diagonal estimate of the curvature raised to a
+power. :func:`scale_by_diagonal_curvature` is that one idea, with three choices:
+
+* the **estimator** ``e_t`` of the curvature diagonal, computed every ``refresh_every`` steps:
+
+  - ``"squared_gradient"``: ``g * g``, the diagonal of the rank-one empirical Fisher ``g g^T`` of
+    the mini-batch gradient (Adagrad, Adam: "diagonal Fisher, square-rooted");
+  - ``"hutchinson"``: ``z * H z`` with Rademacher ``z`` (Sophia-H), :func:`~optax_second_order.hutchinson_diagonal`;
+  - ``"gnb"``: Gauss-Newton-Bartlett ``B * g_hat * g_hat`` with labels sampled from the model
+    (Sophia-G), :func:`~optax_second_order.gnb_diagonal`;
+  - ``"adahessian"``: ``(spatial mean |z * H z|)^2`` (AdaHessian's squared Hutchinson estimate);
+  - or any callable ``estimator(grads, params, key, extra, name) -> pytree``;
+
+* the **averaging** of the estimates: a running sum (Adagrad) or an exponential moving average
+  with decay ``b2``, optionally bias-corrected by ``1 - b2^n`` after ``n`` estimates;
+
+* the **power** ``p`` and the denominator ``D = (scale * max(s_hat, 0) + eps_root)^p + eps``.
+
+With momentum ``m_t = b1 m_{t-1} + (1 - b1) g_t`` (optionally bias-corrected) the update is
+``u_t = m_hat_t / D_t``, clipped to ``[-clip, clip]`` when ``clip`` is given.
+
+On a refresh step the new estimate enters the update of that same step (Sophia's Algorithm 3,
+AdaHessian). An estimate that comes out non-finite is skipped (the statistic keeps its last
+value) and counted in the state's ``nonfinite`` field.
+
+References:
+  Duchi, Hazan & Singer, "Adaptive subgradient methods", JMLR 2011 (Adagrad).
+  Kingma & Ba, "Adam: a method for stochastic optimization", ICLR 2015.
+  Yao et al., "ADAHESSIAN: an adaptive second order optimizer for machine learning", AAAI 2021;
+  official code https://github.com/amirgholami/adahessian.
+  Liu et al., "Sophia: a scalable stochastic second-order optimizer for language model
+  pre-training", ICLR 2024 (arXiv:2305.14342); official code https://github.com/Liuhong99/Sophia.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_second_order.curvature.estimators import gnb_diagonal, hutchinson_diagonal
+from optax_second_order.transforms.common import extra_arg, is_refresh_step, require_params, stat_dtype
+
+__all__ = [
+    "DiagonalCurvatureState",
+    "squared_gradient_estimate",
+    "hutchinson_estimate",
+    "gnb_estimate",
+    "adahessian_estimate",
+    "conv_spatial_axes",
+    "scale_by_diagonal_curvature",
+    "scale_by_adahessian",
+    "scale_by_sophia",
+]
+
+PyTree = Any
+Estimator = Callable[[PyTree, PyTree, jax.Array, dict, str], PyTree]
+
+
+class DiagonalCurvatureState(NamedTuple):
+    """State of :func:`scale_by_diagonal_curvature`.
+
+    Attributes:
+      count: completed updates (int32).
+      momentum: ``m``, the moving average of the gradients.
+      curvature: ``s``, the running sum or moving average of the curvature estimates.
+      estimates: number of estimates accumulated into ``curvature`` (int32, for bias correction).
+      nonfinite: number of estimates skipped because they were not finite (int32).
+      key: PRNG key for probes and sampled labels, split at each refresh.
+    """
+
+    count: jax.Array
+    momentum: PyTree
+    curvature: PyTree
+    estimates: jax.Array
+    nonfinite: jax.Array
+    key: jax.Array
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators of the curvature diagonal: estimator(grads, params, key, extra, name) -> pytree.
+
+
+def squared_gradient_estimate(grads, params, key, extra, name):
+    """``g * g``: the diagonal of the mini-batch empirical Fisher ``g g^T`` (Adagrad, Adam)."""
+    del params, key, extra, name
+    return jax.tree.map(jnp.square, grads)
+
+
+def hutchinson_estimate(grads, params, key, extra, name):
+    """``z * H z`` with one Rademacher probe ``z``: unbiased for ``diag(H)`` (Sophia-H)."""
+    del grads
+    value_fn = extra_arg(extra, "value_fn", name)
+    return hutchinson_diagonal(value_fn, require_params(params, name), key)
+
+
+def gnb_estimate(grads, params, key, extra, name):
+    """Gauss-Newton-Bartlett ``B * g_hat * g_hat``, labels sampled from the model (Sophia-G)."""
+    del grads
+    model_fn = extra_arg(extra, "model_fn", name)
+    loss = extra_arg(extra, "loss", name)
+    return gnb_diagonal(model_fn, loss, require_params(params, name), key)
+
+
+def conv_spatial_axes(leaf: jax.Array) -> tuple[int, ...]:
+    """The spatial axes of a conv kernel: ``(0, 1)`` for a rank-4 leaf (Flax's ``(h, w, in, out)``).
+
+    Other ranks (biases, dense kernels, rank-3 attention kernels) get no spatial averaging, as in
+    the official AdaHessian code, which averages only 4-D (PyTorch ``(out, in, h, w)``) kernels.
+    """
+    return (0, 1) if leaf.ndim == 4 else ()
+
+
+def adahessian_estimate(grads, params, key, extra, name, spatial_axes=conv_spatial_axes):
+    """AdaHessian's ``D^2`` with ``D = |z * H z|`` averaged over the conv kernels' spatial axes.
+
+    ``z`` is one Rademacher probe; ``|z * Hz| = |Hz|`` since ``z = +-1``. The average over a
+    kernel's spatial axes (Yao et al. 2021, section 3.2) is broadcast back to the kernel's shape.
+    """
+    estimate = hutchinson_estimate(grads, params, key, extra, name)
+
+    def squared_spatial_mean(d):
+        d = jnp.abs(d)
+        axes = spatial_axes(d)
+        if axes:
+            d = jnp.broadcast_to(jnp.mean(d, axis=axes, keepdims=True), d.shape)
+        return jnp.square(d)
+
+    return jax.tree.map(squared_spatial_mean, estimate)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "squared_gradient": squared_gradient_estimate,
+    "hutchinson": hutchinson_estimate,
+    "gnb": gnb_estimate,
+    "adahessian": adahessian_estimate,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The transformation.
+
+
+def _check(name: str, **conditions: bool) -> None:
+    """A ``ValueError`` naming the first hyperparameter whose condition fails."""
+    for argument, ok in conditions.items():
+        if not ok:
+            raise ValueError(f"{name}: invalid value for `{argument}`")
+
+
+def _bias_corrected(tree: PyTree, decay: float, n: jax.Array) -> PyTree:
+    """``tree / (1 - decay^n)``; unchanged while ``n == 0`` (nothing accumulated yet)."""
+
+    def corrected(t):
+        return t / jnp.where(n > 0, 1 - decay ** n.astype(t.dtype), 1).astype(t.dtype)
+
+    return jax.tree.map(corrected, tree)
+
+
+def _power(x: jax.Array, p: float) -> jax.Array:
+    """``x^p``, with the exact square root and identity for ``p = 1/2`` and ``p = 1``."""
+    if p == 0.5:
+        return jnp.sqrt(x)
+    return x if p == 1 else x**p
+
+
+def scale_by_diagonal_curvature(
+    estimator: str | Estimator = "squared_gradient",
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    averaging: str = "ema",
+    momentum_bias_correction: bool = True,
+    curvature_bias_correction: bool = True,
+    power: float = 0.5,
+    scale: float = 1.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    clip: float | None = None,
+    initial_curvature: float = 0.0,
+    refresh_every: int = 1,
+    seed: int = 0,
+    name: str = "scale_by_diagonal_curvature",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Precondition by a diagonal curvature estimate raised to a power.
+
+    .. math::
+
+        m_t &= b_1 m_{t-1} + (1 - b_1) g_t, \qquad
+        s_t = \begin{cases} b_2 s_{t-k} + (1 - b_2) e_t & \text{ema} \\ s_{t-k} + e_t & \text{sum}
+              \end{cases} \quad \text{(refresh steps, every } k\text{)} \\
+        u_t &= \operatorname{clip}\Big(\hat m_t \,/\, \big((\text{scale} \cdot \max(\hat s_t, 0)
+              + \epsilon_{root})^p + \epsilon\big),\ \pm\text{clip}\Big)
+
+    where ``e_t`` is the estimator's curvature diagonal, ``m_hat = m / (1 - b1^t)`` and
+    ``s_hat = s / (1 - b2^n)`` after ``n`` estimates when bias correction is on.
+
+    Args:
+      estimator: ``"squared_gradient"``, ``"hutchinson"`` (needs ``value_fn``), ``"gnb"`` (needs
+        ``model_fn`` and ``loss``), ``"adahessian"`` (needs ``value_fn``), or a callable
+        ``estimator(grads, params, key, extra, name) -> pytree`` (``extra`` is the dict of extra
+        arguments given to ``update``).
+      b1: momentum decay (0: the gradient itself).
+      b2: decay of the curvature moving average (``averaging="ema"``).
+      averaging: ``"ema"`` or ``"sum"`` (a running sum, as Adagrad).
+      momentum_bias_correction: divide the momentum by ``1 - b1^t``.
+      curvature_bias_correction: divide the moving average by ``1 - b2^n`` (``"ema"`` only).
+      power: the exponent ``p`` of the denominator.
+      scale: factor on the curvature inside the denominator (Sophia's ``rho``).
+      eps: added to the denominator.
+      eps_root: added inside the power.
+      clip: clip the update elementwise to ``[-clip, clip]`` (``None``: no clipping).
+      initial_curvature: initial value of ``s`` (Adagrad's initial accumulator).
+      refresh_every: compute a new estimate every this many steps, under ``jax.lax.cond``.
+      seed: seed of the PRNG key for probes and sampled labels.
+      name: the name used in error messages.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state :class:`DiagonalCurvatureState`.
+    """
+    estimate_fn = ESTIMATORS.get(estimator) if isinstance(estimator, str) else estimator
+    _check(
+        name,
+        estimator=callable(estimate_fn),
+        b1=0 <= b1 < 1,
+        b2=0 <= b2 < 1,
+        averaging=averaging in ("ema", "sum"),
+        power=power > 0,
+        scale=scale > 0,
+        eps=eps >= 0,
+        eps_root=eps_root >= 0,
+        clip=clip is None or clip > 0,
+        initial_curvature=initial_curvature >= 0,
+        refresh_every=isinstance(refresh_every, int) and refresh_every >= 1,
+    )
+
+    def init_fn(params):
+        def zeros(p, value=0.0):
+            return jnp.full(jnp.shape(p), value, stat_dtype(jnp.result_type(p)))
+
+        return DiagonalCurvatureState(
+            count=jnp.zeros([], jnp.int32),
+            momentum=jax.tree.map(zeros, params),
+            curvature=jax.tree.map(lambda p: zeros(p, initial_curvature), params),
+            estimates=jnp.zeros([], jnp.int32),
+            nonfinite=jnp.zeros([], jnp.int32),
+            key=jax.random.PRNGKey(seed),
+        )
+
+    def accumulate(curvature, estimate):
+        if averaging == "sum":
+            return jax.tree.map(jnp.add, curvature, estimate)
+        return jax.tree.map(lambda s, e: b2 * s + (1 - b2) * e, curvature, estimate)
+
+    def refresh(state, grads, params, extra):
+        """Draw a new estimate and fold it into the statistic (skipped if not finite)."""
+        key, subkey = jax.random.split(state.key)
+        estimate = estimate_fn(grads, params, subkey, extra, name)
+        estimate = jax.tree.map(lambda e, s: e.astype(s.dtype), estimate, state.curvature)
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(e)) for e in jax.tree.leaves(estimate)]))
+        curvature = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), accumulate(state.curvature, estimate), state.curvature
+        )
+        return curvature, state.estimates + finite, state.nonfinite + (~finite), key
+
+    def keep(state):
+        return state.curvature, state.estimates, state.nonfinite, state.key
+
+    def update_fn(updates, state, params=None, **extra):
+        grads = updates
+        if refresh_every == 1:
+            curvature, estimates, nonfinite, key = refresh(state, grads, params, extra)
+        else:
+            curvature, estimates, nonfinite, key = jax.lax.cond(
+                is_refresh_step(state.count, refresh_every),
+                lambda: refresh(state, grads, params, extra),
+                lambda: keep(state),
+            )
+        count = optax.safe_int32_increment(state.count)
+        momentum = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g.astype(m.dtype), grads, state.momentum)
+
+        m_hat = _bias_corrected(momentum, b1, count) if momentum_bias_correction else momentum
+        debias = curvature_bias_correction and averaging == "ema"
+        s_hat = _bias_corrected(curvature, b2, estimates) if debias else curvature
+
+        def precondition(g, m, s):
+            u = m / (_power(scale * jnp.maximum(s, 0) + eps_root, power) + eps)
+            if clip is not None:
+                u = jnp.clip(u, -clip, clip)
+            return u.astype(g.dtype)
+
+        updates = jax.tree.map(precondition, grads, m_hat, s_hat)
+        return updates, DiagonalCurvatureState(count, momentum, curvature, estimates, nonfinite, key)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def scale_by_adahessian(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-4,
+    hessian_power: float = 1.0,
+    refresh_every: int = 1,
+    spatial_axes: Callable[[jax.Array], tuple[int, ...]] = conv_spatial_axes,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""AdaHessian (Yao et al. 2021): Adam with a squared Hutchinson Hessian diagonal.
+
+    .. math::
+
+        D_t = \overline{|z \odot H z|}^{\,\text{spatial}}, \quad
+        v_t = b_2 v_{t-1} + (1 - b_2) D_t^2, \quad
+        u_t = \frac{m_t / (1 - b_1^t)}{\big(\sqrt{v_t / (1 - b_2^n)}\big)^k + \epsilon}
+
+    with one Rademacher probe ``z``, ``k`` the Hessian power and ``n`` the number of Hessian
+    estimates so far (``n = t`` when ``refresh_every = 1``). Defaults are the official code's
+    (``optim_adahessian.py``): betas ``(0.9, 0.999)``, ``eps = 1e-4``, ``hessian_power = 1``; its
+    learning rate 0.15 is the default of :func:`optax_second_order.adahessian`.
+
+    Args:
+      b1: momentum decay.
+      b2: decay of the moving average of ``D^2``.
+      eps: added to the denominator.
+      hessian_power: ``k`` in ``(0, 1]``.
+      refresh_every: estimate the Hessian diagonal every this many steps ("delayed Hessian
+        update"; between refreshes ``v`` is reused).
+      spatial_axes: ``leaf -> axes`` to average ``|z * Hz|`` over (default: the two spatial axes of
+        rank-4 conv kernels in Flax's ``(h, w, in, out)`` layout).
+      seed: seed of the probes' PRNG key.
+
+    Needs the extra argument ``value_fn`` (params -> scalar loss of the batch).
+    """
+    _check("scale_by_adahessian", hessian_power=0 < hessian_power <= 1)
+
+    def estimator(grads, params, key, extra, name):
+        return adahessian_estimate(grads, params, key, extra, name, spatial_axes)
+
+    return scale_by_diagonal_curvature(
+        estimator,
+        b1=b1,
+        b2=b2,
+        power=hessian_power / 2,
+        eps=eps,
+        refresh_every=refresh_every,
+        seed=seed,
+        name="scale_by_adahessian",
+    )
+
+
+def scale_by_sophia(
+    estimator: str = "gnb",
+    b1: float = 0.965,
+    b2: float = 0.99,
+    rho: float = 0.04,
+    eps: float = 1e-15,
+    clip: float = 1.0,
+    refresh_every: int = 10,
+    bias_correction: bool = False,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Sophia (Liu et al. 2023): momentum over a clipped, EMA'd diagonal Hessian estimate.
+
+    .. math::
+
+        h_t = b_2 h_{t-k} + (1 - b_2) \hat h_t \ \text{(every } k \text{ steps)}, \quad
+        m_t = b_1 m_{t-1} + (1 - b_1) g_t, \quad
+        u_t = \operatorname{clip}\big(m_t / (\rho \max(h_t, 0) + \epsilon),\ \pm 1\big)
+
+    ``estimator="gnb"`` is Sophia-G: ``h_hat = B * g_hat^2`` with ``g_hat`` the gradient of the
+    mean loss at labels sampled from the model and ``B`` the number of examples (tokens) in the
+    batch. The official code keeps the EMA of ``g_hat^2`` and divides by ``rho * bs * h`` with
+    ``bs`` the tokens per batch; since our ``h`` already carries ``B``, **our ``rho`` is the official
+    ``rho``**. ``estimator="hutchinson"`` is Sophia-H: ``h_hat = z * H z``; ``max(h, 0)`` makes
+    negative curvature a full clipped step, as ``relu`` does in the official Sophia-H code.
+
+    Defaults are the official ``SophiaG`` class's (``sophia.py``): betas ``(0.965, 0.99)``,
+    ``rho = 0.04``, ``eps = 1e-15``, and its training script's ``interval = 10``. The estimate is
+    refreshed at steps ``0, k, 2k, ...`` and used from that step on (the paper's Algorithm 3; the
+    official training loop first refreshes after ``k`` steps, so its first ``k`` steps divide by
+    ``eps``, i.e. are clipped sign-momentum steps). Like the official Sophia-G, the momentum is not
+    bias-corrected unless ``bias_correction=True`` (as in the official Sophia-H and
+    ``optax.contrib.sophia``).
+
+    Args:
+      estimator: ``"gnb"`` (Sophia-G; needs ``model_fn`` and ``loss``) or ``"hutchinson"``
+        (Sophia-H; needs ``value_fn``).
+      b1: momentum decay.
+      b2: decay of the Hessian moving average (per refresh).
+      rho: the clipping scale ``rho``.
+      eps: added to the denominator.
+      clip: the elementwise bound on the update (before the learning rate).
+      refresh_every: ``k``, steps between Hessian estimates.
+      bias_correction: divide the momentum by ``1 - b1^t``.
+      seed: seed of the PRNG key for sampled labels or probes.
+    """
+    _check("scale_by_sophia", estimator=estimator in ("gnb", "hutchinson"), rho=rho > 0)
+    return scale_by_diagonal_curvature(
+        estimator,
+        b1=b1,
+        b2=b2,
+        momentum_bias_correction=bias_correction,
+        curvature_bias_correction=False,
+        power=1.0,
+        scale=rho,
+        eps=eps,
+        clip=clip,
+        refresh_every=refresh_every,
+        seed=seed,
+        name=f"scale_by_sophia(estimator={estimator!r})",
+    )
