@@ -27,7 +27,7 @@ import optax
 if TYPE_CHECKING:
     from optax_second_order.bench.tasks import Task
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "REFERENCE"]
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "REFERENCE", "only_extras"]
 
 REFERENCE = "adam"
 """The optimizer every run includes: step-time ratios and the default target loss are relative to it."""
@@ -49,6 +49,20 @@ class OptimizerSpec:
     description: str
 
 
+def only_extras(tx: optax.GradientTransformation, *names: str) -> optax.GradientTransformationExtraArgs:
+    """``tx`` receiving only the extra arguments ``names`` (for transformations that reject unknown ones).
+
+    optax's zoom line search forwards every extra argument it does not know to ``value_fn``, so
+    ``optax.lbfgs`` gets only ``value``, ``grad`` and ``value_fn``.
+    """
+    tx = optax.with_extra_args_support(tx)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        return tx.update(updates, state, params, **{k: v for k, v in extra_args.items() if k in names})
+
+    return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "sgd": OptimizerSpec(
         make=lambda learning_rate, task: optax.sgd(learning_rate, momentum=0.9),
@@ -66,7 +80,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         description="optax.adamw, decoupled weight decay 1e-4, Loshchilov & Hutter 2019",
     ),
     "lbfgs": OptimizerSpec(
-        make=lambda learning_rate, task: optax.lbfgs(learning_rate),
+        make=lambda learning_rate, task: only_extras(optax.lbfgs(learning_rate), "value", "grad", "value_fn"),
         learning_rates=(1.0, 0.3, 0.1),
         description="optax.lbfgs, memory 10, zoom line search on the current batch (scaled by the learning rate)",
     ),
