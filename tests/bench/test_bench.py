@@ -1,0 +1,161 @@
+"""The benchmark harness: outputs of a tiny run, the summary's arithmetic, the tasks themselves.
+
+Independent references: scipy.optimize.rosen / rosen_der for Rosenbrock, the layer shapes of the issue
+for the autoencoder, medians and minima recomputed here from the per-run JSON records for the table.
+No timings are asserted.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import rosen, rosen_der
+
+from optax_second_order import curvature
+from optax_second_order.bench import OPTIMIZERS, TASKS, get_task, npz_task
+from optax_second_order.bench.__main__ import parse_args, run_benchmark
+from optax_second_order.bench.report import best_runs
+from optax_second_order.bench.runner import RunResult, run_one
+
+
+@pytest.fixture(scope="module")
+def npz_path(tmp_path_factory):
+    """A small, separable 3-class problem: the class shifts the mean of 5 features."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 80)
+    x = rng.normal(size=(80, 5)) + 3.0 * np.eye(3, 5)[y]
+    path = tmp_path_factory.mktemp("data") / "toy.npz"
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, npz_path):
+    """A 2-step run of sgd (and the automatically added adam) on rosenbrock-2 and the user-data task."""
+    out = str(tmp_path_factory.mktemp("bench"))
+    args = parse_args(
+        ["--tasks", "rosenbrock-2", "--data", npz_path, "--optimizers", "sgd", "--steps", "2", "--out", out,
+         "--lrs", "0.01,0.001", "--seeds", "2"]
+    )
+    paths = run_benchmark(args)
+    with open(os.path.join(out, "results.json")) as f:
+        record = json.load(f)
+    with open(os.path.join(out, "results.md")) as f:
+        table = f.read()
+    return out, paths, record, table
+
+
+def test_run_writes_json_markdown_and_plots(tiny_run):
+    out, paths, record, table = tiny_run
+    assert {"config", "targets", "summary", "runs"} <= set(record)
+    assert sorted(record["summary"]) == ["data:toy", "rosenbrock-2"]
+    # 2 tasks x 2 optimizers x 2 learning rates x 2 seeds, each evaluated at steps 0, 1, 2.
+    assert len(record["runs"]) == 16
+    assert all(r["steps"] == [0, 1, 2] for r in record["runs"])
+    assert "## rosenbrock-2" in table and "## data:toy" in table and "| sgd |" in table
+    for name in ("rosenbrock-2.png", "data_toy.png"):
+        with open(os.path.join(out, name), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ratio_column_uses_the_same_run_adam(tiny_run):
+    _, _, record, table = tiny_run
+    for task, rows in record["summary"].items():
+        runs = [r for r in record["runs"] if r["task"] == task]
+        median = {o: np.median([r["step_time"] for r in runs if r["optimizer"] == o]) for o in ("adam", "sgd")}
+        row = {r["optimizer"]: r for r in rows}
+        assert row["adam"]["step_time_ratio"] == pytest.approx(1.0)
+        assert row["sgd"]["step_time_ratio"] == pytest.approx(median["sgd"] / median["adam"])
+        assert f"| {row['sgd']['step_time_ratio']:.2f} |" in table
+
+
+def test_default_target_is_adams_best_final_loss(tiny_run):
+    _, _, record, _ = tiny_run
+    for task, target in record["targets"].items():
+        adam = [r for r in record["runs"] if r["task"] == task and r["optimizer"] == "adam"]
+        by_lr = {lr: np.mean([r["final_loss"] for r in adam if r["learning_rate"] == lr]) for lr in (0.01, 0.001)}
+        assert target == pytest.approx(min(by_lr.values()))
+
+
+def test_user_data_task_reports_heldout_accuracy(tiny_run, npz_path):
+    _, _, record, _ = tiny_run
+    rows = record["summary"]["data:toy"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    task = npz_task(npz_path)
+    assert task.heldout[0].shape == (12, 5)  # the last 15% of 80 rows
+    assert task.eval_batch[0].shape == (68, 5)
+    np.testing.assert_allclose(np.mean(task.eval_batch[0], axis=0), 0.0, atol=1e-5)  # standardized
+
+
+def test_user_data_regression(tmp_path):
+    path = tmp_path / "reg.npz"
+    np.savez(path, x=np.ones((20, 2, 3)), y=np.zeros((20, 2), np.float32))
+    task = npz_task(str(path))
+    params = task.init(jax.random.key(0))
+    assert task.apply(params, task.eval_batch[0]).shape == (17, 2)
+    assert isinstance(task.loss(task.eval_batch[1]), curvature.losses.SquaredError)
+    assert task.heldout is None
+
+
+def test_best_runs_treats_divergence_as_worst():
+    def run(lr, final):
+        return RunResult("t", "o", lr, 0, [0], [0.0], [1.0], final, None, 1.0, 0.0, not math.isfinite(final))
+
+    results = [run(0.1, math.inf), run(0.01, 0.5), run(0.001, 0.7)]
+    assert best_runs(results, "t", "o")[0].learning_rate == 0.01
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_loss_decreases_under_adam(name):
+    task = get_task(name)
+    with jax.enable_x64(task.x64):
+        result = run_one(task, "adam", OPTIMIZERS["adam"], 3e-3, seed=0, steps=3, eval_every=3)
+    assert result.steps == [0, 3]
+    assert result.losses[1] < result.losses[0]
+
+
+@pytest.mark.parametrize("n", [2, 10])
+def test_rosenbrock_matches_scipy(n):
+    task = get_task(f"rosenbrock-{n}")
+    rng = np.random.default_rng(n)
+    with jax.enable_x64(True):
+        start = task.init(jax.random.key(0))["x"]
+        assert start.dtype == jnp.float64
+        np.testing.assert_array_equal(start[:2], [-1.2, 1.0])
+        value_fn = lambda p: task.batch_loss(p, task.eval_batch)  # noqa: E731
+        value_and_grad = jax.jit(jax.value_and_grad(value_fn))
+        for x in (rng.normal(size=n), np.asarray(start), np.ones(n)):
+            value, grad = value_and_grad({"x": jnp.asarray(x)})
+            np.testing.assert_allclose(value, rosen(x), rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(grad["x"], rosen_der(x), rtol=1e-12, atol=1e-12)
+        # The minimum: value and gradient vanish at (1, ..., 1) and the Gauss-Newton matrix J^T J is
+        # positive definite there, as the Hessian of a zero-residual least-squares problem must be.
+        ones = {"x": jnp.ones(n)}
+        model_fn = lambda p: task.apply(p, None)  # noqa: E731
+        loss = task.loss(task.eval_batch[1])
+        gauss_newton = jax.jit(jax.vmap(lambda v: curvature.gnvp(model_fn, loss, ones, {"x": v})["x"]))(jnp.eye(n))
+        np.testing.assert_allclose(gauss_newton, jax.jit(jax.hessian(value_fn))(ones)["x"]["x"], rtol=1e-12)
+        assert np.linalg.eigvalsh(gauss_newton).min() > 0
+
+
+def test_autoencoder_shape_and_data():
+    task = get_task("digits-autoencoder")
+    widths = [64, 1000, 500, 250, 30, 250, 500, 1000, 64]
+    params = task.init(jax.random.key(0))
+    assert sum(p.size for p in jax.tree.leaves(params)) == sum(a * b + b for a, b in zip(widths, widths[1:]))
+    x, targets = task.eval_batch
+    assert x.shape == (1797, 64) and float(x.min()) == 0.0 and float(x.max()) == 1.0
+    np.testing.assert_array_equal(x, targets)
+    assert next(task.batches(0))[0].shape == (512, 64)
+
+
+def test_charlm_corpus_is_reproducible():
+    first, second = get_task("stdlib-charlm"), get_task("stdlib-charlm")
+    (x1, y1), (x2, y2) = next(first.batches(3)), next(second.batches(3))
+    np.testing.assert_array_equal(x1, x2)
+    assert x1.shape == (32, 64) and int(x1.max()) < 256
+    np.testing.assert_array_equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
