@@ -6,10 +6,11 @@ import optax
 
 from optax_second_order.curvature.kronecker import Layers
 from optax_second_order.transforms import diagonal
+from optax_second_order.transforms import kfac as _kfac
 from optax_second_order.transforms import shampoo as _shampoo
 from optax_second_order.transforms import soap as _soap
 
-__all__: list[str] = ["shampoo", "soap", "adagrad", "adam", "adahessian", "sophia"]
+__all__: list[str] = ["shampoo", "soap", "kfac", "adagrad", "adam", "adahessian", "sophia"]
 
 
 # --- diagonal preconditioners (transforms/diagonal.py) -----------------------------------------
@@ -174,6 +175,49 @@ def soap(
             normalize_grads=normalize_grads,
             correct_bias=correct_bias,
         ),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# --- K-FAC (transforms/kfac.py) -----------------------------------------------------------------
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    layers: Layers,
+    *,
+    damping: float = 1e-3,
+    damping_mode: str = "factored",
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    kl_clip: float | None = 1e-3,
+    ema_decay: float = 0.95,
+    statistics_frequency: int = 1,
+    inverse_frequency: int = 10,
+    fisher: str = "true",
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC: KL-clipped natural gradient, heavy-ball ``momentum`` on it, decoupled ``weight_decay``.
+
+    ``chain(scale_by_kfac, trace(momentum), add_decayed_weights(weight_decay), scale_by_learning_rate)``;
+    ``layers`` from ``oso.kronecker.find_layers`` or ``oso.flax.find_layers``; ``update`` needs
+    ``model_fn`` and ``loss``. See :func:`~optax_second_order.scale_by_kfac` for the other arguments.
+    """
+    return optax.chain(
+        _kfac.scale_by_kfac(
+            layers,
+            damping=damping,
+            damping_mode=damping_mode,
+            ema_decay=ema_decay,
+            statistics_frequency=statistics_frequency,
+            inverse_frequency=inverse_frequency,
+            kl_clip=kl_clip,
+            learning_rate=learning_rate,
+            fisher=fisher,
+            seed=seed,
+        ),
+        optax.trace(momentum),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

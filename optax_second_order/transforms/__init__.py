@@ -2,5 +2,6 @@
 
 from optax_second_order.transforms.common import *  # noqa: F401,F403
 from optax_second_order.transforms.diagonal import *  # noqa: F401,F403
+from optax_second_order.transforms.kfac import *  # noqa: F401,F403
 from optax_second_order.transforms.shampoo import *  # noqa: F401,F403
 from optax_second_order.transforms.soap import *  # noqa: F401,F403

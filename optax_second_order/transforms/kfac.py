@@ -1,0 +1,230 @@
+r"""K-FAC: the natural gradient with a Kronecker-factored Fisher per layer (Martens & Grosse 2015).
+
+Per captured layer (dense, or convolution with KFC, Grosse & Martens 2016) with gradient matrix
+``V = dL/dW`` (:func:`~optax_second_order.kronecker.kernel_matrix` order: ``(d_in [+1], d_out)``) the
+Fisher block is approximated as ``A (x) G`` (:mod:`optax_second_order.curvature.kronecker`), and the
+update is the damped natural gradient
+
+* ``damping_mode="factored"`` (factored Tikhonov, section 6.3 of the paper):
+  ``(A + pi sqrt(lambda) I)^{-1} V (G + sqrt(lambda) / pi I)^{-1}`` with
+  ``pi = sqrt((tr A / d_A) / (tr G / d_G))``;
+* ``damping_mode="exact"``: ``(A (x) G + lambda I)^{-1} vec(V)``, solved in the factors' eigenbases
+  ``A = Q_A diag(a) Q_A^T``, ``G = Q_G diag(g) Q_G^T``:
+  ``Q_A [(Q_A^T V Q_G) / (a g^T + lambda)] Q_G^T``.
+
+Both use the eigendecompositions, recomputed every ``inverse_frequency`` steps (so a changing ``lambda``
+needs no new decomposition). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
+ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
+``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets
+sampled from the model (``fisher="true"``, the default) or the data's targets (``"empirical"``).
+Parameters no layer captured fall back to a diagonal Fisher ``d`` (EMA of the squared gradients of the
+same pass): ``v = grad / (d + lambda)``.
+
+KL clipping (Ba, Grosse & Martens 2017): the natural gradient ``v`` is scaled by
+``nu = min(1, sqrt(kl_clip / (lr^2 v^T F v)))``, ``F`` the Kronecker (and diagonal) approximation at the
+last decomposition, so that ``lr^2 v^T F v <= kl_clip``. Momentum and weight decay are applied by
+:func:`~optax_second_order.kfac` after this transformation.
+
+A statistics or decomposition result that is non-finite is discarded (the previous factors and
+eigenbases are kept) and counted in ``state.nonfinite``.
+
+Defaults: ``ema_decay=0.95`` (Martens & Grosse 2015, section 5), ``damping=1e-3`` and
+``kl_clip=1e-3`` (the K-FAC PyTorch implementation of Wang et al. used by many follow-ups),
+``inverse_frequency=10`` (amortization; the paper uses 20).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_second_order.curvature import kronecker
+from optax_second_order.curvature.matrix import eigh_psd
+from optax_second_order.transforms.common import extra_arg, is_refresh_step, require_params, stat_dtype
+
+__all__ = ["KFACState", "scale_by_kfac"]
+
+PyTree = Any
+NAME = "scale_by_kfac"
+
+
+class KFACState(NamedTuple):
+    """K-FAC statistics; tuples follow ``layers.layers`` / ``layers.fallback`` order."""
+
+    count: jax.Array  # int32, completed updates
+    key: jax.Array
+    factors: tuple  # ((A, G), ...) exponential moving averages
+    eigenbases: tuple  # (((a, Q_A), (g, Q_G)), ...) at the last decomposition
+    diagonal: tuple  # diagonal Fisher of the fallback parameters
+    num_statistics: jax.Array  # int32, statistics updates so far
+    nonfinite: jax.Array  # int32, discarded non-finite statistics or decompositions
+
+
+def _check(name: str, ok: bool, requirement: str) -> None:
+    if not ok:
+        raise ValueError(f"{NAME}: {name} must be {requirement}")
+
+
+def _validate(layers, damping, damping_mode, ema_decay, statistics_frequency, inverse_frequency, kl_clip, learning_rate, fisher):
+    _check("layers", isinstance(layers, kronecker.Layers), "an optax_second_order.kronecker.Layers (from find_layers)")
+    if isinstance(damping, (int, float)):
+        _check("damping", damping > 0, "> 0")
+    _check("damping_mode", damping_mode in ("factored", "exact"), '"factored" or "exact"')
+    _check("ema_decay", 0.0 <= ema_decay < 1.0, "in [0, 1)")
+    for name, value in (("statistics_frequency", statistics_frequency), ("inverse_frequency", inverse_frequency)):
+        _check(name, isinstance(value, int) and value >= 1, "an int >= 1")
+    _check("kl_clip", kl_clip is None or kl_clip > 0, "None or > 0")
+    _check("learning_rate", kl_clip is None or learning_rate is not None, "given when kl_clip is set")
+    _check("fisher", fisher in ("true", "empirical"), '"true" or "empirical"')
+
+
+def _leaves_by_name(tree: PyTree) -> tuple[dict[str, Any], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in flat}, treedef
+
+
+def _ema(old, new, decay):
+    return jax.tree.map(lambda o, n: (decay * o + (1 - decay) * n).astype(o.dtype), old, new)
+
+
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _keep_if_bad(old, new):
+    """``new`` if it is all finite, else ``old``; and whether ``new`` was bad."""
+    ok = _all_finite(new)
+    return jax.tree.map(lambda o, n: jnp.where(ok, n, o), old, new), (~ok).astype(jnp.int32)
+
+
+def scale_by_kfac(
+    layers: kronecker.Layers,
+    *,
+    damping: float = 1e-3,
+    damping_mode: str = "factored",
+    ema_decay: float = 0.95,
+    statistics_frequency: int = 1,
+    inverse_frequency: int = 10,
+    kl_clip: float | None = 1e-3,
+    learning_rate: optax.ScalarOrSchedule | None = None,
+    fisher: str = "true",
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """K-FAC preconditioning of the gradient (see the module docstring for the math).
+
+    Args:
+      layers: the capture found by :func:`optax_second_order.kronecker.find_layers` (plain JAX tags) or
+        :func:`optax_second_order.flax.capture.find_layers` (Flax linen / NNX); built once.
+      damping: Tikhonov damping ``lambda``.
+      damping_mode: ``"factored"`` (with the pi-adjustment) or ``"exact"`` (eigenbasis solve).
+      ema_decay: decay of the factors' moving averages.
+      statistics_frequency: refresh the factors every this many steps.
+      inverse_frequency: recompute the eigendecompositions every this many steps.
+      kl_clip: bound on ``lr^2 v^T F v`` (``None`` disables KL clipping).
+      learning_rate: the learning rate the update will be scaled by (float or schedule), for KL clipping.
+      fisher: ``"true"`` (targets sampled from the model) or ``"empirical"`` (the data's targets).
+      seed: PRNG seed for the sampled targets.
+
+    ``update(grads, state, params, model_fn=..., loss=...)`` needs ``model_fn`` (params -> outputs, the
+    same function ``find_layers`` traced, on the current batch) and ``loss``.
+    """
+    _validate(layers, damping, damping_mode, ema_decay, statistics_frequency, inverse_frequency, kl_clip, learning_rate, fisher)
+
+    def init_fn(params):
+        leaves, _ = _leaves_by_name(params)
+
+        def identity(n, name):
+            return jnp.eye(n, dtype=stat_dtype(leaves[name].dtype))
+
+        def eigen_identity(n, name):
+            return jnp.ones(n, stat_dtype(leaves[name].dtype)), identity(n, name)
+
+        factors = tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
+        eigenbases = tuple(
+            (eigen_identity(l.input_dim, l.kernel), eigen_identity(l.output_dim, l.kernel)) for l in layers.layers
+        )
+        diagonal = tuple(jnp.ones(jnp.shape(leaves[name]), stat_dtype(leaves[name].dtype)) for name in layers.fallback)
+        zero = jnp.zeros([], jnp.int32)
+        return KFACState(zero, jax.random.key(seed), factors, eigenbases, diagonal, zero, zero)
+
+    def update_statistics(state, params, model_fn, loss, key):
+        key = key if fisher == "true" else None
+        stats = kronecker.kronecker_factors(model_fn, params, layers, kronecker.fisher_cotangent(loss, key))
+        decay = jnp.minimum(1.0 - 1.0 / (state.num_statistics + 1), ema_decay)
+        new_factors, new_diagonal, bad = [], [], state.nonfinite
+        for layer, old in zip(layers.layers, state.factors):
+            factors, was_bad = _keep_if_bad(old, _ema(old, stats.factors[layer.name], decay))
+            new_factors.append(factors)
+            bad = bad + was_bad
+        for name, old in zip(layers.fallback, state.diagonal):
+            diagonal, was_bad = _keep_if_bad(old, _ema(old, jnp.square(stats.fallback_grads[name].astype(old.dtype)), decay))
+            new_diagonal.append(diagonal)
+            bad = bad + was_bad
+        return tuple(new_factors), tuple(new_diagonal), state.num_statistics + 1, bad
+
+    def update_eigenbases(factors, eigenbases, nonfinite):
+        new, bad = [], nonfinite
+        for (a, g), old in zip(factors, eigenbases):
+            decomposition, was_bad = _keep_if_bad(old, (eigh_psd(a), eigh_psd(g)))
+            new.append(decomposition)
+            bad = bad + was_bad
+        return tuple(new), bad
+
+    def natural_gradient(grads, eigenbases, diagonal, lam):
+        """``v`` per layer / fallback parameter, and ``v^T F v`` from the decompositions and diagonal."""
+        leaves, treedef = _leaves_by_name(grads)
+        out = dict(leaves)
+        v_f_v = jnp.zeros([], jnp.float32)
+        for layer, ((a, q_a), (g, q_g)) in zip(layers.layers, eigenbases):
+            bias = leaves[layer.bias] if layer.bias else None
+            v = kronecker.kernel_matrix(layer, leaves[layer.kernel], bias).astype(q_a.dtype)
+            v_rotated = q_a.T @ v @ q_g
+            if damping_mode == "factored":
+                pi = jnp.sqrt((jnp.mean(a) + 1e-30) / (jnp.mean(g) + 1e-30))
+                denominator = jnp.outer(a + pi * jnp.sqrt(lam), g + jnp.sqrt(lam) / pi)
+            else:
+                denominator = jnp.outer(a, g) + lam
+            v_rotated = v_rotated / denominator
+            v_f_v = v_f_v + jnp.sum(jnp.square(v_rotated) * jnp.outer(a, g))
+            kernel, bias = kronecker.split_kernel_matrix(layer, q_a @ v_rotated @ q_g.T)
+            out[layer.kernel] = kernel
+            if layer.bias:
+                out[layer.bias] = bias
+        for name, d in zip(layers.fallback, diagonal):
+            v = leaves[name].astype(d.dtype) / (d + lam)
+            v_f_v = v_f_v + jnp.sum(d * jnp.square(v))
+            out[name] = v
+        flat = [out[jax.tree_util.keystr(path)].astype(leaf.dtype) for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]]
+        return jax.tree_util.tree_unflatten(treedef, flat), v_f_v
+
+    def kl_scale(v_f_v, count):
+        lr = learning_rate(count) if callable(learning_rate) else learning_rate
+        return jnp.minimum(1.0, jnp.sqrt(kl_clip / (jnp.square(lr) * v_f_v + 1e-30)))
+
+    def update_fn(updates, state, params=None, **extra):
+        params = require_params(params, NAME)
+        model_fn = extra_arg(extra, "model_fn", NAME)
+        loss = extra_arg(extra, "loss", NAME)
+        key, stats_key = jax.random.split(state.key)
+
+        factors, diagonal, num_statistics, nonfinite = jax.lax.cond(
+            is_refresh_step(state.count, statistics_frequency),
+            lambda: update_statistics(state, params, model_fn, loss, stats_key),
+            lambda: (state.factors, state.diagonal, state.num_statistics, state.nonfinite),
+        )
+        eigenbases, nonfinite = jax.lax.cond(
+            is_refresh_step(state.count, inverse_frequency),
+            lambda: update_eigenbases(factors, state.eigenbases, nonfinite),
+            lambda: (state.eigenbases, nonfinite),
+        )
+        updates, v_f_v = natural_gradient(updates, eigenbases, diagonal, damping)
+        if kl_clip is not None:
+            nu = kl_scale(v_f_v, state.count)
+            updates = jax.tree.map(lambda u: (nu * u).astype(u.dtype), updates)
+        new_state = KFACState(state.count + 1, key, factors, eigenbases, diagonal, num_statistics, nonfinite)
+        return updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

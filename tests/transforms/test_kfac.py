@@ -1,0 +1,193 @@
+"""K-FAC transformation against dense solves with explicit Kronecker products (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.linalg
+
+import optax_second_order as oso
+from optax_second_order.curvature import kronecker
+
+jax.config.update("jax_enable_x64", True)
+
+N, D_IN, D_HID, D_OUT = 6, 3, 4, 3
+LAM = 0.1
+
+
+def _params():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    return {
+        "l1": {"w": jax.random.normal(k1, (D_IN, D_HID)), "b": jnp.zeros(D_HID)},
+        "l2": {"w": jax.random.normal(k2, (D_HID, D_OUT)) / 2},
+        "scale": jnp.ones(()),
+        "shift": 0.1 * jax.random.normal(k3, (D_OUT,)),
+    }
+
+
+def _batch(seed):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    return jax.random.normal(kx, (N, D_IN)), jax.random.randint(ky, (N,), 0, D_OUT)
+
+
+def _model(params, x):
+    h = jnp.tanh(kronecker.dense(x, params["l1"]["w"], params["l1"]["b"]))
+    return params["scale"] * kronecker.dense(h, params["l2"]["w"]) + params["shift"]
+
+
+def _problem(seed):
+    x, y = _batch(seed)
+    loss = oso.losses.softmax_cross_entropy(y)
+    model_fn = lambda p: _model(p, x)  # noqa: E731
+    return model_fn, loss, jax.grad(lambda p: loss(model_fn(p)))
+
+
+LAYERS = kronecker.find_layers(_problem(1)[0], _params())
+
+
+def _jit_update(tx):
+    """One compilation per transformation: the batch is an argument, not a constant."""
+
+    def update(grads, state, params, x, y):
+        return tx.update(grads, state, params, model_fn=lambda p: _model(p, x), loss=oso.losses.softmax_cross_entropy(y))
+
+    return jax.jit(update)
+
+
+def _step(tx, state, params, seed, update=None):
+    grads = _problem(seed)[2](params)
+    updates, state = (update or _jit_update(tx))(grads, state, params, *_batch(seed))
+    return grads, updates, state
+
+
+@jax.jit
+def _factors(params, x, y, key):
+    loss = oso.losses.softmax_cross_entropy(y)
+    return kronecker.kronecker_factors(lambda p: _model(p, x), params, LAYERS, kronecker.fisher_cotangent(loss, key))
+
+
+def _batch_factors(params, seed, key):
+    return _factors(params, *_batch(seed), key)
+
+
+def _dense_direction(a, g, grad_matrix, mode):
+    """(A (x) G + damping)^{-1} vec(V) by a dense solve (row-major vec of V (d_a, d_g))."""
+    a, g = np.asarray(a), np.asarray(g)
+    if mode == "exact":
+        matrix = np.kron(a, g) + LAM * np.eye(a.shape[0] * g.shape[0])
+    else:
+        pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+        matrix = np.kron(a + pi * np.sqrt(LAM) * np.eye(len(a)), g + np.sqrt(LAM) / pi * np.eye(len(g)))
+    return scipy.linalg.solve(matrix, np.asarray(grad_matrix).reshape(-1)).reshape(grad_matrix.shape)
+
+
+def _check_direction(updates, grads, factors, diagonal, mode):
+    for layer, (a, g) in zip(LAYERS.layers, factors):
+        path = "l1" if layer.kernel.startswith("['l1']") else "l2"
+        v = kronecker.kernel_matrix(layer, grads[path]["w"], grads[path].get("b"))
+        got = kronecker.kernel_matrix(layer, updates[path]["w"], updates[path].get("b"))
+        np.testing.assert_allclose(got, _dense_direction(a, g, v, mode), rtol=1e-9, atol=1e-12)
+    for name, d in zip(LAYERS.fallback, diagonal):
+        key = name.strip("[]'")
+        np.testing.assert_allclose(updates[key], grads[key] / (d + LAM), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["factored", "exact"])
+def test_direction_equals_dense_solve_and_inverses_are_amortized(mode):
+    assert [l.kernel for l in LAYERS.layers] == ["['l1']['w']", "['l2']['w']"]
+    assert LAYERS.fallback == ("['scale']", "['shift']")
+    tx = oso.scale_by_kfac(LAYERS, damping=LAM, damping_mode=mode, kl_clip=None, inverse_frequency=2)
+    params = _params()
+    update = _jit_update(tx)
+    grads, updates, state0 = _step(tx, tx.init(params), params, 1, update)
+    # first statistics update: the factors are the batch's (decay min(1 - 1/1, 0.95) = 0)
+    batch = _batch_factors(params, 1, jax.random.split(jax.random.key(0))[1])
+    for (a, g), layer in zip(state0.factors, LAYERS.layers):
+        np.testing.assert_allclose(a, batch.factors[layer.name][0], rtol=1e-12)
+        np.testing.assert_allclose(g, batch.factors[layer.name][1], rtol=1e-12)
+    _check_direction(updates, grads, state0.factors, state0.diagonal, mode)
+
+    # step 2: factors are EMAs (decay min(1 - 1/2, 0.95) = 1/2) but the eigenbases stay step 1's
+    grads, updates, state1 = _step(tx, state0, params, 2, update)
+    batch = _batch_factors(params, 2, jax.random.split(state0.key)[1])
+    for (a0, _), (a1, _), layer in zip(state0.factors, state1.factors, LAYERS.layers):
+        np.testing.assert_allclose(a1, 0.5 * a0 + 0.5 * batch.factors[layer.name][0], rtol=1e-12)
+    _check_direction(updates, grads, state0.factors, state1.diagonal, mode)
+
+    # step 3 recomputes the eigenbases from the EMA factors
+    grads, updates, state2 = _step(tx, state1, params, 3, update)
+    _check_direction(updates, grads, state2.factors, state2.diagonal, mode)
+    assert int(state2.nonfinite) == 0
+
+
+def _kronecker_fisher_quadratic(v, factors, diagonal):
+    total = 0.0
+    for layer, (a, g) in zip(LAYERS.layers, factors):
+        path = "l1" if layer.kernel.startswith("['l1']") else "l2"
+        vec = np.asarray(kronecker.kernel_matrix(layer, v[path]["w"], v[path].get("b"))).reshape(-1)
+        total += vec @ np.kron(a, g) @ vec
+    for name, d in zip(LAYERS.fallback, diagonal):
+        total += np.sum(np.asarray(d) * np.asarray(v[name.strip("[]'")]) ** 2)
+    return total
+
+
+def test_kl_clipping_bounds_the_step():
+    params = _params()
+    lr, kl_clip = 0.5, 1e-4
+    unclipped = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=None)
+    clipped = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=kl_clip, learning_rate=lr)
+    _, v, state = _step(unclipped, unclipped.init(params), params, seed=1)
+    _, v_clipped, _ = _step(clipped, clipped.init(params), params, seed=1)
+    quadratic = lr**2 * _kronecker_fisher_quadratic(v, state.factors, state.diagonal)
+    assert quadratic > kl_clip  # the clip is active here
+    np.testing.assert_allclose(lr**2 * _kronecker_fisher_quadratic(v_clipped, state.factors, state.diagonal), kl_clip, rtol=1e-8)
+    nu = np.sqrt(kl_clip / quadratic)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, nu * b, rtol=1e-10), v_clipped, v)
+    # a generous bound leaves the step alone
+    loose = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=10 * quadratic, learning_rate=lr)
+    _, v_loose, _ = _step(loose, loose.init(params), params, seed=1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), v_loose, v)
+
+
+def test_nonfinite_factors_keep_previous_inverses():
+    params = _params()
+    tx = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=None, inverse_frequency=1)
+    _, _, state = _step(tx, tx.init(params), params, seed=1)
+    x, y = _batch(2)
+    x = x.at[0, 0].set(jnp.nan)
+    loss = oso.losses.softmax_cross_entropy(y)
+    grads = jax.grad(lambda p: loss(_model(p, _batch(2)[0])))(params)
+    _, bad = _jit_update(tx)(grads, state, params, x, y)
+    assert int(bad.nonfinite) == len(LAYERS.layers) + len(LAYERS.fallback)
+    jax.tree.map(np.testing.assert_array_equal, bad.factors, state.factors)
+    jax.tree.map(np.testing.assert_array_equal, bad.eigenbases, state.eigenbases)
+
+
+def test_alias_runs_in_jit_with_momentum_and_weight_decay():
+    params = _params()
+    tx = oso.kfac(0.1, LAYERS, momentum=0.5, weight_decay=1e-2)
+    state = tx.init(params)
+    model_fn, loss, grad_fn = _problem(1)
+    update = _jit_update(tx)
+    losses = []
+    for _ in range(5):
+        updates, state = update(grad_fn(params), state, params, *_batch(1))
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss(model_fn(params))))
+    assert losses[-1] < losses[0]
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="damping"):
+        oso.scale_by_kfac(LAYERS, damping=-1.0)
+    with pytest.raises(ValueError, match="damping_mode"):
+        oso.scale_by_kfac(LAYERS, damping_mode="nope")
+    with pytest.raises(ValueError, match="learning_rate"):
+        oso.scale_by_kfac(LAYERS)
+    with pytest.raises(ValueError, match="layers"):
+        oso.scale_by_kfac({"not": "layers"}, kl_clip=None)
+    tx = oso.scale_by_kfac(LAYERS, kl_clip=None)
+    params = _params()
+    with pytest.raises(TypeError, match="model_fn"):
+        tx.update(params, tx.init(params), params, loss=_problem(1)[1])
