@@ -4,21 +4,20 @@ A :class:`Task` is a model (a Flax linen module, or a plain function), its outpu
 :mod:`optax_second_order.losses`, a reproducible minibatch stream, the fixed batch the reported loss is
 measured on, an optional held-out set for accuracy, a default step budget and a default target loss.
 
-=====================  =====================================================================================
-``digits-autoencoder``  scikit-learn digits (1797 x 64, scaled to [0, 1]), tanh MLP autoencoder
-                        64-1000-500-250-30-250-500-1000-64 (the MNIST autoencoder of Hinton & Salakhutdinov
-                        2006, Martens 2010 and Martens & Grosse 2015, scaled to 8x8 inputs), sigmoid
-                        cross-entropy on logits summed over the 64 pixels, minibatch 512; loss on all 1797.
-``digits-mlp``          tanh MLP 64-256-256-10, softmax cross-entropy, minibatch 128 from the first 1500 digits;
-                        loss on those 1500, accuracy on the last 297.
-``digits-cnn``          two tanh 3x3 convolutions (16 channels, then 32 with stride 2) and a dense layer on the
-                        8x8 images; same data split as ``digits-mlp``.
-``stdlib-charlm``       a 2-layer pre-LayerNorm causal transformer (width 128, 4 heads, context 64) predicting the
-                        next byte of a fixed, sorted list of standard-library modules read from the running
-                        interpreter; minibatch 32 windows; loss on 64 fixed windows from the held-out last 10%.
-``rosenbrock-2``,       the Rosenbrock function in float64 from the classic start (-1.2, 1, -1.2, 1, ...),
-``rosenbrock-10``       written as squared residuals so Gauss-Newton-type methods apply (see :func:`rosenbrock`).
-=====================  =====================================================================================
+* ``digits-autoencoder``: scikit-learn digits (1797 x 64, scaled to [0, 1]), tanh MLP autoencoder
+  64-1000-500-250-30-250-500-1000-64 (the MNIST autoencoder of Hinton & Salakhutdinov 2006, Martens 2010 and
+  Martens & Grosse 2015, scaled to 8x8 inputs), sigmoid cross-entropy on logits summed over the 64 pixels,
+  minibatch 512; loss on all 1797 digits.
+* ``digits-mlp``: tanh MLP 64-256-256-10, softmax cross-entropy, minibatch 128 from the first 1500 digits;
+  loss on those 1500, accuracy on the last 297.
+* ``digits-cnn``: two tanh 3x3 convolutions (16 channels, then 32 with stride 2) and a dense layer on the
+  8x8 images; same data split as ``digits-mlp``.
+* ``stdlib-charlm``: a 2-layer pre-LayerNorm causal transformer (width 128, 4 heads, context 64) predicting
+  the next byte of a fixed, sorted list of standard-library modules read from the running interpreter;
+  minibatch 32 windows; loss on 64 fixed windows from the held-out last 10% of the corpus.
+* ``rosenbrock-2``, ``rosenbrock-10``: the Rosenbrock function in float64 from the classic start
+  (-1.2, 1, -1.2, 1, ...), written as squared residuals so Gauss-Newton-type methods apply (see
+  :func:`rosenbrock`).
 
 ``npz_task(path)`` makes an MLP task from a user's own ``.npz`` file (see its docstring).
 """
