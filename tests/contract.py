@@ -1,0 +1,403 @@
+"""The contract every gradient transformation of this library passes.
+
+A family registers its transformations in its own ``tests/cases_<family>.py``::
+
+    from contract import ContractCase
+
+    CASES = [
+        ContractCase("sophia_h", lambda learning_rate: oso.sophia_h(learning_rate), needs=("value_fn",)),
+    ]
+
+and ``tests/test_contract.py`` runs every check below on every case:
+
+* ``jit``: a few steps of ``tx.update`` under ``jax.jit``; the loss stays finite, updates have the
+  params' shapes and dtypes, and the state keeps its tree structure, shapes and dtypes;
+* ``leaves``: every leaf of the problem (the default one has a scalar, a vector, a matrix and a
+  rank-4 leaf) moves and stays finite;
+* ``chain``: ``optax.chain(optax.clip_by_global_norm(c), tx)`` equals ``tx`` fed the clipped gradients;
+* ``inject_hyperparams``: ``optax.inject_hyperparams(make)(learning_rate=lr)`` gives ``make(lr)``'s
+  update, and halving ``state.hyperparams["learning_rate"]`` halves the update;
+* ``checkpoint``: params and state survive an orbax round trip and the run then continues
+  bit-for-bit like an uninterrupted one;
+* ``apply_if_finite``: under ``optax.apply_if_finite`` a step with NaN/Inf gradients is skipped,
+  and the next finite step is bit-for-bit the one the skipped step would have been followed by;
+* ``bf16``: with bfloat16 params the updates come back bfloat16 and finite;
+* ``missing_extra``: for each name in ``needs``, an update without it raises a ``TypeError`` or
+  ``ValueError`` whose message names the argument and the transformation, and an update given
+  only the names in ``needs`` works.
+
+"Names the transformation" means: the message contains the case name up to its first ``-``, ``[``,
+``(``, ``:`` or space, compared without case and underscores (case ``"sophia_h-clip"`` is matched by
+``scale_by_sophia_h: update() needs ...``).
+
+``make(learning_rate=...)`` builds the transformation; ``optax.inject_hyperparams`` calls it with a
+traced array, so it must not compare ``learning_rate`` with Python operators when it is not a
+number. The update must be linear in ``learning_rate`` on the first step (the usual final
+``optax.scale_by_learning_rate``).
+
+Every update receives all extra arguments of the problem (``value_fn``, ``model_fn``, ``loss``);
+a transformation ignores the ones it does not use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_second_order.curvature import losses
+
+LEARNING_RATE = 1e-2
+NUM_STEPS = 3
+EXTRA_NAMES = ("value_fn", "model_fn", "loss")
+
+
+class Problem(NamedTuple):
+    """A toy problem: ``params`` and the extra arguments ``value_fn``, ``model_fn``, ``loss``.
+
+    The gradients are ``jax.grad(extra["value_fn"])(params)``.
+    """
+
+    params: Any
+    extra: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ContractCase:
+    """One transformation under contract.
+
+    Attributes:
+      name: unique id, shown in the test ids; its leading word names the transformation.
+      make: ``make(learning_rate=...)`` -> the transformation (also wrapped by ``optax.inject_hyperparams``).
+      needs: the extra arguments the transformation requires (subset of ``value_fn``, ``model_fn``, ``loss``).
+      problem: optional factory of the case's own toy problem; default :func:`toy_problem`.
+    """
+
+    name: str
+    make: Callable[..., optax.GradientTransformation]
+    needs: tuple[str, ...] = ()
+    problem: Callable[[], Problem] | None = None
+
+
+@functools.cache
+def toy_problem() -> Problem:
+    """A tiny conv net on 8 random 5x5x2 images, 3 classes, softmax cross-entropy.
+
+    ``logits = scale * mean_hw(tanh(conv(x, kernel))) @ dense + bias`` uses a scalar (``scale``), a
+    vector (``bias``), a matrix (``dense``) and a rank-4 leaf (``kernel``, HWIO). The model computes
+    in the params' dtype; the loss in float32.
+    """
+    k_images, k_labels, k_kernel, k_dense = jax.random.split(jax.random.PRNGKey(0), 4)
+    images = jax.random.normal(k_images, (8, 5, 5, 2))
+    loss = losses.softmax_cross_entropy(jax.random.randint(k_labels, (8,), 0, 3))
+    params = {
+        "scale": jnp.asarray(1.0),
+        "bias": jnp.zeros(3),
+        "dense": 0.5 * jax.random.normal(k_dense, (4, 3)),
+        "kernel": 0.3 * jax.random.normal(k_kernel, (3, 3, 2, 4)),
+    }
+
+    def model_fn(params):
+        x = images.astype(params["kernel"].dtype)
+        h = jax.lax.conv_general_dilated(
+            x, params["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        features = jnp.mean(jnp.tanh(h), axis=(1, 2))
+        return params["scale"] * (features @ params["dense"]) + params["bias"]
+
+    def value_fn(params):
+        return loss(model_fn(params))
+
+    return Problem(params, {"value_fn": value_fn, "model_fn": model_fn, "loss": loss})
+
+
+def cast_params(problem: Problem, dtype) -> Problem:
+    """The same problem with its floating-point params cast to ``dtype`` (the bf16 variant)."""
+    def cast(x):
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return Problem(jax.tree.map(cast, problem.params), problem.extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiled pieces, cached per process so the checks of one case share their compilations.
+
+
+def _problem(case: ContractCase, dtype: str = "native") -> Problem:
+    return _cast_problem(case.problem or toy_problem, dtype)
+
+
+@functools.cache
+def _cast_problem(factory: Callable[[], Problem], dtype: str) -> Problem:
+    return factory() if dtype == "native" else cast_params(factory(), jnp.dtype(dtype))
+
+
+def _value_and_grad(case: ContractCase, dtype: str = "native"):
+    return _compiled_value_and_grad(case.problem or toy_problem, dtype)
+
+
+@functools.cache
+def _compiled_value_and_grad(factory: Callable[[], Problem], dtype: str):
+    return jax.jit(jax.value_and_grad(_cast_problem(factory, dtype).extra["value_fn"]))
+
+
+def _jit_update(tx: optax.GradientTransformation, extra: dict[str, Any]):
+    return jax.jit(lambda grads, state, params: tx.update(grads, state, params, **extra))
+
+
+@functools.cache
+def _plain(case: ContractCase, dtype: str = "native"):
+    """``(tx, jitted update)`` for ``case.make(LEARNING_RATE)`` on the case's problem."""
+    tx = case.make(learning_rate=LEARNING_RATE)
+    return tx, _jit_update(tx, _problem(case, dtype).extra)
+
+
+def _run(case, tx, update, params, state, num_steps, dtype="native"):
+    """``num_steps`` steps from ``(params, state)``: the list of ``(loss, updates, params, state)``."""
+    value_and_grad = _value_and_grad(case, dtype)
+    trajectory = []
+    for _ in range(num_steps):
+        value, grads = value_and_grad(params)
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        trajectory.append((value, updates, params, state))
+    return trajectory
+
+
+@functools.cache
+def _trajectory(case: ContractCase, dtype: str = "native"):
+    tx, update = _plain(case, dtype)
+    params = _problem(case, dtype).params
+    return _run(case, tx, update, params, tx.init(params), NUM_STEPS, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tree assertions.
+
+
+def _arrays(tree):
+    """Leaves as NumPy arrays (typed PRNG keys as their key data)."""
+    def as_array(x):
+        x = jnp.asarray(x)
+        return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+
+    return [as_array(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_trees_bitwise_equal(a, b, what: str) -> None:
+    """Same structure, same dtypes, and the same bits (NaN equals NaN)."""
+    assert jax.tree.structure(a) == jax.tree.structure(b), f"{what}: tree structures differ"
+    for x, y in zip(_arrays(a), _arrays(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
+        np.testing.assert_array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8), err_msg=what)
+
+
+def assert_trees_close(actual, expected, what: str, rtol: float = 1e-4) -> None:
+    """Leafwise ``|actual - expected| <= rtol * (|expected| + max|expected leaf|)``, in float64."""
+    for x, y in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * np.max(np.abs(y), initial=0.0), err_msg=what)
+
+
+def assert_like_params(updates, params, what: str) -> None:
+    """``updates`` has the structure, shapes and dtypes of ``params``, and is finite."""
+    assert jax.tree.structure(updates) == jax.tree.structure(params), f"{what}: updates' tree differs from params'"
+    for path, u, p in zip(_paths(params), jax.tree.leaves(updates), jax.tree.leaves(params)):
+        assert u.shape == p.shape and u.dtype == p.dtype, f"{what} {path}: update {u.dtype}{u.shape}, param {p.dtype}{p.shape}"
+        assert bool(jnp.all(jnp.isfinite(u))), f"{what} {path}: non-finite update"
+
+
+def _paths(tree):
+    return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def _signature(tree):
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in map(jnp.asarray, jax.tree.leaves(tree))]
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks.
+
+
+def check_jit(case: ContractCase) -> None:
+    """A few jitted steps: finite loss, updates shaped and typed like params, a stable state."""
+    tx, _ = _plain(case)
+    params = _problem(case).params
+    init_signature = _signature(tx.init(params))
+    for step, (value, updates, new_params, state) in enumerate(_trajectory(case)):
+        assert bool(jnp.isfinite(value)), f"{case.name}: loss {value} at step {step}"
+        assert_like_params(updates, params, f"{case.name} step {step}")
+        assert _signature(state) == init_signature, (
+            f"{case.name}: the state's structure, shapes or dtypes changed at step {step} "
+            "(breaks lax.scan and checkpoints)"
+        )
+        assert _signature(new_params) == _signature(params), f"{case.name}: params changed dtype at step {step}"
+
+
+def check_leaves(case: ContractCase) -> None:
+    """Every leaf (scalar, vector, matrix, rank-4 in the default problem) moves and stays finite."""
+    start = _problem(case).params
+    end = _trajectory(case)[-1][2]
+    for path, p0, p1 in zip(_paths(start), jax.tree.leaves(start), jax.tree.leaves(end)):
+        assert bool(jnp.all(jnp.isfinite(p1))), f"{case.name} {path}: non-finite after {NUM_STEPS} steps"
+        assert bool(jnp.any(p1 != p0)), f"{case.name} {path} (shape {p0.shape}): never updated in {NUM_STEPS} steps"
+
+
+def check_chain(case: ContractCase) -> None:
+    """``chain(clip_by_global_norm(c), tx)``: its first update is ``tx``'s on gradients clipped by hand,
+    and it runs a few jitted steps with finite updates and a stable state."""
+    problem = _problem(case)
+    value_and_grad = _value_and_grad(case)
+    grads = value_and_grad(problem.params)[1]
+    norm = float(optax.tree.norm(grads))
+    max_norm = norm / 2
+    chained = optax.chain(optax.clip_by_global_norm(max_norm), case.make(learning_rate=LEARNING_RATE))
+    chained_update = _jit_update(chained, problem.extra)
+    state = chained.init(problem.params)
+    init_signature = _signature(state)
+
+    tx, update = _plain(case)
+    reference, _ = update(jax.tree.map(lambda g: g * (max_norm / norm), grads), tx.init(problem.params), problem.params)
+    for step, (_, updates, _, state) in enumerate(_run(case, chained, chained_update, problem.params, state, 3)):
+        if step == 0:
+            assert_trees_close(updates, reference, f"{case.name}: chained vs hand-clipped first update", rtol=1e-5)
+        assert_like_params(updates, problem.params, f"{case.name} in a chain, step {step}")
+        assert _signature(state) == init_signature, f"{case.name}: the chain's state changed at step {step}"
+
+
+def check_inject_hyperparams(case: ContractCase) -> None:
+    """``inject_hyperparams(make)`` matches ``make(lr)``; halving the injected lr halves the update."""
+    problem = _problem(case)
+    grads = _value_and_grad(case)(problem.params)[1]
+    injected = optax.inject_hyperparams(case.make)(learning_rate=LEARNING_RATE)
+    update = _jit_update(injected, problem.extra)
+    state = injected.init(problem.params)
+    assert "learning_rate" in state.hyperparams, f"{case.name}: learning_rate is not an injectable hyperparameter"
+    updates, _ = update(grads, state, problem.params)
+
+    tx, plain_update = _plain(case)
+    reference, _ = plain_update(grads, tx.init(problem.params), problem.params)
+    assert_trees_close(updates, reference, f"{case.name}: injected vs plain update", rtol=1e-5)
+    assert float(optax.tree.norm(reference)) > 0, f"{case.name}: zero first update"
+
+    hyperparams = dict(state.hyperparams, learning_rate=state.hyperparams["learning_rate"] / 2)
+    halved, _ = update(grads, state._replace(hyperparams=hyperparams), problem.params)
+    expected = jax.tree.map(lambda u: u / 2, updates)
+    assert_trees_close(halved, expected, f"{case.name}: halving the learning rate should halve the update", rtol=1e-5)
+
+
+def check_checkpoint(case: ContractCase, directory) -> None:
+    """Params and state saved with orbax after 2 steps, restored, then 2 more steps: bit-for-bit."""
+    import orbax.checkpoint as ocp
+
+    tx, update = _plain(case)
+    params = _problem(case).params
+    _, _, params, state = _run(case, tx, update, params, tx.init(params), 2)[-1]
+    uninterrupted = _run(case, tx, update, params, state, 2)
+
+    checkpointer = ocp.StandardCheckpointer()
+    path = (directory / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', case.name)}").absolute()
+    checkpointer.save(path, {"params": params, "state": state})
+    checkpointer.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"params": params, "state": state})
+    restored = checkpointer.restore(path, target)
+    checkpointer.close()
+    assert_trees_bitwise_equal(restored["state"], state, f"{case.name}: restored state")
+
+    resumed = _run(case, tx, update, restored["params"], restored["state"], 2)
+    for step, (a, b) in enumerate(zip(resumed, uninterrupted)):
+        assert_trees_bitwise_equal(a[1:], b[1:], f"{case.name}: resumed run differs at step {step}")
+
+
+def check_apply_if_finite(case: ContractCase) -> None:
+    """A NaN/Inf step under ``apply_if_finite`` is skipped; the next finite step is unaffected."""
+    problem = _problem(case)
+    value_and_grad = _value_and_grad(case)
+    tx = optax.apply_if_finite(case.make(learning_rate=LEARNING_RATE), max_consecutive_errors=3)
+    update = _jit_update(tx, problem.extra)
+    _, _, params, state = _run(case, tx, update, problem.params, tx.init(problem.params), 1)[-1]
+
+    skipped, bad_state = update(_poisoned(value_and_grad(params)[1]), state, params)
+    assert not bool(bad_state.last_finite), f"{case.name}: NaN/Inf gradients gave finite updates"
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(skipped)), f"{case.name}: skipped step moved params"
+
+    after_bad = _run(case, tx, update, params, bad_state, 1)[-1]
+    reference = _run(case, tx, update, params, state, 1)[-1]
+    assert_like_params(after_bad[1], params, f"{case.name} after a NaN step")
+    assert_trees_bitwise_equal(after_bad[1], reference[1], f"{case.name}: update after a skipped NaN step")
+    assert_trees_bitwise_equal(
+        after_bad[3].inner_state, reference[3].inner_state, f"{case.name}: state after a skipped NaN step"
+    )
+
+
+def _poisoned(grads):
+    """``grads`` with a NaN as the first entry of the first leaf and an Inf as the last of the last."""
+    leaves = [jnp.ravel(g) for g in jax.tree.leaves(grads)]
+    leaves[0] = leaves[0].at[0].set(jnp.nan)
+    leaves[-1] = leaves[-1].at[-1].set(jnp.inf)
+    shapes = [jnp.shape(g) for g in jax.tree.leaves(grads)]
+    return jax.tree.unflatten(jax.tree.structure(grads), [g.reshape(s) for g, s in zip(leaves, shapes)])
+
+
+def check_bf16(case: ContractCase) -> None:
+    """bfloat16 params: a few jitted steps give bfloat16, finite updates and params."""
+    params = _problem(case, "bfloat16").params
+    for step, (value, updates, new_params, _) in enumerate(_trajectory(case, "bfloat16")):
+        assert bool(jnp.isfinite(value)), f"{case.name} bf16: loss {value} at step {step}"
+        assert_like_params(updates, params, f"{case.name} bf16 step {step}")
+        assert_like_params(new_params, params, f"{case.name} bf16 params after step {step}")
+
+
+def _transform_word(name: str) -> str:
+    return re.split(r"[-\[(:\s]", name)[0].lower().replace("_", "")
+
+
+def check_missing_extra(case: ContractCase) -> None:
+    """Without a needed extra argument: a TypeError/ValueError naming it and the transformation."""
+    unknown = set(case.needs) - set(EXTRA_NAMES)
+    assert not unknown, f"{case.name}: needs lists unknown extra arguments {sorted(unknown)}"
+    problem = _problem(case)
+    tx = case.make(learning_rate=LEARNING_RATE)
+    state = tx.init(problem.params)
+    grads = problem.params
+
+    def trace_update(extra):
+        return jax.eval_shape(lambda g, s, p: tx.update(g, s, p, **extra), grads, state, problem.params)
+
+    try:
+        trace_update({name: problem.extra[name] for name in case.needs})
+    except (TypeError, ValueError) as error:
+        raise AssertionError(f"{case.name}: update() given only {case.needs} failed; needs more? {error}") from error
+    for name in case.needs:
+        extra = {k: v for k, v in problem.extra.items() if k != name}
+        try:
+            trace_update(extra)
+        except (TypeError, ValueError) as error:
+            message = str(error)
+        except Exception as error:
+            raise AssertionError(f"{case.name}: update() without `{name}` raised {error!r}, not a TypeError/ValueError")
+        else:
+            raise AssertionError(f"{case.name}: update() without `{name}` raised no TypeError/ValueError")
+        assert name in message, f"{case.name}: the error without `{name}` does not name it: {message!r}"
+        word = _transform_word(case.name)
+        assert word in message.lower().replace("_", ""), (
+            f"{case.name}: the error without `{name}` does not name the transformation ({word!r}): {message!r}"
+        )
+
+
+CHECKS = {
+    "jit": check_jit,
+    "leaves": check_leaves,
+    "chain": check_chain,
+    "inject_hyperparams": check_inject_hyperparams,
+    "checkpoint": check_checkpoint,
+    "apply_if_finite": check_apply_if_finite,
+    "bf16": check_bf16,
+    "missing_extra": check_missing_extra,
+}

@@ -1,0 +1,110 @@
+"""Runs every check of ``contract.py`` on every case of every ``tests/cases_*.py``.
+
+Only your family's cases: ``CONTRACT_CASES=cases_mine .venv/bin/pytest -q tests/test_contract.py``.
+
+A cases module that fails to import becomes one failing test naming it; the others still run.
+The last tests show that the checks can fail: deliberately broken transformations must not pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import traceback
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+import contract
+from contract import CHECKS, LEARNING_RATE, ContractCase
+from optax_second_order.transforms.common import extra_arg
+
+
+def _collect():
+    """Cases of every ``tests/cases_*.py``, or only of the modules listed in ``$CONTRACT_CASES``."""
+    only = os.environ.get("CONTRACT_CASES", "").replace(",", " ").split()
+    cases, import_errors = [], {}
+    for path in sorted(pathlib.Path(__file__).parent.glob("cases_*.py")):
+        if only and path.stem not in only:
+            continue
+        try:
+            module = importlib.import_module(path.stem)
+            cases.extend(module.CASES)
+        except Exception:  # reported by test_cases_module_imports
+            import_errors[path.stem] = traceback.format_exc()
+    return cases, import_errors
+
+
+CASES, IMPORT_ERRORS = _collect()
+
+
+def test_case_names_are_unique():
+    names = [case.name for case in CASES]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+@pytest.mark.parametrize("module", sorted(IMPORT_ERRORS) or [None])
+def test_cases_module_imports(module):
+    assert module is None, f"{module}.py failed to import:\n{IMPORT_ERRORS.get(module)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+@pytest.mark.parametrize("check", [name for name in CHECKS if name != "checkpoint"])
+def test_contract(check, case):
+    CHECKS[check](case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_contract_checkpoint(case, tmp_path):
+    contract.check_checkpoint(case, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks can fail: each broken transformation below violates exactly one clause.
+
+
+def _unnamed_error(learning_rate):
+    """Needs value_fn but fails with a bare KeyError, as a keyword lookup would."""
+    def update(updates, state, params=None, **extra):
+        extra["value_fn"]
+        return updates, state
+
+    return optax.chain(optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update), optax.sgd(learning_rate))
+
+
+def _ignores_learning_rate(learning_rate):
+    return optax.sgd(LEARNING_RATE)
+
+
+def _float32_updates(learning_rate):
+    return optax.chain(optax.sgd(learning_rate), optax.stateless(lambda u, p: jax.tree.map(lambda x: x.astype(jnp.float32), u)))
+
+
+def _skips_scalars(learning_rate):
+    return optax.chain(optax.sgd(learning_rate), optax.stateless(lambda u, p: jax.tree.map(lambda x: x * (x.ndim > 0), u)))
+
+
+def _named_error_for_value_fn(learning_rate):
+    def update(updates, state, params=None, **extra):
+        extra_arg(extra, "value_fn", "broken")
+        return updates, state
+
+    return optax.chain(optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update), optax.sgd(learning_rate))
+
+
+BROKEN = [
+    ("missing_extra", ContractCase("unnamed_error", _unnamed_error, needs=("value_fn",))),
+    ("missing_extra", ContractCase("undeclared", _named_error_for_value_fn, needs=())),
+    ("inject_hyperparams", ContractCase("ignores_lr", _ignores_learning_rate)),
+    ("bf16", ContractCase("float32_updates", _float32_updates)),
+    ("leaves", ContractCase("skips_scalars", _skips_scalars)),
+]
+
+
+@pytest.mark.parametrize("check, case", BROKEN, ids=[case.name for _, case in BROKEN])
+def test_check_rejects_broken_transformation(check, case):
+    with pytest.raises(AssertionError):
+        CHECKS[check](case)
