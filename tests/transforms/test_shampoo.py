@@ -1,0 +1,320 @@
+"""Shampoo against a NumPy loop implementation of Gupta et al. (2018) with Anil et al. (2020)'s blocking and grafting.
+
+The loop below is written from the papers, not from the library: statistics from explicit unfoldings
+``G_(i) = moveaxis(G, i, 0).reshape(d_i, -1)``, roots from ``numpy.linalg.eigh`` (and, for the p = 6 check,
+``scipy.linalg.fractional_matrix_power`` with the dense Kronecker product), one Python loop per block.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.linalg
+
+import optax_second_order as oso
+from optax_second_order.transforms import blocking
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+SHAPES = {"m": (5, 4), "t": (2, 3, 4), "v": (4,)}  # uneven blocks of 3
+EVEN_SHAPES = {"m": (6, 3), "t": (3, 3, 6), "v": (4,)}  # blocks of 3 only: fewer root groups to compile
+EPS, RELATIVE_EPS, GRAFT_EPS, GRAFT_BETA2 = 1e-3, 1e-2, 1e-6, 0.9
+
+
+def gradient_sequence(num_steps: int, seed: int = 0, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(num_steps)]
+
+
+# ----------------------------------------------------------------------------- the loop reference
+
+
+def unfold(x, i):
+    return np.moveaxis(x, i, 0).reshape(x.shape[i], -1)
+
+
+def fold(m, i, shape):
+    moved = [shape[i]] + [d for j, d in enumerate(shape) if j != i]
+    return np.moveaxis(m.reshape(moved), 0, i)
+
+
+def numpy_root(h, p):
+    w, v = np.linalg.eigh(h)
+    w = np.maximum(w, 0.0)
+    delta = EPS + RELATIVE_EPS * w.max()
+    return (v * (w + delta) ** (-1.0 / p)) @ v.T
+
+
+def block_index(shape, block_size):
+    """Blocks of a tensor as tuples of slices, row-major, every dimension cut every block_size."""
+    blocks = [()]
+    for d in shape:
+        blocks = [b + (slice(s, min(s + block_size, d)),) for b in blocks for s in range(0, d, block_size)]
+    return blocks
+
+
+class NumpyShampoo:
+    """One leaf of Shampoo (Gupta et al. 2018, Alg. 2) with blocks, grafting and the diagonal fallback."""
+
+    def __init__(self, shape, block_size, grafting, beta2=1.0, exponent=None, pf=2, start=2, stat_every=1):
+        self.shape, self.grafting, self.beta2 = shape, grafting, beta2
+        self.pf, self.start, self.stat_every = pf, start, stat_every
+        self.diagonal_only = len(shape) <= 1
+        self.blocks = [] if self.diagonal_only else block_index(shape, block_size)
+        k = len(shape)
+        self.p = exponent or 2 * k
+        self.H = {(b, i): np.zeros((self.blocks[b][i].stop - self.blocks[b][i].start,) * 2)
+                  for b in range(len(self.blocks)) for i in range(k)}
+        self.R = {key: np.eye(h.shape[0]) for key, h in self.H.items()}
+        self.v = np.zeros(shape)
+        self.t = 0
+
+    def graft_direction(self, g):
+        rule = self.grafting
+        if rule in ("sgd", "none") and self.diagonal_only:
+            rule = "diagonal"
+        if rule in ("adagrad", "diagonal") and (rule == "adagrad" or self.beta2 == 1.0):
+            self.v = self.v + g * g
+        elif rule == "diagonal":
+            self.v = self.beta2 * self.v + (1 - self.beta2) * g * g
+        elif rule in ("rmsprop", "adam"):
+            self.v = GRAFT_BETA2 * self.v + (1 - GRAFT_BETA2) * g * g
+        if rule == "adam":
+            return g / (np.sqrt(self.v / (1 - GRAFT_BETA2 ** (self.t + 1))) + GRAFT_EPS)
+        if rule in ("adagrad", "rmsprop", "diagonal"):
+            return g / (np.sqrt(self.v) + GRAFT_EPS)
+        return g if rule == "sgd" else None
+
+    def step(self, g):
+        t = self.t
+        if not self.diagonal_only and t % self.stat_every == 0:
+            for (b, i), h in self.H.items():
+                gi = unfold(g[self.blocks[b]], i)
+                self.H[b, i] = h + gi @ gi.T if self.beta2 == 1.0 else self.beta2 * h + (1 - self.beta2) * gi @ gi.T
+        if not self.diagonal_only and t >= self.start and (t - self.start) % self.pf == 0:
+            self.R = {key: numpy_root(h, self.p) for key, h in self.H.items()}
+        d = self.graft_direction(g)
+        self.t += 1
+        if self.diagonal_only:
+            return d
+        if t < self.start:
+            return g if d is None else d
+        out = np.zeros(self.shape)
+        for b, index in enumerate(self.blocks):
+            x = g[index]
+            for i in range(len(self.shape)):
+                x = fold(self.R[b, i] @ unfold(x, i), i, x.shape)
+            if d is not None:
+                x = x * np.linalg.norm(d[index]) / (np.linalg.norm(x) + 1e-16)
+            out[index] = x
+        return out
+
+
+def run_library(tx, grads_seq):
+    params = {k: jnp.zeros(v.shape) for k, v in grads_seq[0].items()}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    outs = []
+    for g in grads_seq:
+        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
+        outs.append(jax.tree.map(np.asarray, u))
+    return outs, state
+
+
+def assert_steps_equal(outs, refs):
+    for step, (u, r) in enumerate(zip(outs, refs)):
+        for k in r:
+            np.testing.assert_allclose(u[k], r[k], rtol=1e-9, atol=1e-12, err_msg=f"step {step}, leaf {k}")
+
+
+# ----------------------------------------------------------------------------- step-by-step equality
+
+
+@pytest.mark.parametrize("block_size,grafting", [(3, g) for g in oso.GRAFTING_TYPES] + [(None, "adam")])
+def test_matches_numpy_loop(block_size, grafting):
+    """Matrix, order-3 tensor (p = 6) and vector (diagonal fallback), blocked (3) or not; uneven blocks below."""
+    grads = gradient_sequence(6, shapes=EVEN_SHAPES)
+    tx = oso.scale_by_shampoo(
+        eps=EPS, relative_eps=RELATIVE_EPS, precondition_frequency=2, start_preconditioning_step=2,
+        block_size=block_size or 1024, merge_dims=False, grafting=grafting, graft_beta2=GRAFT_BETA2,
+        graft_eps=GRAFT_EPS,
+    )
+    outs, state = run_library(tx, grads)
+    loops = {k: NumpyShampoo(s, block_size or 1024, grafting) for k, s in EVEN_SHAPES.items()}
+    refs = [{k: loops[k].step(g[k]) for k in g} for g in grads]
+    assert_steps_equal(outs, refs)
+    assert int(state.root_failures) == 0
+
+
+def test_ema_exponent_frequencies_and_nesterov_momentum():
+    """Uneven blocks, beta2 < 1, exponent override, statistics every 2 steps, roots every 3 from step 1, momentum."""
+    grads = gradient_sequence(7, seed=1)
+    lr, beta1 = 0.1, 0.8
+    tx = oso.shampoo(
+        lr, beta1=beta1, nesterov=True, beta2=0.9, exponent_override=2, statistics_frequency=2,
+        precondition_frequency=3, start_preconditioning_step=1, eps=EPS, relative_eps=RELATIVE_EPS,
+        block_size=3, merge_dims=False, grafting="rmsprop", graft_beta2=GRAFT_BETA2, graft_eps=GRAFT_EPS,
+    )
+    outs, _ = run_library(tx, grads)
+    loops = {k: NumpyShampoo(s, 3, "rmsprop", beta2=0.9, exponent=2, pf=3, start=1, stat_every=2)
+             for k, s in SHAPES.items()}
+    momentum = {k: np.zeros(s) for k, s in SHAPES.items()}
+    refs = []
+    for g in grads:
+        ref = {}
+        for k in g:
+            u = loops[k].step(g[k])
+            momentum[k] = beta1 * momentum[k] + u
+            ref[k] = -lr * (1 - beta1) * (u + beta1 * momentum[k])
+        refs.append(ref)
+    assert_steps_equal(outs, refs)
+
+
+def test_merged_small_dims_match_loop_on_reshaped_tensor():
+    assert blocking.merge_small_dims((3, 3, 64, 128), 1024) == (576, 128)
+    assert blocking.merge_small_dims((1, 10), 1024) == (10,)
+    assert blocking.merge_small_dims((2, 3, 8), 8) == (6, 8)
+    shapes = {"k": (2, 3, 8)}
+    grads = gradient_sequence(4, seed=2, shapes=shapes)
+    tx = oso.scale_by_shampoo(eps=EPS, relative_eps=RELATIVE_EPS, precondition_frequency=2,
+                              start_preconditioning_step=2, block_size=8, grafting="none")
+    outs, _ = run_library(tx, grads)
+    loop = NumpyShampoo((6, 8), 8, "none")
+    refs = [{"k": loop.step(g["k"].reshape(6, 8)).reshape(2, 3, 8)} for g in grads]
+    assert_steps_equal(outs, refs)
+
+
+def test_order3_sixth_roots_against_dense_kronecker_product():
+    """p = 6: the step equals (H_1^{-1/6} kron H_2^{-1/6} kron H_3^{-1/6}) vec(G) with scipy's fractional power."""
+    g = np.random.default_rng(3).standard_normal((2, 3, 4))
+    tx = oso.scale_by_shampoo(eps=EPS, relative_eps=RELATIVE_EPS, start_preconditioning_step=0,
+                              merge_dims=False, grafting="none")
+    (u,), _ = run_library(tx, [{"t": g}])
+    factors = []
+    for i in range(3):
+        h = unfold(g, i) @ unfold(g, i).T
+        delta = EPS + RELATIVE_EPS * np.linalg.eigvalsh(h).max()
+        factors.append(np.real(scipy.linalg.fractional_matrix_power(h + delta * np.eye(h.shape[0]), -1.0 / 6.0)))
+    dense = np.kron(np.kron(factors[0], factors[1]), factors[2])  # row-major vec of a (2, 3, 4) tensor
+    np.testing.assert_allclose(u["t"], (dense @ g.reshape(-1)).reshape(g.shape), rtol=1e-9)
+    for f, h_root in zip(factors, [unfold(g, i) for i in range(3)]):
+        h = h_root @ h_root.T
+        delta = EPS + RELATIVE_EPS * np.linalg.eigvalsh(h).max()
+        np.testing.assert_allclose(np.linalg.matrix_power(f, 6) @ (h + delta * np.eye(len(h))), np.eye(len(h)), atol=1e-8)
+
+
+# ----------------------------------------------------------------------------- numerical failure
+
+
+def test_nan_statistics_keep_previous_root_and_run_continues():
+    grads = gradient_sequence(6, seed=4, shapes={"m": (5, 4)})
+    tx = oso.scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0, merge_dims=False)
+    params = {"m": jnp.zeros((5, 4))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    _, state = update({"m": jnp.asarray(grads[0]["m"])}, state, params)
+    good_roots = state.roots
+    # Poison the first factor of the first stack (the 5 x 5 left factor).
+    stats = list(state.stats)
+    stats[0] = stats[0].at[0, 0, 0].set(jnp.nan)
+    state = state._replace(stats=tuple(stats))
+    for step, g in enumerate(grads[1:], start=1):
+        u, state = update({"m": jnp.asarray(g["m"])}, state, params)
+        assert np.all(np.isfinite(u["m"])), step
+        assert int(state.root_failures) == step
+    np.testing.assert_array_equal(state.roots[0][0], good_roots[0][0])  # the poisoned factor's root is kept
+    assert not np.allclose(state.roots[1], good_roots[1])  # the healthy one kept being refreshed
+
+
+def test_rank_deficient_statistics_stay_finite():
+    """Rank-one gradients u v^T: the factors are rank one; the damped roots stay finite (default eps)."""
+    rng = np.random.default_rng(5)
+    grads = [{"m": np.outer(rng.standard_normal(6), rng.standard_normal(4))} for _ in range(4)]
+    for grafting in ("none", "adam"):
+        tx = oso.scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0, grafting=grafting)
+        outs, state = run_library(tx, grads)
+        assert all(np.all(np.isfinite(u["m"])) for u in outs)
+        assert int(state.root_failures) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [({"beta2": 0.0}, "beta2"), ({"grafting": "lamb"}, "grafting"), ({"block_size": 0}, "block_size"),
+     ({"precondition_frequency": 0}, "precondition_frequency"), ({"eps": -1.0}, "eps"),
+     ({"exponent_override": 0}, "exponent_override"), ({"mesh_axes": "data"}, "mesh_axes")],
+)
+def test_bad_hyperparameters_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        oso.scale_by_shampoo(**kwargs)
+
+
+# ----------------------------------------------------------------------------- distributed (4 host devices)
+
+DISTRIBUTED = textwrap.dedent(
+    """
+    import re
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import optax_second_order as oso
+
+    jax.config.update("jax_enable_x64", True)
+    assert jax.device_count() == 4, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 8)), rng.standard_normal((32, 3))
+    init = {"w1": 0.3 * rng.standard_normal((8, 12)), "w2": 0.3 * rng.standard_normal((12, 3))}
+
+    def loss(params, x, y):
+        return jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2)
+
+    def run(tx, shard):
+        params, xs, ys = jax.tree.map(jnp.asarray, init), jnp.asarray(x), jnp.asarray(y)
+        if shard:  # data parallel: batch split over the devices, params replicated
+            xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (xs, ys))
+            params = jax.device_put(params, NamedSharding(mesh, P()))
+        state = tx.init(params)
+
+        @jax.jit
+        def step(params, state, xs, ys):
+            u, state = tx.update(jax.grad(loss)(params, xs, ys), state, params)
+            return optax.apply_updates(params, u), state
+
+        for _ in range(6):
+            params, state = step(params, state, xs, ys)
+        return params, step.lower(params, state, xs, ys).compile().as_text()
+
+    kwargs = dict(block_size=4, merge_dims=False, precondition_frequency=2, start_preconditioning_step=1)
+    single, _ = run(oso.shampoo(0.05, **kwargs), shard=False)
+    sharded, hlo = run(oso.shampoo(0.05, mesh=mesh, **kwargs), shard=True)
+    for k in single:
+        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12)
+    # w1 (8 x 12) has 2 x 3 blocks of 4 x 4 and w2 (12 x 3) 3 blocks of 4 x 3: 6 + 6 + 3 = 15 factors of size 4,
+    # padded to 16 = 4 devices x 4. Each device's eigendecomposition sees its 4 factors, not all 16 (or 15).
+    shapes = sorted(set(re.findall(r"f64\\[(\\d+),4,4\\][^\\n]*custom_call_target=\\"lapack_dsyevd", hlo)))
+    print("EIGH_BATCHES", shapes)
+    assert shapes == ["4"], shapes
+    print("OK")
+    """
+)
+
+
+def test_data_parallel_step_equals_single_device_and_roots_are_spread():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", DISTRIBUTED], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
