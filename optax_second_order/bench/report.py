@@ -178,8 +178,15 @@ def _mean_curve(runs: Sequence[RunResult]) -> tuple[np.ndarray, np.ndarray, np.n
     )
 
 
+_LOG_FLOOR = 1e-16
+"""Losses of exactly 0 (Rosenbrock solved in float64) are drawn at this floor on the log scale."""
+
+
 def plot(results: Sequence[RunResult], task: str, path: str, target: float | None = None) -> None:
-    """Eval loss vs step and vs seconds of each optimizer's best learning rate, one PNG per task."""
+    """Eval loss vs step and vs seconds of each optimizer's best learning rate, one PNG per task.
+
+    The loss axis is logarithmic when no loss is negative (values below 1e-16 are drawn at 1e-16).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,11 +194,13 @@ def plot(results: Sequence[RunResult], task: str, path: str, target: float | Non
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
     optimizers = dict.fromkeys(r.optimizer for r in results if r.task == task)
-    positive = all(l > 0 for r in results if r.task == task for l in r.losses if math.isfinite(l))
+    log_scale = all(l >= 0 for r in results if r.task == task for l in r.losses if math.isfinite(l))
     for optimizer in optimizers:
         runs = best_runs(results, task, optimizer)
         steps, seconds, losses = _mean_curve(runs)
-        label = f"{optimizer} (lr={runs[0].learning_rate:g})"
+        if log_scale:
+            losses = np.maximum(losses, _LOG_FLOOR)
+        label = f"{optimizer} (lr={runs[0].learning_rate:g}{', diverged' if all(r.diverged for r in runs) else ''})"
         by_step.plot(steps, losses, label=label)
         by_time.plot(seconds, losses, label=label)
     for ax, xlabel in ((by_step, "step"), (by_time, "seconds (timed steps)")):
@@ -199,7 +208,7 @@ def plot(results: Sequence[RunResult], task: str, path: str, target: float | Non
             ax.axhline(target, color="gray", linestyle=":", linewidth=1)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("eval loss")
-        if positive:
+        if log_scale:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     by_step.legend(fontsize=7)
