@@ -1,0 +1,149 @@
+"""SOAP against a NumPy loop implementation of Vyas et al. (2024), Algorithm 3, as the official code runs it.
+
+The loop keeps Adam's first moment in the eigenbasis and moves it when the basis changes (project back
+with the old basis, forward with the new one), the way the official code does; the library keeps it in
+the original space. Both are the same algorithm, reached by different bookkeeping.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_second_order as oso
+
+
+@pytest.fixture(scope="module", autouse=True)
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+SHAPES = {"m": (6, 5), "t": (3, 4, 5), "v": (5,)}
+
+
+def project(x, bases, back=False):
+    """``x`` rotated into (or, with ``back``, out of) the eigenbasis, mode by mode (None: mode not rotated)."""
+    for i, q in enumerate(bases):
+        if q is not None:
+            x = np.moveaxis(np.tensordot(x, q.T if back else q, axes=([i], [0])), -1, i)
+    return x
+
+
+class NumpySoap:
+    """One leaf of SOAP, following the paper's Algorithm 3 and the official code step by step."""
+
+    def __init__(self, shape, b1=0.95, b2=0.95, eps=1e-8, frequency=3, max_dim=10000, normalize=False, bias=True):
+        self.b1, self.b2, self.eps, self.f, self.normalize, self.bias = b1, b2, eps, frequency, normalize, bias
+        modes = range(len(shape)) if len(shape) > 1 else []
+        self.modes = [i for i in modes if shape[i] <= max_dim]
+        self.GG = {i: np.zeros((shape[i], shape[i])) for i in self.modes}
+        self.Q = None
+        self.exp_avg = np.zeros(shape)  # in the eigenbasis
+        self.exp_avg_sq = np.zeros(shape)
+        self.step_count = 0
+        self.ndim = len(shape)
+
+    def bases(self):
+        return [self.Q.get(i) for i in range(self.ndim)]
+
+    def update_preconditioner(self, g):
+        if self.Q is not None:
+            self.exp_avg = project(self.exp_avg, self.bases(), back=True)
+        for i in self.modes:
+            others = [j for j in range(self.ndim) if j != i]
+            self.GG[i] = self.b2 * self.GG[i] + (1 - self.b2) * np.tensordot(g, g, axes=(others, others))
+        if self.Q is None:
+            self.Q = {i: np.linalg.eigh(self.GG[i])[1][:, ::-1] for i in self.modes}
+        if self.step_count > 0 and self.step_count % self.f == 0:
+            for i in self.modes:
+                o = self.Q[i]
+                est = np.diag(o.T @ self.GG[i] @ o)
+                order = np.argsort(-est, kind="stable")
+                self.exp_avg_sq = np.take(self.exp_avg_sq, order, axis=i)
+                self.Q[i] = np.linalg.qr(self.GG[i] @ o[:, order])[0]
+        if self.step_count > 0:
+            self.exp_avg = project(self.exp_avg, self.bases())
+
+    def step(self, g):
+        if self.Q is None:
+            self.update_preconditioner(g)
+            return np.zeros_like(g)
+        gp = project(g, self.bases())
+        self.step_count += 1
+        self.exp_avg = self.b1 * self.exp_avg + (1 - self.b1) * gp
+        self.exp_avg_sq = self.b2 * self.exp_avg_sq + (1 - self.b2) * gp**2
+        denom = np.sqrt(self.exp_avg_sq) + self.eps
+        size = 1.0
+        if self.bias:
+            size = np.sqrt(1 - self.b2**self.step_count) / (1 - self.b1**self.step_count)
+        direction = project(self.exp_avg / denom, self.bases(), back=True)
+        if self.normalize:
+            direction = direction / (1e-30 + np.sqrt(np.mean(direction**2)))
+        self.update_preconditioner(g)
+        return size * direction
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"max_precond_dim": 5, "normalize_grads": True, "correct_bias": False}], ids=["default", "options"]
+)
+def test_matches_numpy_loop(kwargs):
+    rng = np.random.default_rng(0)
+    grads = [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(8)]
+    lr, wd = 0.01, 0.1
+    tx = oso.soap(lr, weight_decay=wd, precondition_frequency=3, **kwargs)
+    params = {k: jnp.asarray(rng.standard_normal(s)) for k, s in SHAPES.items()}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    loops = {
+        k: NumpySoap(s, frequency=3, max_dim=kwargs.get("max_precond_dim", 10000),
+                     normalize=kwargs.get("normalize_grads", False), bias=kwargs.get("correct_bias", True))
+        for k, s in SHAPES.items()
+    }
+    for step, g in enumerate(grads):
+        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
+        for k in g:
+            expected = -lr * (loops[k].step(g[k]) + wd * np.asarray(params[k]))
+            np.testing.assert_allclose(u[k], expected, rtol=1e-8, atol=1e-12, err_msg=f"step {step}, leaf {k}")
+    assert int(state[0].basis_failures) == 0
+
+
+def test_nan_factor_keeps_previous_basis_and_run_continues():
+    rng = np.random.default_rng(1)
+    tx = oso.scale_by_soap(precondition_frequency=1)
+    params = {"m": jnp.zeros((4, 3))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(2):
+        _, state = update({"m": jnp.asarray(rng.standard_normal((4, 3)))}, state, params)
+    kept = state.bases
+    factors = ((state.factors[0][0].at[0, 0].set(jnp.nan), state.factors[0][1]),)
+    state = state._replace(factors=factors)
+    for step in range(1, 4):
+        u, state = update({"m": jnp.asarray(rng.standard_normal((4, 3)))}, state, params)
+        assert np.all(np.isfinite(u["m"]))
+        assert int(state.basis_failures) == step
+    for q, old in zip(state.bases[0], kept[0]):
+        np.testing.assert_array_equal(q, old)
+
+
+def test_rank_deficient_factors_stay_finite():
+    rng = np.random.default_rng(2)
+    tx = oso.scale_by_soap(precondition_frequency=1)
+    params = {"m": jnp.zeros((6, 4))}
+    state = tx.init(params)
+    for _ in range(4):
+        g = np.outer(rng.standard_normal(6), rng.standard_normal(4))
+        u, state = jax.jit(tx.update)({"m": jnp.asarray(g)}, state, params)
+        assert np.all(np.isfinite(u["m"]))
+    assert int(state.basis_failures) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs,name", [({"b1": 1.0}, "b1"), ({"shampoo_beta": -0.5}, "shampoo_beta"), ({"max_precond_dim": 0}, "max_precond_dim")]
+)
+def test_bad_hyperparameters_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        oso.scale_by_soap(**kwargs)
