@@ -11,5 +11,7 @@ from optax_second_order.curvature import losses
 from optax_second_order.transforms import *  # noqa: F401,F403
 # Last, so that the aliases (e.g. ``oso.shampoo``) win over same-named transforms submodules.
 from optax_second_order.aliases import *  # noqa: F401,F403
+# Registers K-FAC's capture of Flax layers (and makes ``oso.flax`` available).
+import optax_second_order.flax.capture  # noqa: E402,F401
 
 __version__ = "0.1.0"
