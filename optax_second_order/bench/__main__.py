@@ -43,8 +43,10 @@ def _names(text: str, known: Sequence[str], what: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="oso-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "primitives"))
+    parser = argparse.ArgumentParser(
+        prog="oso-bench", description="Benchmark the optimizers (run) or time the curvature primitives (primitives)."
+    )
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "primitives"), help="default: run")
     parser.add_argument("--tasks", default=None, help=f"comma list or 'all' (default: {','.join(DEFAULT_TASKS)})")
     parser.add_argument("--optimizers", default="all", help=f"comma list or 'all'; {REFERENCE} is always added")
     parser.add_argument("--steps", type=int, default=None, help="step budget for every task (default: per task)")
