@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Callable
 
 import optax
 
+import optax_second_order as oso
+
 if TYPE_CHECKING:
     from optax_second_order.bench.tasks import Task
 
@@ -85,3 +87,30 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         description="optax.lbfgs, memory 10, zoom line search on the current batch (scaled by the learning rate)",
     ),
 }
+
+# --- diagonal preconditioners (transforms/diagonal.py) ----------------------------------------------
+OPTIMIZERS["oso-adam"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.adam(learning_rate),
+    learning_rates=(1e-2, 3e-3, 1e-3),
+    description="oso.adam: Adam as the EMA'd squared-gradient (diagonal empirical Fisher) preconditioner; equals optax.adam",
+)
+OPTIMIZERS["oso-adagrad"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.adagrad(learning_rate),
+    learning_rates=(0.3, 0.1, 0.03),
+    description="oso.adagrad: running sum of squared gradients, initial 0.1; equals optax.adagrad",
+)
+OPTIMIZERS["adahessian"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.adahessian(learning_rate),
+    learning_rates=(0.5, 0.15, 0.05),
+    description="AdaHessian, official defaults (betas (0.9, 0.999), eps 1e-4, Hessian power 1, HVP every step), Yao et al. 2021",
+)
+OPTIMIZERS["sophia-g"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.sophia(learning_rate, estimator="gnb", weight_decay=1e-4),
+    learning_rates=(1e-2, 3e-3, 1e-3),
+    description="Sophia-G (GNB diagonal every 10 steps, betas (0.965, 0.99), rho 0.04, weight decay 1e-4), Liu et al. 2023",
+)
+OPTIMIZERS["sophia-h"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.sophia(learning_rate, estimator="hutchinson", weight_decay=1e-4),
+    learning_rates=(1e-2, 3e-3, 1e-3),
+    description="Sophia-H (Hutchinson diagonal every 10 steps, betas (0.965, 0.99), rho 0.04, weight decay 1e-4), Liu et al. 2023",
+)
