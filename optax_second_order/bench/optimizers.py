@@ -88,6 +88,41 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     ),
 }
 
+# --- Kronecker-factored matrix preconditioners (transforms/shampoo.py, transforms/soap.py) ---------------
+OPTIMIZERS["shampoo"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.shampoo(learning_rate, precondition_frequency=10),
+    learning_rates=(1e-2, 3e-3, 1e-3),
+    description="Shampoo, roots every 10 steps, Adam grafting, momentum 0.9, blocks 1024 (Gupta et al. 2018; Anil et al. 2020)",
+)
+OPTIMIZERS["shampoo-f100"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.shampoo(learning_rate, precondition_frequency=100),
+    learning_rates=(1e-2, 3e-3, 1e-3),
+    description="Shampoo as above with roots every 100 steps",
+)
+OPTIMIZERS["soap"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.soap(learning_rate, precondition_frequency=10),
+    learning_rates=(1e-2, 3e-3, 1e-3),
+    description="SOAP, official defaults (betas 0.95, weight decay 0.01, eigenbasis every 10 steps), Vyas et al. 2024",
+)
+
+# --- K-FAC (transforms/kfac.py) --------------------------------------------------------------------
+
+
+def _kfac(learning_rate, task: "Task", **options):
+    """K-FAC on the task's linen module: its Dense/Conv layers captured once, the rest diagonal."""
+    import jax
+
+    inputs = task.eval_batch[0]
+    layers = oso.flax.find_layers(lambda p: task.apply(p, inputs), task.init(jax.random.key(0)))
+    return oso.kfac(learning_rate, layers, **options)
+
+
+OPTIMIZERS["kfac"] = OptimizerSpec(
+    make=lambda learning_rate, task: _kfac(learning_rate, task, inverse_frequency=10),
+    learning_rates=(0.3, 0.1, 0.03),
+    description="K-FAC (true Fisher, factored Tikhonov damping 1e-3, KL clip 1e-3, momentum 0.9, inverses every 10 steps), Martens & Grosse 2015",
+)
+
 # --- diagonal preconditioners (transforms/diagonal.py) ----------------------------------------------
 OPTIMIZERS["oso-adam"] = OptimizerSpec(
     make=lambda learning_rate, task: oso.adam(learning_rate),
