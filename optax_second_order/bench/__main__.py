@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="oso-bench", description="Benchmark the optimizers (run) or time the curvature primitives (primitives)."
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "primitives"), help="default: run")
+    parser.add_argument("command", nargs="?", default="run", choices=("run", "primitives", "shampoo-roots"), help="default: run")
     parser.add_argument("--tasks", default=None, help=f"comma list or 'all' (default: {','.join(DEFAULT_TASKS)})")
     parser.add_argument("--optimizers", default="all", help=f"comma list or 'all'; {REFERENCE} is always added")
     parser.add_argument("--steps", type=int, default=None, help="step budget for every task (default: per task)")
@@ -121,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "primitives":
         primitives.main(args.out, args.repeats, _environment())
+    elif args.command == "shampoo-roots":  # Shampoo's roots on 1 vs 4 host devices
+        from optax_second_order.bench import shampoo_roots
+
+        shampoo_roots.main()
     else:
         run_benchmark(args)
 
