@@ -1,0 +1,161 @@
+"""Output-space losses against direct formulas (optax's losses, squared error by hand), ``jax.hessian``
+of the weighted mean loss, and the statistics of targets sampled from the model (frequencies,
+Gaussian moments, and the exponential-family identity ``E_t[s s^T] = H_L``)."""
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+
+import optax_second_order as oso  # noqa: E402
+
+RNG = np.random.default_rng(0)
+LOGITS = jnp.asarray(RNG.standard_normal((6, 4)))  # 6 examples, 4 classes / outputs
+LABELS = jnp.asarray(RNG.integers(0, 4, 6))
+WEIGHTS = jnp.asarray(RNG.uniform(0.5, 2.0, 6))
+MASK = jnp.array([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+BINARY = jnp.asarray(RNG.integers(0, 2, (6, 4)), jnp.float64)
+REGRESSION = jnp.asarray(RNG.standard_normal((6, 4)))
+
+
+def weighted_mean(per_example, weights):
+    return per_example.mean() if weights is None else jnp.sum(weights * per_example) / jnp.sum(weights)
+
+
+@pytest.mark.parametrize("weights", [None, WEIGHTS, MASK], ids=["unweighted", "weights", "mask"])
+def test_values_match_direct_formulas(weights):
+    one_hot = jax.nn.one_hot(LABELS, 4)
+    cases = [
+        (oso.losses.softmax_cross_entropy(LABELS, weights),
+         optax.softmax_cross_entropy_with_integer_labels(LOGITS, LABELS)),
+        (oso.losses.softmax_cross_entropy(one_hot, weights), optax.softmax_cross_entropy(LOGITS, one_hot)),
+        (oso.losses.sigmoid_binary_cross_entropy(BINARY, weights),
+         optax.sigmoid_binary_cross_entropy(LOGITS, BINARY).sum(-1)),
+        (oso.losses.squared_error(REGRESSION, weights), 0.5 * np.sum((np.asarray(LOGITS - REGRESSION)) ** 2, -1)),
+    ]
+    for loss, per_example in cases:
+        np.testing.assert_allclose(loss.per_example(LOGITS), per_example, rtol=1e-12)
+        np.testing.assert_allclose(loss(LOGITS), weighted_mean(per_example, weights), rtol=1e-12)
+        expected_count = 6.0 if weights is None else np.sum(weights)
+        np.testing.assert_allclose(loss.num_examples(LOGITS), expected_count)
+
+
+def test_event_ndim_and_sequence_shapes():
+    """``event_ndim`` chooses which axes form one example; a (batch, time) mask weighs token examples."""
+    y, t = LOGITS.reshape(2, 3, 4), REGRESSION.reshape(2, 3, 4)
+    elementwise = oso.losses.squared_error(t, event_ndim=0)
+    np.testing.assert_allclose(elementwise(y), 0.5 * np.mean((np.asarray(y - t)) ** 2), rtol=1e-12)
+    per_sequence = oso.losses.squared_error(t, event_ndim=2)
+    assert per_sequence.per_example(y).shape == (2,)
+    np.testing.assert_allclose(per_sequence(y), 0.5 * np.sum((np.asarray(y - t)) ** 2) / 2, rtol=1e-12)
+
+    mask = MASK.reshape(2, 3)
+    tokens = oso.losses.softmax_cross_entropy(LABELS.reshape(2, 3), mask)
+    direct = optax.softmax_cross_entropy_with_integer_labels(y, LABELS.reshape(2, 3))
+    np.testing.assert_allclose(tokens(y), jnp.sum(mask * direct) / jnp.sum(mask), rtol=1e-12)
+
+
+def test_statistics_in_float32_for_low_precision_outputs():
+    loss = oso.losses.softmax_cross_entropy(LABELS)
+    y = LOGITS.astype(jnp.bfloat16)
+    assert loss(y).dtype == jnp.float32
+    assert loss.output_hvp(y, y).dtype == jnp.bfloat16
+
+
+def test_losses_are_pytrees_through_jit():
+    loss = oso.losses.softmax_cross_entropy(LABELS, MASK)
+    assert len(jax.tree.leaves(loss)) == 2
+    np.testing.assert_allclose(jax.jit(lambda loss, y: loss(y))(loss, LOGITS), loss(LOGITS), rtol=1e-12)
+    other = loss.with_targets(jnp.zeros_like(LABELS))
+    assert other.weights is loss.weights and other(LOGITS) != loss(LOGITS)
+
+
+LOSSES = {
+    "softmax-int": oso.losses.softmax_cross_entropy(LABELS, WEIGHTS),
+    "softmax-onehot": oso.losses.softmax_cross_entropy(jax.nn.one_hot(LABELS, 4), MASK),
+    "sigmoid": oso.losses.sigmoid_binary_cross_entropy(BINARY, WEIGHTS),
+    "squared": oso.losses.squared_error(REGRESSION, MASK),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_output_hvp_matches_jax_hessian(name):
+    loss = LOSSES[name]
+    hessian = jax.hessian(loss)(LOGITS)  # (6, 4, 6, 4)
+    v = jnp.asarray(np.random.default_rng(1).standard_normal(LOGITS.shape))
+    np.testing.assert_allclose(loss.output_hvp(LOGITS, v), jnp.tensordot(hessian, v, axes=2), rtol=1e-10, atol=1e-14)
+
+
+def test_per_example_output_grads_closed_form():
+    """``s_i = p_i - onehot(t_i)`` (softmax), ``sigmoid(y_i) - t_i``, ``y_i - t_i``."""
+    expected = {
+        "softmax-int": jax.nn.softmax(LOGITS) - jax.nn.one_hot(LABELS, 4),
+        "softmax-onehot": jax.nn.softmax(LOGITS) - jax.nn.one_hot(LABELS, 4),
+        "sigmoid": jax.nn.sigmoid(LOGITS) - BINARY,
+        "squared": LOGITS - REGRESSION,
+    }
+    for name, loss in LOSSES.items():
+        np.testing.assert_allclose(loss.per_example_output_grad(LOGITS), expected[name], rtol=1e-12, atol=1e-15)
+
+
+NUM_DRAWS = 20_000
+
+
+def draw_targets(loss, seed=0):
+    keys = jax.random.split(jax.random.key(seed), NUM_DRAWS)
+    return np.asarray(jax.jit(jax.vmap(loss.sample_targets, in_axes=(0, None)))(keys, LOGITS))
+
+
+def assert_within_standard_errors(estimate, expected, standard_error, n=4.0):
+    z = np.abs(np.asarray(estimate) - np.asarray(expected)) / np.asarray(standard_error)
+    assert z.max() <= n, f"max |z| = {z.max():.2f}"
+
+
+@pytest.mark.parametrize("name", ["softmax-int", "softmax-onehot"])
+def test_softmax_samples_follow_softmax_probabilities(name):
+    samples = draw_targets(LOSSES[name])
+    one_hot = samples if samples.ndim == 3 else np.eye(4)[samples]
+    if samples.ndim == 3:
+        assert set(np.unique(samples)) <= {0.0, 1.0} and np.all(samples.sum(-1) == 1)
+    else:
+        assert samples.dtype == LABELS.dtype
+    p = np.asarray(jax.nn.softmax(LOGITS))
+    assert_within_standard_errors(one_hot.mean(0), p, np.sqrt(p * (1 - p) / NUM_DRAWS))
+
+
+def test_bernoulli_samples_follow_sigmoid_probabilities():
+    samples = draw_targets(LOSSES["sigmoid"])
+    assert set(np.unique(samples)) == {0.0, 1.0}
+    p = np.asarray(jax.nn.sigmoid(LOGITS))
+    assert_within_standard_errors(samples.mean(0), p, np.sqrt(p * (1 - p) / NUM_DRAWS))
+
+
+def test_gaussian_samples_have_mean_outputs_and_unit_variance():
+    samples = draw_targets(LOSSES["squared"])
+    assert_within_standard_errors(samples.mean(0), LOGITS, np.full(LOGITS.shape, 1 / np.sqrt(NUM_DRAWS)))
+    variance = samples.var(0, ddof=1)
+    assert_within_standard_errors(variance, np.ones(LOGITS.shape), np.full(LOGITS.shape, np.sqrt(2 / NUM_DRAWS)))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_true_output_fisher_equals_output_hessian(name):
+    """``(w_i / W) E_t[s_i s_i^T]`` (``s_i`` the output gradient at sampled targets) equals the blocks
+    of ``output_hvp``'s matrix, and its off-diagonal (cross-example) blocks are zero."""
+    loss = LOSSES[name]
+    basis = jnp.eye(LOGITS.size).reshape(-1, *LOGITS.shape)
+    matrix = jax.vmap(lambda e: loss.output_hvp(LOGITS, e))(basis).reshape(6, 4, 6, 4)
+    blocks = np.einsum("iaib->iab", matrix)
+    off_diagonal = np.asarray(matrix) * (1 - np.eye(6))[:, None, :, None]
+    assert np.all(off_diagonal == 0)
+
+    targets = draw_targets(loss, seed=1)
+    output_grad = jax.vmap(lambda t: loss.with_targets(t).per_example_output_grad(LOGITS))
+    s = np.asarray(jax.jit(output_grad)(targets))  # (draws, 6, 4)
+    w = np.asarray(loss.weights)
+    outer = (w / w.sum())[:, None, None] * np.einsum("kia,kib->kiab", s, s)
+    standard_error = outer.std(0, ddof=1) / np.sqrt(NUM_DRAWS)
+    assert_within_standard_errors(outer.mean(0), blocks, standard_error + 1e-12)
