@@ -227,7 +227,7 @@ def digits_autoencoder() -> Task:
         batches=lambda seed: _minibatches(x, x, 512, seed),
         eval_batch=(jnp.asarray(x), jnp.asarray(x)),
         steps=100,
-        target=25.0,
+        target=20.0,
     )
 
 
