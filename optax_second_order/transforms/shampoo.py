@@ -267,10 +267,13 @@ def scale_by_shampoo(
         grads = [g.astype(dtype) for g in leaves]
         count = state.count
 
-        stats = jax.lax.cond(
-            is_refresh_step(count, statistics_frequency),
-            lambda s: accumulate(s, grads, plan), lambda s: s, state.stats,
-        )
+        if statistics_frequency == 1:
+            stats = accumulate(state.stats, grads, plan)
+        else:
+            stats = jax.lax.cond(
+                is_refresh_step(count, statistics_frequency),
+                lambda s: accumulate(s, grads, plan), lambda s: s, state.stats,
+            )
         roots, failures = jax.lax.cond(
             is_refresh_step(count, precondition_frequency, start),
             lambda s, r: inverse_roots(s, r, plan), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats, state.roots,
