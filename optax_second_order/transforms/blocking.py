@@ -8,8 +8,10 @@ A gradient ``G`` of order ``k`` has one factor per mode ``i``, built from the mo
 * :func:`merge_small_dims`: Anil et al. (2020)'s "best-effort shape interpretation": consecutive
   dimensions are merged while their product stays ``<= max_dim`` (size-1 dimensions disappear), so a
   ``3 x 3 x 64 x 128`` convolution kernel is preconditioned as a ``576 x 128`` matrix;
-* :func:`split_blocks` / :func:`merge_blocks`: dimensions above ``block_size`` are cut into blocks of
-  ``block_size`` (the last one smaller), each block getting its own factors (Anil et al. 2020, sec. 5.1).
+* :func:`to_blocks` / :func:`from_blocks`: dimensions above ``block_size`` are cut into blocks of
+  ``block_size`` (the last one zero-padded), each block getting its own factors (Anil et al. 2020, sec. 5.1);
+  the blocks of a tensor are stacked, so :func:`batched_mode_gram` and :func:`batched_mode_dot` treat them all
+  in one operation.
 
 References: Gupta, Koren & Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization" (2018);
 Anil et al., "Scalable Second Order Optimization for Deep Learning" (2020).
@@ -17,14 +19,16 @@ Anil et al., "Scalable Second Order Optimization for Deep Learning" (2020).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["mode_gram", "mode_dot", "merge_small_dims", "block_grid", "split_blocks", "merge_blocks"]
+__all__ = [
+    "mode_gram", "mode_dot", "merge_small_dims", "block_layout", "to_blocks", "from_blocks", "batched_mode_gram",
+    "batched_mode_dot",
+]
 
 
 def mode_gram(x: jax.Array, axis: int) -> jax.Array:
@@ -58,34 +62,48 @@ def merge_small_dims(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
     return tuple(merged)
 
 
-def _bounds(dim: int, block_size: int) -> list[slice]:
-    return [slice(s, min(s + block_size, dim)) for s in range(0, dim, block_size)]
+def block_layout(shape: Sequence[int], block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(counts, block_shape)``: a dimension above ``block_size`` is cut into ``ceil(d / block_size)``
+    blocks of ``block_size`` (the last one zero-padded); a smaller one is a single block of its own size."""
+    counts = tuple(math.ceil(d / block_size) if d > block_size else 1 for d in shape)
+    return counts, tuple(min(d, block_size) for d in shape)
 
 
-def block_grid(shape: Sequence[int], block_size: int) -> list[tuple[slice, ...]]:
-    """The blocks of a tensor of ``shape``, row-major: every dimension cut every ``block_size``."""
-    return list(itertools.product(*(_bounds(d, block_size) for d in shape)))
+def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
+    """The blocks of ``x`` stacked along a new leading axis (row-major block order), ``[n, *block_shape]``.
+
+    A zero-padded last block changes no Kronecker factor's action on the real entries: its factor is
+    ``diag(S, 0)``, whose root is ``diag(S_root, delta^{-1/p} I)``, and the padded rows multiply zeros.
+    """
+    counts, bshape = block_layout(x.shape, block_size)
+    x = jnp.pad(x, [(0, c * b - d) for d, c, b in zip(x.shape, counts, bshape)])
+    x = x.reshape([v for c, b in zip(counts, bshape) for v in (c, b)])
+    k = len(bshape)
+    x = x.transpose([2 * i for i in range(k)] + [2 * i + 1 for i in range(k)])
+    return x.reshape((-1, *bshape))
 
 
-def block_shape(block: tuple[slice, ...]) -> tuple[int, ...]:
-    """The shape of one block of :func:`block_grid`."""
-    return tuple(s.stop - s.start for s in block)
+def from_blocks(blocks: jax.Array, shape: Sequence[int], block_size: int) -> jax.Array:
+    """Inverse of :func:`to_blocks`."""
+    counts, bshape = block_layout(shape, block_size)
+    k = len(bshape)
+    x = blocks.reshape((*counts, *bshape))
+    x = x.transpose([v for i in range(k) for v in (i, k + i)])
+    x = x.reshape([c * b for c, b in zip(counts, bshape)])
+    return x[tuple(slice(0, d) for d in shape)]
 
 
-def split_blocks(x: jax.Array, block_size: int) -> list[jax.Array]:
-    """The blocks of ``x`` in :func:`block_grid` order."""
-    return [x[block] for block in block_grid(x.shape, block_size)]
+def batched_mode_gram(blocks: jax.Array, axis: int) -> jax.Array:
+    """:func:`mode_gram` of every block of a ``[n, ...]`` stack along block axis ``axis``: ``[n, d, d]``."""
+    others = tuple(a for a in range(1, blocks.ndim) if a != axis + 1)
+    return jax.lax.dot_general(
+        blocks, blocks, ((others, others), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST
+    )
 
 
-def merge_blocks(blocks: Sequence[jax.Array], shape: Sequence[int], block_size: int) -> jax.Array:
-    """Inverse of :func:`split_blocks`."""
-    grid = block_grid(shape, block_size)
-    if len(grid) == 1:
-        return blocks[0]
-    counts = [math.ceil(d / block_size) for d in shape]
-    # Concatenate along the last axis first, then outwards (row-major grid order).
-    tiles: list = list(blocks)
-    for axis in reversed(range(len(shape))):
-        n = counts[axis]
-        tiles = [jnp.concatenate(tiles[i : i + n], axis=axis) for i in range(0, len(tiles), n)]
-    return tiles[0]
+def batched_mode_dot(blocks: jax.Array, matrices: jax.Array, axis: int) -> jax.Array:
+    """:func:`mode_dot` of every block with its own matrix (``matrices`` is ``[n, d, d]``)."""
+    y = jax.lax.dot_general(
+        blocks, matrices, (((axis + 1,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST
+    )
+    return jnp.moveaxis(y, -1, axis + 1)

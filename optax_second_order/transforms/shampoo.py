@@ -79,14 +79,14 @@ class ShampooState(NamedTuple):
 
 
 class _Factor(NamedTuple):
-    group: int
-    index: int
+    group: int  # which stack
+    offset: int  # the leaf's blocks' factors for this mode are stack[offset : offset + num_blocks]
 
 
 class _LeafPlan(NamedTuple):
     shape: tuple[int, ...]  # merged shape
-    blocks: tuple[tuple[slice, ...], ...]
-    factors: tuple[tuple[_Factor, ...], ...]  # per block, per mode
+    num_blocks: int
+    factors: tuple[_Factor, ...]  # one per mode
 
 
 class _Plan(NamedTuple):
@@ -106,18 +106,16 @@ def _make_plan(shapes, block_size, merge_dims, max_dim, exponent_override) -> _P
             leaves.append(None)
             continue
         p = float(exponent_override or 2 * len(merged))
-        grid = blocking.block_grid(merged, block_size)
+        counts, block_shape = blocking.block_layout(merged, block_size)
+        num_blocks = math.prod(counts)
         factors = []
-        for block in grid:
-            block_factors = []
-            for d in blocking.block_shape(block):
-                gid = group_ids.setdefault((d, p), len(group_ids))
-                if gid == len(sizes):
-                    sizes.append(0)
-                block_factors.append(_Factor(gid, sizes[gid]))
-                sizes[gid] += 1
-            factors.append(tuple(block_factors))
-        leaves.append(_LeafPlan(merged, tuple(grid), tuple(factors)))
+        for d in block_shape:
+            gid = group_ids.setdefault((d, p), len(group_ids))
+            if gid == len(sizes):
+                sizes.append(0)
+            factors.append(_Factor(gid, sizes[gid]))
+            sizes[gid] += num_blocks
+        leaves.append(_LeafPlan(merged, num_blocks, tuple(factors)))
     return _Plan(tuple(leaves), tuple(group_ids), tuple(sizes))
 
 
@@ -125,17 +123,16 @@ def _stats_dtype(leaves) -> jnp.dtype:
     return functools.reduce(jnp.promote_types, [stat_dtype(x.dtype) for x in leaves], jnp.float32)
 
 
-def _factor_statistics(grads, plan: _Plan) -> tuple[jax.Array, ...]:
+def _factor_statistics(grads, plan: _Plan, block_size: int) -> tuple[jax.Array, ...]:
     """``G_(i) G_(i)^T`` of every block and mode, stacked in plan order."""
     per_group: list[list[jax.Array]] = [[] for _ in plan.groups]
     for g, leaf in zip(grads, plan.leaves):
         if leaf is None:
             continue
-        x = g.reshape(leaf.shape)
-        for block, factors in zip(leaf.blocks, leaf.factors):
-            for mode, f in enumerate(factors):
-                per_group[f.group].append(blocking.mode_gram(x[block], mode))
-    return tuple(jnp.stack(c) for c in per_group)
+        blocks = blocking.to_blocks(g.reshape(leaf.shape), block_size)
+        for mode, f in enumerate(leaf.factors):
+            per_group[f.group].append(blocking.batched_mode_gram(blocks, mode))
+    return tuple(jnp.concatenate(c) for c in per_group)
 
 
 def _sharded(fn, stack: jax.Array, mesh: Mesh | None, axes: tuple[str, ...]):
@@ -153,8 +150,11 @@ def _sharded(fn, stack: jax.Array, mesh: Mesh | None, axes: tuple[str, ...]):
 
 
 def _graft(direction: jax.Array, graft: jax.Array) -> jax.Array:
-    """``direction`` rescaled to the Frobenius norm of ``graft`` (Anil et al. 2020, sec. 4.1)."""
-    return direction * (jnp.linalg.norm(graft) / (jnp.linalg.norm(direction) + 1e-16))
+    """Each block of ``direction`` rescaled to the Frobenius norm of the same block of ``graft``
+    (Anil et al. 2020, sec. 4.1); blocks along the leading axis."""
+    axes = tuple(range(1, direction.ndim))
+    norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))  # noqa: E731
+    return direction * (norm(graft) / (norm(direction) + 1e-16))
 
 
 def scale_by_shampoo(
@@ -219,7 +219,7 @@ def scale_by_shampoo(
         return ShampooState(jnp.zeros((), jnp.int32), stats, roots, diagonal, jnp.zeros((), jnp.int32))
 
     def accumulate(stats, grads, plan):
-        new = _factor_statistics(grads, plan)
+        new = _factor_statistics(grads, plan, block_size)
         if beta2 == 1.0:
             return tuple(h + c for h, c in zip(stats, new))
         return tuple(beta2 * h + (1.0 - beta2) * c for h, c in zip(stats, new))
@@ -250,15 +250,13 @@ def scale_by_shampoo(
         return g if rule == "sgd" else None
 
     def precondition(g, roots, leaf: _LeafPlan, graft):
-        x = g.reshape(leaf.shape)
-        graft = None if graft is None else graft.reshape(leaf.shape)
-        out = []
-        for block, factors in zip(leaf.blocks, leaf.factors):
-            direction = x[block]
-            for mode, f in enumerate(factors):
-                direction = blocking.mode_dot(direction, roots[f.group][f.index], mode)
-            out.append(direction if graft is None else _graft(direction, graft[block]))
-        return blocking.merge_blocks(out, leaf.shape, block_size).reshape(g.shape)
+        blocks = blocking.to_blocks(g.reshape(leaf.shape), block_size)
+        for mode, f in enumerate(leaf.factors):
+            block_roots = jax.lax.dynamic_slice_in_dim(roots[f.group], f.offset, leaf.num_blocks)
+            blocks = blocking.batched_mode_dot(blocks, block_roots, mode)
+        if graft is not None:
+            blocks = _graft(blocks, blocking.to_blocks(graft.reshape(leaf.shape), block_size))
+        return blocking.from_blocks(blocks, leaf.shape, block_size).reshape(g.shape)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
