@@ -1,7 +1,8 @@
 """Shampoo: one Kronecker factor per tensor mode, inverse roots every few steps, grafted step size.
 
 For a gradient ``G`` of order ``k`` (after merging small dimensions and cutting dimensions above
-``block_size`` into blocks, each block with its own factors), Gupta, Koren & Singer (2018, Alg. 2) keep
+``block_size`` into blocks, the last one zero-padded, each block with its own factors; see
+:mod:`~optax_second_order.transforms.blocking`), Gupta, Koren & Singer (2018, Alg. 2) keep
 per mode ``i`` the statistic
 
     H_i <- beta2 H_i + (1 - beta2) G_(i) G_(i)^T       (beta2 < 1; beta2 = 1: H_i <- H_i + G_(i) G_(i)^T, the paper)
@@ -16,7 +17,8 @@ the AlgoPerf external-tuning track):
 * roots ``(H + delta I)^{-1/p}``, ``delta = eps + relative_eps * lambda_max``, from
   :func:`~optax_second_order.curvature.matrix.inverse_pth_root` (eigh, exact for every ``p``) every
   ``precondition_frequency`` steps from ``start_preconditioning_step``, statistics every
-  ``statistics_frequency`` steps, both under ``jax.lax.cond`` inside the compiled step;
+  ``statistics_frequency`` steps, both under ``jax.lax.cond`` inside the compiled step (the statistics
+  without one when they are taken every step);
 * a root that comes out non-finite keeps the previous one; ``state.root_failures`` counts these;
 * grafting: the step keeps Shampoo's direction and takes its norm, block by block, from a diagonal
   method ``D`` (``"sgd"``: ``D = G``; ``"adagrad"``, ``"rmsprop"``, ``"adam"``: ``D = G / (sqrt(v) + eps)``
