@@ -95,7 +95,7 @@ def lanczos(matvec: Callable[[PyTree], PyTree], v0: PyTree, num_iterations: int)
     """The ``m x m`` Lanczos tridiagonal matrix ``T = V^T A V`` of a symmetric operator, started at ``v0``.
 
     ``V``'s columns are an orthonormal basis of the Krylov space ``span{v0, A v0, ..., A^{m-1} v0}``
-    (fully reorthogonalized; restarted if the space becomes invariant), ``v0`` is normalized here,
+    (fully reorthogonalized; restarted if the space becomes invariant), ``v0`` (nonzero) is normalized here,
     and ``m = min(num_iterations, size(v0))``. ``eigvalsh(T)`` are the Ritz values; for unit ``v0``,
     ``v0^T f(A) v0 ~ e_1^T f(T) e_1`` (Gauss quadrature, exact for polynomials of degree < 2m).
     """
@@ -211,7 +211,8 @@ def operator_spectral_density(
     """
     if num_probes < 1 or num_iterations < 1:
         raise ValueError(
-            f"spectral_density: num_probes and num_iterations must be >= 1, got {num_probes}, {num_iterations}"
+            "operator_spectral_density: num_probes and num_iterations must be >= 1, "
+            f"got {num_probes} and {num_iterations}"
         )
     matvec_flat, n, dtype = _flat_operator(matvec, params)
     m = min(num_iterations, n)
