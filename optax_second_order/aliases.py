@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 from optax_second_order.curvature.kronecker import Layers
@@ -197,6 +198,7 @@ def kfac(
     inverse_frequency: int = 10,
     fisher: str = "true",
     seed: int = 0,
+    inverse_sharding: jax.sharding.Sharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: KL-clipped natural gradient, heavy-ball ``momentum`` on it, decoupled ``weight_decay``.
 
@@ -216,6 +218,7 @@ def kfac(
             learning_rate=learning_rate,
             fisher=fisher,
             seed=seed,
+            inverse_sharding=inverse_sharding,
         ),
         optax.trace(momentum),
         optax.add_decayed_weights(weight_decay),

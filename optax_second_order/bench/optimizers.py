@@ -120,9 +120,9 @@ def _kfac(learning_rate, task: "Task", **options):
 
 
 OPTIMIZERS["kfac"] = OptimizerSpec(
-    make=lambda learning_rate, task: _kfac(learning_rate, task, inverse_frequency=10),
+    make=lambda learning_rate, task: _kfac(learning_rate, task, damping=0.1, kl_clip=1e-2, inverse_frequency=10),
     learning_rates=(0.3, 0.1, 0.03),
-    description="K-FAC (true Fisher, factored Tikhonov damping 1e-3, KL clip 1e-3, momentum 0.9, inverses every 10 steps), Martens & Grosse 2015",
+    description="K-FAC (true Fisher, factored Tikhonov damping 0.1, KL clip 1e-2, momentum 0.9, inverses every 10 steps), Martens & Grosse 2015",
 )
 
 # --- diagonal preconditioners (transforms/diagonal.py) ----------------------------------------------

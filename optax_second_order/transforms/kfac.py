@@ -100,6 +100,28 @@ def _keep_if_bad(old, new):
     return jax.tree.map(lambda o, n: jnp.where(ok, n, o), old, new), (~ok).astype(jnp.int32)
 
 
+def _stacked_eigh(matrices: list[jax.Array], sharding: jax.sharding.Sharding | None) -> list:
+    """``eigh_psd`` of every matrix, batched over equal shapes; each batch spread over ``sharding``'s devices.
+
+    A batch is padded with identity matrices to a multiple of the number of devices and constrained to
+    ``sharding`` (leading axis split), so each device decomposes its share of the layers' factors.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(matrices):
+        groups.setdefault((m.shape, m.dtype), []).append(i)
+    results: list = [None] * len(matrices)
+    for (shape, dtype), indices in groups.items():
+        stack = jnp.stack([matrices[i] for i in indices])
+        if sharding is not None:
+            padding = -len(indices) % len(sharding.device_set)
+            stack = jnp.concatenate([stack, jnp.broadcast_to(jnp.eye(shape[0], dtype=dtype), (padding,) + shape)])
+            stack = jax.lax.with_sharding_constraint(stack, sharding)
+        eigenvalues, eigenvectors = eigh_psd(stack)
+        for j, i in enumerate(indices):
+            results[i] = (eigenvalues[j], eigenvectors[j])
+    return results
+
+
 def scale_by_kfac(
     layers: kronecker.Layers,
     *,
@@ -112,6 +134,7 @@ def scale_by_kfac(
     learning_rate: optax.ScalarOrSchedule | None = None,
     fisher: str = "true",
     seed: int = 0,
+    inverse_sharding: jax.sharding.Sharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC preconditioning of the gradient (see the module docstring for the math).
 
@@ -127,6 +150,10 @@ def scale_by_kfac(
       learning_rate: the learning rate the update will be scaled by (float or schedule), for KL clipping.
       fisher: ``"true"`` (targets sampled from the model) or ``"empirical"`` (the data's targets).
       seed: PRNG seed for the sampled targets.
+      inverse_sharding: optional sharding of a stack of factors along its leading (layer) axis, e.g.
+        ``NamedSharding(mesh, PartitionSpec("data"))``: the eigendecompositions are then spread over its
+        devices instead of all running on each one. (The factors themselves are global-batch factors
+        under ``jax.jit`` with a sharded batch without any option: XLA inserts the reductions.)
 
     ``update(grads, state, params, model_fn=..., loss=...)`` needs ``model_fn`` (params -> outputs, the
     same function ``find_layers`` traced, on the current batch) and ``loss``.
@@ -166,9 +193,11 @@ def scale_by_kfac(
         return tuple(new_factors), tuple(new_diagonal), state.num_statistics + 1, bad
 
     def update_eigenbases(factors, eigenbases, nonfinite):
+        matrices = [m for pair in factors for m in pair]
+        decompositions = _stacked_eigh(matrices, inverse_sharding)
         new, bad = [], nonfinite
-        for (a, g), old in zip(factors, eigenbases):
-            decomposition, was_bad = _keep_if_bad(old, (eigh_psd(a), eigh_psd(g)))
+        for i, old in enumerate(eigenbases):
+            decomposition, was_bad = _keep_if_bad(old, (decompositions[2 * i], decompositions[2 * i + 1]))
             new.append(decomposition)
             bad = bad + was_bad
         return tuple(new), bad
