@@ -26,8 +26,9 @@ determined to about ``u * lambda_max``. Eigenvalues taken as Rayleigh quotients 
 cut the CPU ``eigh`` error up to 10x; measured at ``n = 32`` (geometric, linear and two-cluster
 spectra): ``<= 2e-5`` for all ``p`` at condition number 1e3; at 1e4, ``<= 8e-5`` for ``p >= 2``
 but ``1.5e-4`` for ``p = 1``, and the error grows with ``n`` (``n = 128``, geometric spectrum,
-cond 1e4: ``1.5e-3`` for ``p = 1``, ``2.2e-4`` for ``p = 4``). Damp (``eps``, ``relative_eps``)
-or use float64 input where that matters.
+cond 1e4: ``1.5e-3`` for ``p = 1``, ``2.2e-4`` for ``p = 4``). A float32 Newton step
+``X (p + 1 - X^p M) / p`` did not help (its residual is itself rounded at ``cond * u``). Damp
+(``eps``, ``relative_eps``) or use float64 input where that matters.
 
 References: Higham, *Functions of Matrices* (2008), ch. 6-7; Gupta, Koren & Singer, "Shampoo" (2018);
 Anil et al., "Scalable second order optimization for deep learning" (2020).
