@@ -5,7 +5,7 @@ over seeds (a diverged run counts as ``inf``). Its row reports that mean final l
 of the steps and seconds to the target loss (resolved to the evaluation interval; ``n/k`` marks that only
 ``n`` of ``k`` seeds reached it), the mean held-out accuracy, and the step time: the median, over all of the
 optimizer's runs on the task, of each run's median step time, also as a ratio to the reference optimizer's
-(``adam``) measured in the same run.
+(``adam``) measured in the same run, and the mean step time over those runs (amortized work included).
 
 The target loss of a task is, by ``target``:
 
@@ -47,6 +47,7 @@ class Row:
     accuracy: float | None
     step_time: float
     step_time_ratio: float | None
+    mean_step_time: float
 
 
 def _by(results: Sequence[RunResult], *keys: str) -> dict[tuple, list[RunResult]]:
@@ -111,6 +112,7 @@ def summarize(results: Sequence[RunResult], targets: dict[str, float | None]) ->
                     accuracy=float(np.mean(accuracies)) if accuracies else None,
                     step_time=step_time,
                     step_time_ratio=step_time / reference if reference else None,
+                    mean_step_time=float(np.mean([r.mean_step_time for r in task_runs if r.optimizer == optimizer])),
                 )
             )
         summary[task] = rows
@@ -133,14 +135,16 @@ def markdown(summary: dict[str, list[Row]], tasks: Sequence[Task], targets: dict
     for task, rows in summary.items():
         lines += [f"## {task}", "", descriptions.get(task, ""), "", f"Target loss: {_fmt(targets.get(task), '.4g')}", ""]
         lines += [
-            f"| optimizer | best lr | final loss | steps to target | s to target | held-out acc | step ms | x {REFERENCE} |",
-            "|---|---|---|---|---|---|---|---|",
+            f"| optimizer | best lr | final loss | steps to target | s to target | held-out acc | step ms | x {REFERENCE} "
+            "| mean step ms |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             lines.append(
                 f"| {row.optimizer} | {row.learning_rate:g} | {_fmt(row.final_loss, '.4g')} "
                 f"| {_to_target(row.steps_to_target, row, '.0f')} | {_to_target(row.seconds_to_target, row, '.2f')} "
-                f"| {_fmt(row.accuracy, '.3f')} | {_fmt(1e3 * row.step_time, '.2f')} | {_fmt(row.step_time_ratio, '.2f')} |"
+                f"| {_fmt(row.accuracy, '.3f')} | {_fmt(1e3 * row.step_time, '.2f')} | {_fmt(row.step_time_ratio, '.2f')} "
+                f"| {_fmt(1e3 * row.mean_step_time, '.2f')} |"
             )
         lines.append("")
     return "\n".join(lines)

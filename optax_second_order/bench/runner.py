@@ -12,7 +12,8 @@ Protocol, for every run:
    optimizer that cannot take a traced learning rate is compiled once per learning rate instead). Compile
    time is recorded, not counted. Every step is timed
       with ``jax.block_until_ready``; the batch is fetched before the clock starts. ``seconds`` is the sum of
-   the timed steps, ``step_time`` their median.
+   the timed steps, ``step_time`` their median and ``mean_step_time`` their mean (which, unlike the median,
+   includes amortized work such as a root computed every 10 steps).
 4. The loss on ``task.eval_batch`` (the fixed batch the task reports on) is measured at step 0, every
    ``eval_every`` steps and at the end, outside the clock. A non-finite loss stops the run (``diverged``).
 """
@@ -48,6 +49,7 @@ class RunResult:
     final_loss: float
     accuracy: float | None
     step_time: float
+    mean_step_time: float
     compile_time: float
     diverged: bool
 
@@ -180,6 +182,7 @@ def run_one(
         final_loss=float("inf") if diverged else curve_losses[-1],
         accuracy=None if diverged else evaluator.accuracy(params),
         step_time=float(np.median(step_times)) if step_times else float("nan"),
+        mean_step_time=float(np.mean(step_times)) if step_times else float("nan"),
         compile_time=compile_time,
         diverged=diverged,
     )

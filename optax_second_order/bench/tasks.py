@@ -235,7 +235,7 @@ def digits_mlp() -> Task:
     x, y = _digits()
     return _classifier(
         "digits-mlp", "digits 64-256-256-10 tanh MLP, softmax CE, batch 128, accuracy on the last 297",
-        MLP((256, 256, 10)), x, y, train_size=1500, batch_size=128, steps=200, target=0.05,
+        MLP((256, 256, 10)), x, y, train_size=1500, batch_size=128, steps=100, target=0.05,
     )
 
 
