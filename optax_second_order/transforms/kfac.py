@@ -12,8 +12,9 @@ update is the damped natural gradient
   ``A = Q_A diag(a) Q_A^T``, ``G = Q_G diag(g) Q_G^T``:
   ``Q_A [(Q_A^T V Q_G) / (a g^T + lambda)] Q_G^T``.
 
-Both use the eigendecompositions, recomputed every ``inverse_frequency`` steps (so a changing ``lambda``
-needs no new decomposition). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
+Every ``inverse_frequency`` steps the factors are eigendecomposed (batched per size, optionally spread
+over devices); the factored mode keeps the two damped inverses (two matrix products per step), the exact
+mode the eigenbases (four). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
 ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
 ``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets
 sampled from the model (``fisher="true"``, the default) or the data's targets (``"empirical"``).
@@ -21,12 +22,13 @@ Parameters no layer captured fall back to a diagonal Fisher ``d`` (EMA of the sq
 same pass): ``v = grad / (d + lambda)``.
 
 KL clipping (Ba, Grosse & Martens 2017): the natural gradient ``v`` is scaled by
-``nu = min(1, sqrt(kl_clip / (lr^2 v^T F v)))``, ``F`` the Kronecker (and diagonal) approximation at the
-last decomposition, so that ``lr^2 v^T F v <= kl_clip``. Momentum and weight decay are applied by
+``nu = min(1, sqrt(kl_clip / (lr^2 v^T F~ v)))``, ``F~`` the damped Kronecker (and diagonal) approximation
+that defines ``v = F~^{-1} grad``, so ``v^T F~ v = v . grad`` costs no matrix product, and
+``lr^2 v^T F~ v <= kl_clip``; since ``F~ >= F`` (the undamped approximation) the bound holds for ``F`` too. Momentum and weight decay are applied by
 :func:`~optax_second_order.kfac` after this transformation.
 
 A statistics or decomposition result that is non-finite is discarded (the previous factors and
-eigenbases are kept) and counted in ``state.nonfinite``.
+preconditioners are kept) and counted in ``state.nonfinite``.
 
 Defaults: ``ema_decay=0.95`` (Martens & Grosse 2015, section 5), ``damping=1e-3`` and
 ``kl_clip=1e-3`` (the K-FAC PyTorch implementation of Wang et al. used by many follow-ups),
@@ -57,7 +59,7 @@ class KFACState(NamedTuple):
     count: jax.Array  # int32, completed updates
     key: jax.Array
     factors: tuple  # ((A, G), ...) exponential moving averages
-    eigenbases: tuple  # (((a, Q_A), (g, Q_G)), ...) at the last decomposition
+    preconditioners: tuple  # factored: ((P_A, P_G), ...) damped factor inverses; exact: (((a, Q_A), (g, Q_G)), ...)
     diagonal: tuple  # diagonal Fisher of the fallback parameters
     num_statistics: jax.Array  # int32, statistics updates so far
     nonfinite: jax.Array  # int32, discarded non-finite statistics or decompositions
@@ -170,12 +172,15 @@ def scale_by_kfac(
             return jnp.ones(n, stat_dtype(leaves[name].dtype)), identity(n, name)
 
         factors = tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
-        eigenbases = tuple(
-            (eigen_identity(l.input_dim, l.kernel), eigen_identity(l.output_dim, l.kernel)) for l in layers.layers
-        )
+        if damping_mode == "factored":
+            preconditioners = factors
+        else:
+            preconditioners = tuple(
+                (eigen_identity(l.input_dim, l.kernel), eigen_identity(l.output_dim, l.kernel)) for l in layers.layers
+            )
         diagonal = tuple(jnp.ones(jnp.shape(leaves[name]), stat_dtype(leaves[name].dtype)) for name in layers.fallback)
         zero = jnp.zeros([], jnp.int32)
-        return KFACState(zero, jax.random.key(seed), factors, eigenbases, diagonal, zero, zero)
+        return KFACState(zero, jax.random.key(seed), factors, preconditioners, diagonal, zero, zero)
 
     def update_statistics(state, params, model_fn, loss, key):
         key = key if fisher == "true" else None
@@ -192,46 +197,51 @@ def scale_by_kfac(
             bad = bad + was_bad
         return tuple(new_factors), tuple(new_diagonal), state.num_statistics + 1, bad
 
-    def update_eigenbases(factors, eigenbases, nonfinite):
-        matrices = [m for pair in factors for m in pair]
-        decompositions = _stacked_eigh(matrices, inverse_sharding)
+    def update_preconditioners(factors, preconditioners, nonfinite):
+        decompositions = _stacked_eigh([m for pair in factors for m in pair], inverse_sharding)
         new, bad = [], nonfinite
-        for i, old in enumerate(eigenbases):
-            decomposition, was_bad = _keep_if_bad(old, (decompositions[2 * i], decompositions[2 * i + 1]))
-            new.append(decomposition)
+        for i, old in enumerate(preconditioners):
+            (a, q_a), (g, q_g) = decompositions[2 * i], decompositions[2 * i + 1]
+            if damping_mode == "factored":
+                pi = jnp.sqrt((jnp.mean(a) + 1e-30) / (jnp.mean(g) + 1e-30))
+                inverse_a = (q_a / (a + pi * jnp.sqrt(damping))) @ q_a.T
+                inverse_g = (q_g / (g + jnp.sqrt(damping) / pi)) @ q_g.T
+                candidate = (inverse_a, inverse_g)
+            else:
+                candidate = ((a, q_a), (g, q_g))
+            preconditioner, was_bad = _keep_if_bad(old, candidate)
+            new.append(preconditioner)
             bad = bad + was_bad
         return tuple(new), bad
 
-    def natural_gradient(grads, eigenbases, diagonal, lam):
-        """``v`` per layer / fallback parameter, and ``v^T F v`` from the decompositions and diagonal."""
+    def precondition_layer(v, preconditioner):
+        if damping_mode == "factored":
+            inverse_a, inverse_g = preconditioner
+            return inverse_a @ v.astype(inverse_a.dtype) @ inverse_g
+        (a, q_a), (g, q_g) = preconditioner
+        rotated = q_a.T @ v.astype(q_a.dtype) @ q_g
+        return q_a @ (rotated / (jnp.outer(a, g) + damping)) @ q_g.T
+
+    def natural_gradient(grads, preconditioners, diagonal):
+        """``v = F~^{-1} grad`` per layer (Kronecker) and per fallback parameter (diagonal)."""
         leaves, treedef = _leaves_by_name(grads)
         out = dict(leaves)
-        v_f_v = jnp.zeros([], jnp.float32)
-        for layer, ((a, q_a), (g, q_g)) in zip(layers.layers, eigenbases):
+        for layer, preconditioner in zip(layers.layers, preconditioners):
             bias = leaves[layer.bias] if layer.bias else None
-            v = kronecker.kernel_matrix(layer, leaves[layer.kernel], bias).astype(q_a.dtype)
-            v_rotated = q_a.T @ v @ q_g
-            if damping_mode == "factored":
-                pi = jnp.sqrt((jnp.mean(a) + 1e-30) / (jnp.mean(g) + 1e-30))
-                denominator = jnp.outer(a + pi * jnp.sqrt(lam), g + jnp.sqrt(lam) / pi)
-            else:
-                denominator = jnp.outer(a, g) + lam
-            v_rotated = v_rotated / denominator
-            v_f_v = v_f_v + jnp.sum(jnp.square(v_rotated) * jnp.outer(a, g))
-            kernel, bias = kronecker.split_kernel_matrix(layer, q_a @ v_rotated @ q_g.T)
-            out[layer.kernel] = kernel
+            v = precondition_layer(kronecker.kernel_matrix(layer, leaves[layer.kernel], bias), preconditioner)
+            out[layer.kernel], bias = kronecker.split_kernel_matrix(layer, v)
             if layer.bias:
                 out[layer.bias] = bias
         for name, d in zip(layers.fallback, diagonal):
-            v = leaves[name].astype(d.dtype) / (d + lam)
-            v_f_v = v_f_v + jnp.sum(d * jnp.square(v))
-            out[name] = v
-        flat = [out[jax.tree_util.keystr(path)].astype(leaf.dtype) for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]]
-        return jax.tree_util.tree_unflatten(treedef, flat), v_f_v
+            out[name] = leaves[name].astype(d.dtype) / (d + damping)
+        flat = [out[jax.tree_util.keystr(path)] for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
+        return jax.tree_util.tree_unflatten(treedef, flat)
 
-    def kl_scale(v_f_v, count):
+    def kl_scale(v, grads, count):
+        """``min(1, sqrt(kl_clip / (lr^2 v^T F~ v)))`` with ``v^T F~ v = v . grad`` since ``F~ v = grad``."""
         lr = learning_rate(count) if callable(learning_rate) else learning_rate
-        return jnp.minimum(1.0, jnp.sqrt(kl_clip / (jnp.square(lr) * v_f_v + 1e-30)))
+        v_f_v = sum(jnp.vdot(x, g.astype(x.dtype)) for x, g in zip(jax.tree.leaves(v), jax.tree.leaves(grads)))
+        return jnp.minimum(1.0, jnp.sqrt(kl_clip / (jnp.square(lr) * jnp.maximum(v_f_v, 0.0) + 1e-30)))
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, NAME)
@@ -244,16 +254,17 @@ def scale_by_kfac(
             lambda: update_statistics(state, params, model_fn, loss, stats_key),
             lambda: (state.factors, state.diagonal, state.num_statistics, state.nonfinite),
         )
-        eigenbases, nonfinite = jax.lax.cond(
+        preconditioners, nonfinite = jax.lax.cond(
             is_refresh_step(state.count, inverse_frequency),
-            lambda: update_eigenbases(factors, state.eigenbases, nonfinite),
-            lambda: (state.eigenbases, nonfinite),
+            lambda: update_preconditioners(factors, state.preconditioners, nonfinite),
+            lambda: (state.preconditioners, nonfinite),
         )
-        updates, v_f_v = natural_gradient(updates, eigenbases, diagonal, damping)
+        v = natural_gradient(updates, preconditioners, diagonal)
         if kl_clip is not None:
-            nu = kl_scale(v_f_v, state.count)
-            updates = jax.tree.map(lambda u: (nu * u).astype(u.dtype), updates)
-        new_state = KFACState(state.count + 1, key, factors, eigenbases, diagonal, num_statistics, nonfinite)
+            nu = kl_scale(v, updates, state.count)
+            v = jax.tree.map(lambda x: nu * x, v)
+        updates = jax.tree.map(lambda x, g: x.astype(g.dtype), v, updates)
+        new_state = KFACState(state.count + 1, key, factors, preconditioners, diagonal, num_statistics, nonfinite)
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
