@@ -98,6 +98,7 @@ def _named_error_for_value_fn(learning_rate):
 BROKEN = [
     ("missing_extra", ContractCase("unnamed_error", _unnamed_error, needs=("value_fn",))),
     ("missing_extra", ContractCase("undeclared", _named_error_for_value_fn, needs=())),
+    ("missing_extra", ContractCase("misnamed", _named_error_for_value_fn, needs=("value_fn",))),
     ("inject_hyperparams", ContractCase("ignores_lr", _ignores_learning_rate)),
     ("bf16", ContractCase("float32_updates", _float32_updates)),
     ("leaves", ContractCase("skips_scalars", _skips_scalars)),
