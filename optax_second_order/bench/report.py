@@ -196,17 +196,18 @@ def plot(results: Sequence[RunResult], task: str, path: str, target: float | Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 4.2))
     optimizers = dict.fromkeys(r.optimizer for r in results if r.task == task)
     log_scale = all(l >= 0 for r in results if r.task == task for l in r.losses if math.isfinite(l))
-    for optimizer in optimizers:
+    for i, optimizer in enumerate(optimizers):
         runs = best_runs(results, task, optimizer)
         steps, seconds, losses = _mean_curve(runs)
         if log_scale:
             losses = np.maximum(losses, _LOG_FLOOR)
         label = f"{optimizer} (lr={runs[0].learning_rate:g}{', diverged' if all(r.diverged for r in runs) else ''})"
-        by_step.plot(steps, losses, label=label)
-        by_time.plot(seconds, losses, label=label)
+        style = ("-", "--", ":")[i // 10 % 3]  # the 10 default colours, then the next line style
+        by_step.plot(steps, losses, style, label=label)
+        by_time.plot(seconds, losses, style, label=label)
     for ax, xlabel in ((by_step, "step"), (by_time, "seconds (timed steps)")):
         if target is not None and math.isfinite(target):
             ax.axhline(target, color="gray", linestyle=":", linewidth=1)
@@ -215,7 +216,7 @@ def plot(results: Sequence[RunResult], task: str, path: str, target: float | Non
         if log_scale:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    by_step.legend(fontsize=7)
+    by_time.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(task)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
