@@ -2,6 +2,8 @@
 of the weighted mean loss, and the statistics of targets sampled from the model (frequencies,
 Gaussian moments, and the exponential-family identity ``E_t[s s^T] = H_L``)."""
 
+import functools
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -105,9 +107,11 @@ def test_per_example_output_grads_closed_form():
 NUM_DRAWS = 20_000
 
 
-def draw_targets(loss, seed=0):
-    keys = jax.random.split(jax.random.key(seed), NUM_DRAWS)
-    return np.asarray(jax.jit(jax.vmap(loss.sample_targets, in_axes=(0, None)))(keys, LOGITS))
+@functools.cache
+def draw_targets(name):
+    """``NUM_DRAWS`` target sets sampled at ``LOGITS`` (one compiled call per loss, shared by the tests)."""
+    keys = jax.random.split(jax.random.key(0), NUM_DRAWS)
+    return np.asarray(jax.jit(jax.vmap(LOSSES[name].sample_targets, in_axes=(0, None)))(keys, LOGITS))
 
 
 def assert_within_standard_errors(estimate, expected, standard_error, n=4.0):
@@ -117,7 +121,7 @@ def assert_within_standard_errors(estimate, expected, standard_error, n=4.0):
 
 @pytest.mark.parametrize("name", ["softmax-int", "softmax-onehot"])
 def test_softmax_samples_follow_softmax_probabilities(name):
-    samples = draw_targets(LOSSES[name])
+    samples = draw_targets(name)
     one_hot = samples if samples.ndim == 3 else np.eye(4)[samples]
     if samples.ndim == 3:
         assert set(np.unique(samples)) <= {0.0, 1.0} and np.all(samples.sum(-1) == 1)
@@ -128,14 +132,14 @@ def test_softmax_samples_follow_softmax_probabilities(name):
 
 
 def test_bernoulli_samples_follow_sigmoid_probabilities():
-    samples = draw_targets(LOSSES["sigmoid"])
+    samples = draw_targets("sigmoid")
     assert set(np.unique(samples)) == {0.0, 1.0}
     p = np.asarray(jax.nn.sigmoid(LOGITS))
     assert_within_standard_errors(samples.mean(0), p, np.sqrt(p * (1 - p) / NUM_DRAWS))
 
 
 def test_gaussian_samples_have_mean_outputs_and_unit_variance():
-    samples = draw_targets(LOSSES["squared"])
+    samples = draw_targets("squared")
     assert_within_standard_errors(samples.mean(0), LOGITS, np.full(LOGITS.shape, 1 / np.sqrt(NUM_DRAWS)))
     variance = samples.var(0, ddof=1)
     assert_within_standard_errors(variance, np.ones(LOGITS.shape), np.full(LOGITS.shape, np.sqrt(2 / NUM_DRAWS)))
@@ -152,7 +156,7 @@ def test_true_output_fisher_equals_output_hessian(name):
     off_diagonal = np.asarray(matrix) * (1 - np.eye(6))[:, None, :, None]
     assert np.all(off_diagonal == 0)
 
-    targets = draw_targets(loss, seed=1)
+    targets = draw_targets(name)
     output_grad = jax.vmap(lambda t: loss.with_targets(t).per_example_output_grad(LOGITS))
     s = np.asarray(jax.jit(output_grad)(targets))  # (draws, 6, 4)
     w = np.asarray(loss.weights)
