@@ -80,7 +80,7 @@ def _rademacher_probe(key, params):
     (probe_key,) = jax.random.split(key, 1)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(probe_key, len(leaves))
-    return treedef.unflatten([jax.random.rademacher(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+    return treedef.unflatten([oso.rademacher(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
 
 
 @pytest.fixture(scope="module")
