@@ -12,9 +12,9 @@ update is the damped natural gradient
   ``A = Q_A diag(a) Q_A^T``, ``G = Q_G diag(g) Q_G^T``:
   ``Q_A [(Q_A^T V Q_G) / (a g^T + lambda)] Q_G^T``.
 
-Every ``inverse_frequency`` steps the factors are eigendecomposed (batched per size, optionally spread
-over devices); the factored mode keeps the two damped inverses (two matrix products per step), the exact
-mode the eigenbases (four). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
+Every ``inverse_frequency`` steps (optionally spread over devices) the factored mode inverts the two
+damped factors by Cholesky (two matrix products per step), the exact mode eigendecomposes them and keeps
+the eigenbases (four products per step). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
 ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
 ``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets
 sampled from the model (``fisher="true"``, the default) or the data's targets (``"empirical"``).
@@ -102,25 +102,34 @@ def _keep_if_bad(old, new):
     return jax.tree.map(lambda o, n: jnp.where(ok, n, o), old, new), (~ok).astype(jnp.int32)
 
 
-def _stacked_eigh(matrices: list[jax.Array], sharding: jax.sharding.Sharding | None) -> list:
-    """``eigh_psd`` of every matrix, batched over equal shapes; each batch spread over ``sharding``'s devices.
+def _cholesky_inverse(matrix: jax.Array, damping: jax.Array) -> jax.Array:
+    """``(M + damping I)^{-1}`` by Cholesky (non-finite if ``M + damping I`` is not positive definite)."""
+    eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
+    factor = jax.scipy.linalg.cho_factor(matrix + damping[..., None, None] * eye, lower=True)
+    return jax.scipy.linalg.cho_solve(factor, jnp.broadcast_to(eye, matrix.shape))
 
-    A batch is padded with identity matrices to a multiple of the number of devices and constrained to
-    ``sharding`` (leading axis split), so each device decomposes its share of the layers' factors.
+
+def _spread(fn: Callable, matrices: list[jax.Array], dampings: list[jax.Array], sharding) -> list:
+    """``fn(matrix, damping)`` of every matrix; with ``sharding``, spread over its devices.
+
+    Without ``sharding`` each matrix is handled on its own (XLA:CPU's batched ``eigh`` is far slower than a
+    loop). With it, matrices of equal shape are stacked, padded with identities to a multiple of the
+    number of devices and constrained to ``sharding`` (leading axis split), so that each device works
+    on its share of the layers' factors only.
     """
+    if sharding is None:
+        return [fn(m, d) for m, d in zip(matrices, dampings)]
     groups: dict[tuple, list[int]] = {}
     for i, m in enumerate(matrices):
         groups.setdefault((m.shape, m.dtype), []).append(i)
     results: list = [None] * len(matrices)
     for (shape, dtype), indices in groups.items():
-        stack = jnp.stack([matrices[i] for i in indices])
-        if sharding is not None:
-            padding = -len(indices) % len(sharding.device_set)
-            stack = jnp.concatenate([stack, jnp.broadcast_to(jnp.eye(shape[0], dtype=dtype), (padding,) + shape)])
-            stack = jax.lax.with_sharding_constraint(stack, sharding)
-        eigenvalues, eigenvectors = eigh_psd(stack)
+        padding = -len(indices) % len(sharding.device_set)
+        stack = jnp.stack([matrices[i] for i in indices] + [jnp.eye(shape[0], dtype=dtype)] * padding)
+        damping = jnp.stack([dampings[i] for i in indices] + [jnp.ones_like(dampings[indices[0]])] * padding)
+        out = fn(jax.lax.with_sharding_constraint(stack, sharding), damping)
         for j, i in enumerate(indices):
-            results[i] = (eigenvalues[j], eigenvectors[j])
+            results[i] = jax.tree.map(lambda x: x[j], out)
     return results
 
 
@@ -198,18 +207,19 @@ def scale_by_kfac(
         return tuple(new_factors), tuple(new_diagonal), state.num_statistics + 1, bad
 
     def update_preconditioners(factors, preconditioners, nonfinite):
-        decompositions = _stacked_eigh([m for pair in factors for m in pair], inverse_sharding)
+        matrices = [m for pair in factors for m in pair]
+        if damping_mode == "factored":
+            dampings = []
+            for a, g in factors:
+                pi = jnp.sqrt((jnp.trace(a) / a.shape[0] + 1e-30) / (jnp.trace(g) / g.shape[0] + 1e-30))
+                dampings += [pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi]
+            results = _spread(_cholesky_inverse, matrices, dampings, inverse_sharding)
+        else:
+            zeros = [jnp.zeros([], m.dtype) for m in matrices]
+            results = _spread(lambda m, _: eigh_psd(m), matrices, zeros, inverse_sharding)
         new, bad = [], nonfinite
         for i, old in enumerate(preconditioners):
-            (a, q_a), (g, q_g) = decompositions[2 * i], decompositions[2 * i + 1]
-            if damping_mode == "factored":
-                pi = jnp.sqrt((jnp.mean(a) + 1e-30) / (jnp.mean(g) + 1e-30))
-                inverse_a = (q_a / (a + pi * jnp.sqrt(damping))) @ q_a.T
-                inverse_g = (q_g / (g + jnp.sqrt(damping) / pi)) @ q_g.T
-                candidate = (inverse_a, inverse_g)
-            else:
-                candidate = ((a, q_a), (g, q_g))
-            preconditioner, was_bad = _keep_if_bad(old, candidate)
+            preconditioner, was_bad = _keep_if_bad(old, (results[2 * i], results[2 * i + 1]))
             new.append(preconditioner)
             bad = bad + was_bad
         return tuple(new), bad
