@@ -13,7 +13,7 @@ update is the damped natural gradient
   ``Q_A [(Q_A^T V Q_G) / (a g^T + lambda)] Q_G^T``.
 
 Every ``inverse_frequency`` steps (optionally spread over devices) the factored mode inverts the two
-damped factors by Cholesky (two matrix products per step), the exact mode eigendecomposes them and keeps
+damped factors (LU; two matrix products per step), the exact mode eigendecomposes them and keeps
 the eigenbases (four products per step). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
 ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
 ``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets
@@ -102,11 +102,9 @@ def _keep_if_bad(old, new):
     return jax.tree.map(lambda o, n: jnp.where(ok, n, o), old, new), (~ok).astype(jnp.int32)
 
 
-def _cholesky_inverse(matrix: jax.Array, damping: jax.Array) -> jax.Array:
-    """``(M + damping I)^{-1}`` by Cholesky (non-finite if ``M + damping I`` is not positive definite)."""
-    eye = jnp.eye(matrix.shape[-1], dtype=matrix.dtype)
-    factor = jax.scipy.linalg.cho_factor(matrix + damping[..., None, None] * eye, lower=True)
-    return jax.scipy.linalg.cho_solve(factor, jnp.broadcast_to(eye, matrix.shape))
+def _damped_inverse(matrix: jax.Array, damping: jax.Array) -> jax.Array:
+    """``(M + damping I)^{-1}`` by LU (on XLA:CPU faster than Cholesky, and several times faster than ``eigh``)."""
+    return jnp.linalg.inv(matrix + damping[..., None, None] * jnp.eye(matrix.shape[-1], dtype=matrix.dtype))
 
 
 def _spread(fn: Callable, matrices: list[jax.Array], dampings: list[jax.Array], sharding) -> list:
@@ -213,7 +211,7 @@ def scale_by_kfac(
             for a, g in factors:
                 pi = jnp.sqrt((jnp.trace(a) / a.shape[0] + 1e-30) / (jnp.trace(g) / g.shape[0] + 1e-30))
                 dampings += [pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi]
-            results = _spread(_cholesky_inverse, matrices, dampings, inverse_sharding)
+            results = _spread(_damped_inverse, matrices, dampings, inverse_sharding)
         else:
             zeros = [jnp.zeros([], m.dtype) for m in matrices]
             results = _spread(lambda m, _: eigh_psd(m), matrices, zeros, inverse_sharding)
