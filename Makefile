@@ -18,7 +18,7 @@ unit: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests
 
 docs: $(STAMP)
-	$(VENV)/bin/mkdocs build --strict -q -d site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
 
 notebooks: $(STAMP)
 	$(PY) -m pytest -n 2 -q --nbmake notebooks
