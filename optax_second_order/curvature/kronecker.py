@@ -242,11 +242,15 @@ def conv(
     input_dilation: int | Sequence[int] = 1,
     kernel_dilation: int | Sequence[int] = 1,
 ) -> jax.Array:
-    """Tagged channels-last convolution: ``x (N, *spatial, C_in)``, kernel ``(*window, C_in, C_out)``."""
+    """Tagged channels-last convolution: ``x (N, *spatial, C_in)``, kernel ``(*window, C_in, C_out)``.
+
+    Mixed dtypes are promoted as ``jnp.dot`` promotes them in :func:`dense` (and ``nn.Conv`` in Flax).
+    """
     config = ConvConfig.make(kernel.ndim - 2, strides, padding, input_dilation, kernel_dilation)
+    dtype = jnp.result_type(x, kernel)
     y = jax.lax.conv_general_dilated(
-        x,
-        kernel,
+        x.astype(dtype),
+        kernel.astype(dtype),
         config.strides,
         config.padding,
         config.input_dilation,
