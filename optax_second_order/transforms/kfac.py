@@ -179,15 +179,17 @@ def scale_by_kfac(
             return jnp.ones(n, stat_dtype(leaves[name].dtype)), identity(n, name)
 
         factors = tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
-        if damping_mode == "factored":
-            preconditioners = factors
+        if damping_mode == "factored":  # fresh arrays: a state sharing buffers cannot be donated
+            preconditioners = tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
         else:
             preconditioners = tuple(
                 (eigen_identity(l.input_dim, l.kernel), eigen_identity(l.output_dim, l.kernel)) for l in layers.layers
             )
         diagonal = tuple(jnp.ones(jnp.shape(leaves[name]), stat_dtype(leaves[name].dtype)) for name in layers.fallback)
-        zero = jnp.zeros([], jnp.int32)
-        return KFACState(zero, jax.random.key(seed), factors, preconditioners, diagonal, zero, zero)
+        def zero():
+            return jnp.zeros([], jnp.int32)
+
+        return KFACState(zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero())
 
     def update_statistics(state, params, model_fn, loss, key):
         key = key if fisher == "true" else None
