@@ -26,6 +26,7 @@ __all__ = [
     "hvp_operator",
     "gnvp",
     "gnvp_operator",
+    "gnvp_quadratic_form",
     "fisher_vp",
     "empirical_fisher_vp",
     "empirical_fisher_diagonal",
@@ -66,6 +67,12 @@ def gnvp(model_fn: Callable[[PyTree], jax.Array], loss: OutputLoss, params: PyTr
     model's outputs: one ``jvp``, the closed-form output-space product, one ``vjp``.
     """
     return gnvp_operator(model_fn, loss, params)(v)
+
+
+def gnvp_quadratic_form(model_fn: Callable[[PyTree], jax.Array], loss: OutputLoss, params: PyTree, v: PyTree) -> jax.Array:
+    """``v^T G v = (J v)^T H_L (J v)``: one ``jvp`` and the output-space product, no ``vjp``."""
+    outputs, jv = jax.jvp(model_fn, (params,), (v,))
+    return jnp.vdot(jv, loss.output_hvp(outputs, jv))
 
 
 def _sampled_output_fisher_vp(loss: OutputLoss, outputs, u, key, num_samples):

@@ -27,6 +27,20 @@ that defines ``v = F~^{-1} grad``, so ``v^T F~ v = v . grad`` costs no matrix pr
 ``lr^2 v^T F~ v <= kl_clip``; since ``F~ >= F`` (the undamped approximation) the bound holds for ``F`` too. Momentum and weight decay are applied by
 :func:`~optax_second_order.kfac` after this transformation.
 
+Adaptive damping (``adaptive_damping=True``; Levenberg-Marquardt, section 6.5 of the paper): every
+``damping_adaptation_interval`` steps (``T_1``) the step ``delta = -lr v`` (after KL clipping, before
+momentum) is tested on the current batch by the reduction ratio
+
+    ``rho = (h(theta + delta) - h(theta)) / (grad . delta + 1/2 delta^T (F + lambda I) delta)``,
+
+``h`` = ``value_fn`` and ``F`` the exact Fisher (the Gauss-Newton matrix of the output-space loss, by
+:func:`~optax_second_order.gnvp_quadratic_form`: one ``jvp``); then ``lambda <- omega lambda`` if
+``rho > 3/4``, ``lambda <- lambda / omega`` if ``rho < 1/4`` (or the new loss is not finite), with
+``omega = damping_adaptation_decay ** T_1`` (the paper: ``(19/20)^5``), never below ``min_damping``.
+Cost: two ``value_fn`` calls and one ``jvp`` per adaptation. One ``lambda`` serves both the paper's
+``lambda`` and its factored damping ``gamma`` (as in K-FAC-JAX); the exact mode and the fallback use a
+new value at once, the factored mode at its next inversion.
+
 A statistics or decomposition result that is non-finite is discarded (the previous factors and
 preconditioners are kept) and counted in ``state.nonfinite``.
 
@@ -45,6 +59,7 @@ import optax
 
 from optax_second_order.curvature import kronecker
 from optax_second_order.curvature.matrix import eigh_psd
+from optax_second_order.curvature.products import gnvp_quadratic_form
 from optax_second_order.transforms.common import extra_arg, is_refresh_step, require_params, stat_dtype
 
 __all__ = ["KFACState", "scale_by_kfac"]
@@ -63,6 +78,7 @@ class KFACState(NamedTuple):
     diagonal: tuple  # diagonal Fisher of the fallback parameters
     num_statistics: jax.Array  # int32, statistics updates so far
     nonfinite: jax.Array  # int32, discarded non-finite statistics or decompositions
+    damping: jax.Array  # the Tikhonov damping lambda now in use (constant unless adaptive_damping)
 
 
 def _check(name: str, ok: bool, requirement: str) -> None:
@@ -70,17 +86,19 @@ def _check(name: str, ok: bool, requirement: str) -> None:
         raise ValueError(f"{NAME}: {name} must be {requirement}")
 
 
-def _validate(layers, damping, damping_mode, ema_decay, statistics_frequency, inverse_frequency, kl_clip, learning_rate, fisher):
+def _validate(layers, damping, damping_mode, ema_decay, frequencies, kl_clip, learning_rate, fisher, adaptive_damping, decay):
     _check("layers", isinstance(layers, kronecker.Layers), "an optax_second_order.kronecker.Layers (from find_layers)")
-    if isinstance(damping, (int, float)):
+    if isinstance(damping, (int, float)):  # a traced damping (optax.inject_hyperparams) is not checked
         _check("damping", damping > 0, "> 0")
     _check("damping_mode", damping_mode in ("factored", "exact"), '"factored" or "exact"')
     _check("ema_decay", 0.0 <= ema_decay < 1.0, "in [0, 1)")
-    for name, value in (("statistics_frequency", statistics_frequency), ("inverse_frequency", inverse_frequency)):
+    for name, value in frequencies.items():
         _check(name, isinstance(value, int) and value >= 1, "an int >= 1")
     _check("kl_clip", kl_clip is None or kl_clip > 0, "None or > 0")
-    _check("learning_rate", kl_clip is None or learning_rate is not None, "given when kl_clip is set")
+    needs_rate = kl_clip is not None or adaptive_damping
+    _check("learning_rate", not needs_rate or learning_rate is not None, "given when kl_clip or adaptive_damping is set")
     _check("fisher", fisher in ("true", "empirical"), '"true" or "empirical"')
+    _check("damping_adaptation_decay", 0.0 < decay < 1.0, "in (0, 1)")
 
 
 def _leaves_by_name(tree: PyTree) -> tuple[dict[str, Any], Any]:
@@ -94,6 +112,11 @@ def _ema(old, new, decay):
 
 def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _dot(x, y) -> jax.Array:
+    """``sum_leaves <x, y>`` in ``x``'s dtypes."""
+    return sum(jnp.vdot(a, b.astype(a.dtype)) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
 
 
 def _keep_if_bad(old, new):
@@ -144,6 +167,10 @@ def scale_by_kfac(
     fisher: str = "true",
     seed: int = 0,
     inverse_sharding: jax.sharding.Sharding | None = None,
+    adaptive_damping: bool = False,
+    damping_adaptation_interval: int = 5,
+    damping_adaptation_decay: float = 0.95,
+    min_damping: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC preconditioning of the gradient (see the module docstring for the math).
 
@@ -163,11 +190,22 @@ def scale_by_kfac(
         ``NamedSharding(mesh, PartitionSpec("data"))``: the eigendecompositions are then spread over its
         devices instead of all running on each one. (The factors themselves are global-batch factors
         under ``jax.jit`` with a sharded batch without any option: XLA inserts the reductions.)
+      adaptive_damping: adapt ``damping`` by the Levenberg-Marquardt rule (module docstring); ``damping``
+        is then the initial value, and ``update`` also needs ``value_fn``.
+      damping_adaptation_interval: adapt every this many steps (``T_1 = 5`` in the paper).
+      damping_adaptation_decay: ``omega_1 = decay ** interval`` (``(19/20)^{T_1}`` in the paper).
+      min_damping: the adapted damping never goes below this (K-FAC-JAX's default, ``1e-8``).
 
     ``update(grads, state, params, model_fn=..., loss=...)`` needs ``model_fn`` (params -> outputs, the
     same function ``find_layers`` traced, on the current batch) and ``loss``.
     """
-    _validate(layers, damping, damping_mode, ema_decay, statistics_frequency, inverse_frequency, kl_clip, learning_rate, fisher)
+    frequencies = dict(
+        statistics_frequency=statistics_frequency,
+        inverse_frequency=inverse_frequency,
+        damping_adaptation_interval=damping_adaptation_interval,
+    )
+    _validate(layers, damping, damping_mode, ema_decay, frequencies, kl_clip, learning_rate, fisher, adaptive_damping, damping_adaptation_decay)
+    omega = damping_adaptation_decay**damping_adaptation_interval
 
     def init_fn(params):
         leaves, _ = _leaves_by_name(params)
@@ -189,7 +227,8 @@ def scale_by_kfac(
         def zero():
             return jnp.zeros([], jnp.int32)
 
-        return KFACState(zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero())
+        initial_damping = jnp.asarray(damping, jnp.result_type(float))
+        return KFACState(zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero(), initial_damping)
 
     def update_statistics(state, params, model_fn, loss, key):
         key = key if fisher == "true" else None
@@ -206,13 +245,14 @@ def scale_by_kfac(
             bad = bad + was_bad
         return tuple(new_factors), tuple(new_diagonal), state.num_statistics + 1, bad
 
-    def update_preconditioners(factors, preconditioners, nonfinite):
+    def update_preconditioners(factors, preconditioners, nonfinite, damping):
         matrices = [m for pair in factors for m in pair]
         if damping_mode == "factored":
             dampings = []
             for a, g in factors:
                 pi = jnp.sqrt((jnp.trace(a) / a.shape[0] + 1e-30) / (jnp.trace(g) / g.shape[0] + 1e-30))
-                dampings += [pi * jnp.sqrt(damping), jnp.sqrt(damping) / pi]
+                root = jnp.sqrt(damping).astype(a.dtype)
+                dampings += [pi * root, root / pi]
             results = _spread(_damped_inverse, matrices, dampings, inverse_sharding)
         else:
             zeros = [jnp.zeros([], m.dtype) for m in matrices]
@@ -224,39 +264,51 @@ def scale_by_kfac(
             bad = bad + was_bad
         return tuple(new), bad
 
-    def precondition_layer(v, preconditioner):
+    def precondition_layer(v, preconditioner, damping):
         if damping_mode == "factored":
             inverse_a, inverse_g = preconditioner
             return inverse_a @ v.astype(inverse_a.dtype) @ inverse_g
         (a, q_a), (g, q_g) = preconditioner
         rotated = q_a.T @ v.astype(q_a.dtype) @ q_g
-        return q_a @ (rotated / (jnp.outer(a, g) + damping)) @ q_g.T
+        return q_a @ (rotated / (jnp.outer(a, g) + damping.astype(a.dtype))) @ q_g.T
 
-    def natural_gradient(grads, preconditioners, diagonal):
+    def natural_gradient(grads, preconditioners, diagonal, damping):
         """``v = F~^{-1} grad`` per layer (Kronecker) and per fallback parameter (diagonal)."""
         leaves, treedef = _leaves_by_name(grads)
         out = dict(leaves)
         for layer, preconditioner in zip(layers.layers, preconditioners):
             bias = leaves[layer.bias] if layer.bias else None
-            v = precondition_layer(kronecker.kernel_matrix(layer, leaves[layer.kernel], bias), preconditioner)
+            v = precondition_layer(kronecker.kernel_matrix(layer, leaves[layer.kernel], bias), preconditioner, damping)
             out[layer.kernel], bias = kronecker.split_kernel_matrix(layer, v)
             if layer.bias:
                 out[layer.bias] = bias
         for name, d in zip(layers.fallback, diagonal):
-            out[name] = leaves[name].astype(d.dtype) / (d + damping)
+            out[name] = leaves[name].astype(d.dtype) / (d + damping.astype(d.dtype))
         flat = [out[jax.tree_util.keystr(path)] for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
         return jax.tree_util.tree_unflatten(treedef, flat)
 
+    def rate(count):
+        return learning_rate(count) if callable(learning_rate) else learning_rate
+
     def kl_scale(v, grads, count):
         """``min(1, sqrt(kl_clip / (lr^2 v^T F~ v)))`` with ``v^T F~ v = v . grad`` since ``F~ v = grad``."""
-        lr = learning_rate(count) if callable(learning_rate) else learning_rate
-        v_f_v = sum(jnp.vdot(x, g.astype(x.dtype)) for x, g in zip(jax.tree.leaves(v), jax.tree.leaves(grads)))
-        return jnp.minimum(1.0, jnp.sqrt(kl_clip / (jnp.square(lr) * jnp.maximum(v_f_v, 0.0) + 1e-30)))
+        return jnp.minimum(1.0, jnp.sqrt(kl_clip / (jnp.square(rate(count)) * jnp.maximum(_dot(v, grads), 0.0) + 1e-30)))
+
+    def levenberg_marquardt(damping, v, grads, params, count, value_fn, model_fn, loss):
+        """The damping after the reduction-ratio test of the step ``delta = -lr v`` (section 6.5)."""
+        delta = jax.tree.map(lambda x, p: (-rate(count) * x).astype(p.dtype), v, params)
+        actual = value_fn(optax.apply_updates(params, delta)) - value_fn(params)
+        predicted = _dot(grads, delta) + 0.5 * (gnvp_quadratic_form(model_fn, loss, params, delta) + damping * _dot(delta, delta))
+        rho = jnp.where(jnp.isfinite(actual), actual / predicted, -jnp.inf)
+        new = jnp.where(rho > 0.75, damping * omega, jnp.where(rho < 0.25, damping / omega, damping))
+        return jnp.maximum(new, min_damping).astype(damping.dtype)
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, NAME)
         model_fn = extra_arg(extra, "model_fn", NAME)
         loss = extra_arg(extra, "loss", NAME)
+        value_fn = extra_arg(extra, "value_fn", NAME) if adaptive_damping else None
+        damping_now = state.damping if adaptive_damping else jnp.asarray(damping, state.damping.dtype)
         key, stats_key = jax.random.split(state.key)
 
         factors, diagonal, num_statistics, nonfinite = jax.lax.cond(
@@ -266,15 +318,22 @@ def scale_by_kfac(
         )
         preconditioners, nonfinite = jax.lax.cond(
             is_refresh_step(state.count, inverse_frequency),
-            lambda: update_preconditioners(factors, state.preconditioners, nonfinite),
+            lambda: update_preconditioners(factors, state.preconditioners, nonfinite, damping_now),
             lambda: (state.preconditioners, nonfinite),
         )
-        v = natural_gradient(updates, preconditioners, diagonal)
+        v = natural_gradient(updates, preconditioners, diagonal, damping_now)
         if kl_clip is not None:
             nu = kl_scale(v, updates, state.count)
             v = jax.tree.map(lambda x: nu * x, v)
+        new_damping = damping_now
+        if adaptive_damping:
+            new_damping = jax.lax.cond(
+                is_refresh_step(state.count + 1, damping_adaptation_interval),
+                lambda: levenberg_marquardt(damping_now, v, updates, params, state.count, value_fn, model_fn, loss),
+                lambda: damping_now,
+            )
         updates = jax.tree.map(lambda x, g: x.astype(g.dtype), v, updates)
-        new_state = KFACState(state.count + 1, key, factors, preconditioners, diagonal, num_statistics, nonfinite)
+        new_state = KFACState(state.count + 1, key, factors, preconditioners, diagonal, num_statistics, nonfinite, new_damping)
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

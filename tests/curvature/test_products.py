@@ -84,6 +84,12 @@ def test_gnvp_matches_explicit_ggn(case, vectors, ggn):
         assert_relative_close(flat(result), ggn @ flat(v))
 
 
+def test_gnvp_quadratic_form_matches_explicit_ggn(case, vectors, ggn):
+    quadratic = jax.jit(lambda loss, params, v: oso.gnvp_quadratic_form(case.model_fn, loss, params, v))
+    for v in vectors:
+        np.testing.assert_allclose(quadratic(case.loss, case.params, v), flat(v) @ ggn @ flat(v), rtol=1e-8)
+
+
 def test_ggn_differs_from_hessian(hessian, ggn):
     """Guards the references above: on these non-linear models ``H != J^T H_L J`` (residual term)."""
     assert np.linalg.norm(hessian - ggn) > 1e-3 * np.linalg.norm(ggn)

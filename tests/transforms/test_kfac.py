@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -177,6 +178,57 @@ def test_nonfinite_factors_keep_previous_inverses():
     jax.tree.map(np.testing.assert_array_equal, bad.preconditioners, state.preconditioners)
 
 
+def _dense_ggn(params, seed):
+    """``J^T H_L J`` over the flattened parameters, ``J`` by jax.jacobian and ``H_L`` by jax.hessian."""
+    model_fn, loss, _ = _problem(seed)
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    outputs = model_fn(params)
+    jac = jax.jacobian(lambda f: model_fn(unravel(f)))(flat).reshape(outputs.size, -1)
+    h_out = jax.hessian(lambda y: loss(y.reshape(outputs.shape)))(outputs.reshape(-1))
+    return np.asarray(jac.T @ h_out @ jac)
+
+
+def _levenberg_marquardt_reference(damping, v, params, seed, lr, omega):
+    """Section 6.5 written out: rho = (h(theta + delta) - h(theta)) / (g.delta + delta^T (G + lambda I) delta / 2)."""
+    model_fn, loss, grad_fn = _problem(seed)
+    value = lambda p: float(loss(model_fn(p)))  # noqa: E731
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    delta = -lr * np.asarray(jax.flatten_util.ravel_pytree(v)[0])
+    g = np.asarray(jax.flatten_util.ravel_pytree(grad_fn(params))[0])
+    predicted = g @ delta + 0.5 * (delta @ _dense_ggn(params, seed) @ delta + damping * delta @ delta)
+    rho = (value(unravel(flat + delta)) - value(params)) / predicted
+    return damping * omega if rho > 0.75 else damping / omega if rho < 0.25 else damping
+
+
+@pytest.mark.parametrize("lr", [0.5, 100.0])
+def test_adaptive_damping_follows_the_levenberg_marquardt_rule(lr):
+    """Every step (interval 1) the damping moves as the dense reference says; the next step uses it."""
+    params, omega = _params(), 0.9
+    tx = oso.scale_by_kfac(
+        LAYERS, damping=LAM, damping_mode="exact", kl_clip=None, inverse_frequency=1, learning_rate=lr,
+        adaptive_damping=True, damping_adaptation_interval=1, damping_adaptation_decay=omega,
+    )
+
+    @jax.jit
+    def update(grads, state, params, x, y):
+        loss = oso.losses.softmax_cross_entropy(y)
+        model_fn = lambda p: _model(p, x)  # noqa: E731
+        return tx.update(grads, state, params, model_fn=model_fn, loss=loss, value_fn=lambda p: loss(model_fn(p)))
+
+    state, moves = tx.init(params), set()
+    for seed in range(1, 5):
+        grads = _problem(seed)[2](params)
+        v, new_state = update(grads, state, params, *_batch(seed))
+        expected = _levenberg_marquardt_reference(float(state.damping), v, params, seed, lr, omega)
+        np.testing.assert_allclose(float(new_state.damping), expected, rtol=1e-12)
+        moves.add(np.sign(expected - float(state.damping)))
+        params = optax.apply_updates(params, jax.tree.map(lambda x: -lr * x, v))
+        state = new_state
+    # the two rates exercise both branches: a small step is trusted (damping falls), a huge one is not
+    direction = -1.0 if lr < 1 else 1.0
+    assert direction in moves, moves
+
+
 def test_alias_runs_in_jit_with_momentum_and_weight_decay():
     params = _params()
     tx = oso.kfac(0.1, LAYERS, momentum=0.5, weight_decay=1e-2)
@@ -204,6 +256,14 @@ def test_errors():
     params = _params()
     with pytest.raises(TypeError, match="model_fn"):
         tx.update(params, tx.init(params), params, loss=_problem(1)[1])
+    with pytest.raises(ValueError, match="learning_rate"):
+        oso.scale_by_kfac(LAYERS, kl_clip=None, adaptive_damping=True)
+    with pytest.raises(ValueError, match="damping_adaptation_interval"):
+        oso.scale_by_kfac(LAYERS, kl_clip=None, damping_adaptation_interval=0)
+    adaptive = oso.scale_by_kfac(LAYERS, learning_rate=0.1, adaptive_damping=True)
+    model_fn, loss, _ = _problem(1)
+    with pytest.raises(TypeError, match="value_fn"):
+        adaptive.update(params, adaptive.init(params), params, model_fn=model_fn, loss=loss)
 
 
 DEVICES_SCRIPT = r'''
