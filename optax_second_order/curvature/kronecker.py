@@ -22,6 +22,26 @@ A layer applied at ``T`` locations per example (the spatial positions of a convo
 which is exactly the dense-layer formula when ``T = 1``. A layer called several times (weight sharing)
 counts its calls as further locations.
 
+Eigenvalue correction (EK-FAC, George et al. 2018). With orthogonal eigenvectors ``A = Q_A diag(l_A) Q_A^T``
+and ``G = Q_G diag(l_G) Q_G^T``, the K-FAC block is diagonal in the Kronecker-factored eigenbasis
+``Q_A (x) Q_G``, with eigenvalues ``outer(l_A, l_G)`` (row-major, as ``vec(W)``). EK-FAC keeps the basis
+and replaces these eigenvalues by the Fisher's own diagonal in it, the second moments of the
+per-example gradients ``D_i = d l_i / d W`` (``W`` in :func:`kernel_matrix` order) expressed there,
+
+.. math::
+
+    s = \\sum_i \\frac{w_i}{\\sum_j w_j} \\left(Q_A^T D_i Q_G\\right)^{\\circ 2}
+      = \\sum_i \\Big(\\sum_t \\tilde a_{i,t} \\tilde p_{i,t}^T\\Big)^{\\circ 2},
+    \\qquad \\tilde a = Q_A^T a, \\quad \\tilde p = Q_G^T p ,
+
+the diagonal that, as the paper shows, minimizes the Frobenius error among all matrices diagonal in
+that basis, so EK-FAC's block is never further (in Frobenius norm) from the Fisher block than K-FAC's.
+The second form, with the perturbation gradients ``p`` of :func:`kronecker_factors`, follows from
+``sum_t a_{i,t} p_{i,t}^T = sqrt(w_i / sum_j w_j) D_i``: the rotated rows are grouped by example
+(``N`` examples, ``T`` rows each), so for ``T = 1`` ``s`` is one matrix product of the squared rotated
+rows and otherwise needs the ``N`` per-example matrices. With sampled targets ``s`` is the diagonal of
+the true Fisher in that basis; with the data's, of the empirical Fisher.
+
 Capture, without JAX internals. A forward function marks its layers by calling :func:`dense` /
 :func:`conv` (or :func:`tag_layer` on a layer it computed itself); Flax models are captured by
 :mod:`optax_second_order.flax.capture`, which registers hooks here. Outside :func:`find_layers` and
@@ -34,7 +54,8 @@ bodies (their tracers cannot leave the body).
 
 References: Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
 curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
-convolution layers", ICML 2016.
+convolution layers", ICML 2016; George, Laurent, Bouthillier, Ballas & Vincent, "Fast approximate
+natural gradient descent in a Kronecker-factored eigenbasis", NeurIPS 2018.
 """
 
 from __future__ import annotations
@@ -151,10 +172,13 @@ class Layers:
 
 
 class KroneckerStatistics(NamedTuple):
-    """``factors``: ``{layer name: (A, G)}``; ``fallback_grads``: the fallback parameters' gradients."""
+    """``factors``: ``{layer name: (A, G)}``; ``fallback_grads``: the fallback parameters' gradients;
+    ``scales``: ``{layer name: s}``, EK-FAC's ``(d_in, d_out)`` diagonal in the eigenbases asked for
+    (empty when none were)."""
 
     factors: dict[str, tuple[jax.Array, jax.Array]]
     fallback_grads: dict[str, jax.Array]
+    scales: dict[str, jax.Array]
 
 
 @dataclasses.dataclass
@@ -359,11 +383,72 @@ def fisher_cotangent(loss: OutputLoss, key: jax.Array | None = None) -> Callable
     return cotangent
 
 
+def _num_examples(layer: Layer, output_shape: tuple[int, ...]) -> int:
+    """``N``: the leading axis of a call's input (and output), or ``1`` for an unbatched call."""
+    example_ndim = 1 if layer.kind == "dense" else len(layer.kernel_shape) - 1
+    return output_shape[0] if len(output_shape) > example_ndim else 1
+
+
+def _factors(calls: Sequence[tuple[jax.Array, jax.Array, int]]) -> tuple[jax.Array, jax.Array]:
+    """``A = sum a a^T / rows`` and ``G = sum p p^T`` over all the calls of one layer."""
+    highest = jax.lax.Precision.HIGHEST
+    aa = sum(jnp.matmul(a.T, a, precision=highest) for a, _, _ in calls)
+    gg = sum(jnp.matmul(p.T, p, precision=highest) for _, p, _ in calls)
+    return aa / sum(a.shape[0] for a, _, _ in calls), gg
+
+
+def _per_example_rows(calls: Sequence[tuple[jax.Array, jax.Array, int]], name: str) -> tuple[jax.Array, jax.Array]:
+    """One layer's rows ``a`` and ``p`` grouped by example, ``(N, T, d_in)`` and ``(N, T, d_out)``.
+
+    The calls of a shared layer become further locations ``t`` of the same examples.
+    """
+    examples = {n for _, _, n in calls}
+    if len(examples) > 1:
+        raise ValueError(
+            f"kronecker_factors: eigenbasis scales need every call of layer {name} to have the same number of "
+            f"examples (leading input axis), got {sorted(examples)}"
+        )
+    n = examples.pop()
+    a = jnp.concatenate([a.reshape(n, -1, a.shape[-1]) for a, _, _ in calls], axis=1)
+    p = jnp.concatenate([p.reshape(n, -1, p.shape[-1]) for _, p, _ in calls], axis=1)
+    return a, p
+
+
+def _eigenbasis_scales(a: jax.Array, p: jax.Array, q_a: jax.Array, q_g: jax.Array) -> jax.Array:
+    """EK-FAC's ``s = sum_i (sum_t (Q_A^T a_{i,t}) (Q_G^T p_{i,t})^T)**2`` from rows grouped by example.
+
+    ``a``: ``(N, T, d_in)``, ``p``: ``(N, T, d_out)``. For ``T = 1`` the per-example matrices are rank one
+    and ``s = (a_rot**2)^T (p_rot**2)``; otherwise they are formed (``N d_in d_out`` memory) and squared.
+    """
+    highest = jax.lax.Precision.HIGHEST
+    a_rot = jnp.matmul(a, q_a.astype(a.dtype), precision=highest)
+    p_rot = jnp.matmul(p, q_g.astype(p.dtype), precision=highest)
+    if a.shape[1] == 1:
+        return jnp.matmul(jnp.square(a_rot[:, 0]).T, jnp.square(p_rot[:, 0]), precision=highest)
+    per_example = jnp.einsum("ntd,nte->nde", a_rot, p_rot, precision=highest)
+    return jnp.sum(jnp.square(per_example), axis=0)
+
+
+def _check_eigenbases(layers: Layers, eigenbases: dict[str, tuple[jax.Array, jax.Array]]) -> None:
+    by_name = {layer.name: layer for layer in layers.layers}
+    for name, (q_a, q_g) in eigenbases.items():
+        if name not in by_name:
+            raise ValueError(f"kronecker_factors: eigenbases names {name}, which is not one of the layers")
+        layer = by_name[name]
+        want = ((layer.input_dim,) * 2, (layer.output_dim,) * 2)
+        if (jnp.shape(q_a), jnp.shape(q_g)) != want:
+            raise ValueError(
+                f"kronecker_factors: eigenbases[{name!r}] must have shapes {want} (Q_A, Q_G), "
+                f"got {(jnp.shape(q_a), jnp.shape(q_g))}"
+            )
+
+
 def kronecker_factors(
     model_fn: Callable[[PyTree], jax.Array],
     params: PyTree,
     layers: Layers,
     output_cotangent: Callable[[jax.Array], jax.Array],
+    eigenbases: dict[str, tuple[jax.Array, jax.Array]] | None = None,
 ) -> KroneckerStatistics:
     """One forward and backward pass of ``model_fn``: every layer's ``(A, G)``, in float32 or better.
 
@@ -373,7 +458,21 @@ def kronecker_factors(
     ``G = sum_{i,t} p p^T`` is the weighted mean over examples. The same pass returns the fallback
     parameters' gradients ``sum_i sqrt(w_i / W) d l_i / d theta``, whose square estimates the diagonal of
     the Fisher (for sampled targets the cross terms vanish in expectation).
+
+    ``eigenbases``, ``{layer name: (Q_A, Q_G)}`` with orthogonal ``(d_in, d_in)`` and ``(d_out, d_out)``
+    matrices (the eigenvectors of that layer's ``A`` and ``G``), adds EK-FAC's ``scales`` for those layers:
+    ``s = sum_i (w_i / W) (Q_A^T (d l_i / d W) Q_G)**2`` of shape ``(d_in, d_out)`` (see the module docs).
+    Assumption: a layer's examples ``i`` are the entries of the leading axis of its input (``(N, ..., d_in)``
+    for a dense layer, ``(N, *spatial, C_in)`` for a conv; a dense layer's vector input is one example),
+    and an entry's rows are its locations ``t``. Where the loss's examples are finer (the tokens of a
+    sequence), an entry's loss terms are grouped: ``s`` is then the second moment of
+    ``sum_t sqrt(w_t / W) d l_t / d W``, equal in expectation over sampled targets to the per-token one
+    (the cross terms vanish), but not for the data's targets. A shared layer (called several times) is
+    supported when every call has the same ``N``: an example's gradient is the sum over all its calls,
+    taken before squaring; calls with different ``N`` raise a ValueError.
     """
+    eigenbases = {} if eigenbases is None else eigenbases
+    _check_eigenbases(layers, eigenbases)
     keys, leaves, treedef = _flatten(params)
     shapes = [call.output for call in _trace_calls(model_fn, params)]
     fallback_index = [keys.index(name) for name in layers.fallback]
@@ -395,19 +494,18 @@ def kronecker_factors(
     outputs, vjp_fn, inputs = jax.vjp(forward, fallback_leaves, perturbations, has_aux=True)
     fallback_grads, output_grads = vjp_fn(output_cotangent(outputs))
 
-    sums: dict[str, tuple[jax.Array, jax.Array, int]] = {}
+    rows: dict[str, list[tuple[jax.Array, jax.Array, int]]] = {}
     for call, a, g in zip(calls, inputs, output_grads):
         dtype = jnp.promote_types(a.dtype, jnp.float32)
-        a = a.astype(dtype)
-        g = g.reshape(-1, call.layer.output_dim).astype(dtype)
-        aa = jnp.matmul(a.T, a, precision=jax.lax.Precision.HIGHEST)
-        gg = jnp.matmul(g.T, g, precision=jax.lax.Precision.HIGHEST)
-        previous = sums.get(call.layer.name, (0.0, 0.0, 0))
-        sums[call.layer.name] = (previous[0] + aa, previous[1] + gg, previous[2] + a.shape[0])
-    factors = {}
+        p = g.reshape(-1, call.layer.output_dim).astype(dtype)
+        rows.setdefault(call.layer.name, []).append((a.astype(dtype), p, _num_examples(call.layer, call.output.shape)))
+    factors, scales = {}, {}
     for layer in layers.layers:
-        if layer.name not in sums:
+        if layer.name not in rows:
             raise ValueError(f"kronecker_factors: layer {layer.name} was not called by model_fn")
-        aa, gg, rows = sums[layer.name]
-        factors[layer.name] = (aa / rows, gg)
-    return KroneckerStatistics(factors, dict(zip(layers.fallback, fallback_grads)))
+        factors[layer.name] = _factors(rows[layer.name])
+        if layer.name in eigenbases:
+            a, p = _per_example_rows(rows[layer.name], layer.name)
+            scales[layer.name] = _eigenbasis_scales(a, p, *eigenbases[layer.name])
+    return KroneckerStatistics(factors, dict(zip(layers.fallback, fallback_grads)), scales)
+

@@ -197,3 +197,184 @@ def test_true_fisher_g_matches_analytic_expectation(loss_name):
     mean, se = samples.mean(0), samples.std(0) / np.sqrt(len(samples))
     expected = _expected_g(params, x, loss_name, model(params))
     assert np.all(np.abs(mean - expected) <= 4 * se + 1e-12), (mean, expected, se)
+
+
+# --- EK-FAC: the Fisher's diagonal in the Kronecker-factored eigenbasis -------------------------------------------
+
+
+def _orthogonal(rng, n):
+    q, r = np.linalg.qr(rng.standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def _leaf(tree, name):
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}[name]
+
+
+def _reference_scales(per_example_grads, q_a, q_g):
+    """``s = sum_i (Q_A^T D_i Q_G)**2`` by a loop over the (already ``sqrt(w_i / W)``-scaled) ``D_i``."""
+    s = np.zeros((q_a.shape[0], q_g.shape[0]))
+    for d in np.asarray(per_example_grads):
+        s += (q_a.T @ d @ q_g) ** 2
+    return s
+
+
+def _check_scales(forward, params, make_loss, x, targets, weights, bases=None, rng=None):
+    """``kronecker_factors``' scales (empirical Fisher, under jit) against per-example gradients by vmap(grad).
+
+    ``forward(params, x)`` maps a batch (leading axis: examples) to outputs; ``make_loss(targets, weights)``
+    builds the output loss. Example ``i``'s objective is ``sum sqrt(w / W) l`` over its loss terms.
+    """
+    model = lambda p: forward(p, x)  # noqa: E731
+    layers = kronecker.find_layers(model, params)
+    if bases is None:
+        bases = {l.name: (_orthogonal(rng, l.input_dim), _orthogonal(rng, l.output_dim)) for l in layers.layers}
+    cotangent = kronecker.fisher_cotangent(make_loss(targets, weights))
+    stats = jax.jit(lambda p, b: kronecker.kronecker_factors(model, p, layers, cotangent, b))(params, bases)
+
+    coefficients = jnp.sqrt(weights / jnp.sum(weights))
+
+    def objective(p, x_i, t_i, c_i):
+        return jnp.sum(c_i * make_loss(t_i[None]).per_example(forward(p, x_i[None]))[0])
+
+    grads = jax.vmap(jax.grad(objective), in_axes=(None, 0, 0, 0))(params, x, targets, coefficients)
+    assert set(stats.scales) == set(bases)
+    for layer in layers.layers:
+        bias = _leaf(grads, layer.bias) if layer.bias else None
+        d = jax.vmap(lambda k, b: kronecker.kernel_matrix(layer, k, b))(_leaf(grads, layer.kernel), bias)
+        want = _reference_scales(d, *bases[layer.name])
+        np.testing.assert_allclose(stats.scales[layer.name], want, rtol=1e-10, atol=1e-14 * want.max())
+    return stats, layers
+
+
+_LOSSES = {
+    # name: (loss, targets of n examples, weights of 6 examples)
+    "softmax-weights": (oso.losses.softmax_cross_entropy, lambda rng, n: rng.integers(0, D_OUT, n), [0.5, 2, 1, 0, 1, 0.7]),
+    "squared-mask": (oso.losses.squared_error, lambda rng, n: rng.standard_normal((n, D_OUT)), [1, 1, 0, 1, 0, 1]),
+    "sigmoid": (oso.losses.sigmoid_binary_cross_entropy, lambda rng, n: rng.integers(0, 2, (n, D_OUT)) * 1.0, [1] * 6),
+}
+
+
+@pytest.mark.parametrize("loss_name", list(_LOSSES))
+def test_eigenbasis_scales_of_mlp_equal_per_example_gradients(loss_name):
+    """Dense layers, one row per example (the rank-one product path), weights and masks."""
+    rng = np.random.default_rng(11)
+    make_loss, draw_targets, weights = _LOSSES[loss_name]
+    x = jnp.asarray(rng.standard_normal((6, D_IN)))
+    targets, weights = jnp.asarray(draw_targets(rng, 6)), jnp.asarray(weights, float)
+    _check_scales(_mlp, _mlp_params(jax.random.key(12)), make_loss, x, targets, weights, rng=rng)
+
+
+def test_eigenbasis_scales_of_conv_net_equal_per_example_gradients():
+    """Strided, padded, dilated conv (T locations per example), a conv without bias, then a dense head."""
+    rng = np.random.default_rng(13)
+    params = {
+        "c1": {"k": jnp.asarray(rng.standard_normal((3, 2, 2, 3)) / 3), "b": jnp.asarray(rng.standard_normal(3) / 10)},
+        "c2": jnp.asarray(rng.standard_normal((2, 2, 3, 2)) / 3),
+        "head": {"w": jnp.asarray(rng.standard_normal((2, D_OUT))), "b": jnp.zeros(D_OUT)},
+    }
+
+    def forward(p, x):
+        c1 = dict(strides=(2, 1), padding=((0, 1), (2, 0)), kernel_dilation=(1, 2))
+        h = jnp.tanh(kronecker.conv(x, p["c1"]["k"], p["c1"]["b"], **c1))
+        h = jnp.tanh(kronecker.conv(h, p["c2"], padding=((1, 0), (0, 1)), input_dilation=(1, 2)))
+        return kronecker.dense(h.mean((1, 2)), p["head"]["w"], p["head"]["b"])
+
+    x = jnp.asarray(rng.standard_normal((4, 6, 7, 2)))
+    labels, weights = jnp.asarray(rng.integers(0, D_OUT, 4)), jnp.array([1.0, 0.3, 2.0, 1.0])
+    _, layers = _check_scales(forward, params, oso.losses.softmax_cross_entropy, x, labels, weights, rng=rng)
+    assert [l.kind for l in layers.layers] == ["conv", "conv", "dense"]
+
+
+def test_eigenbasis_scales_of_dense_layers_on_sequences_group_tokens_by_sequence():
+    """Dense layers on ``(N, T, d)``; the loss's examples are tokens (masked), grouped by sequence for ``s``."""
+    rng = np.random.default_rng(14)
+    x = jnp.asarray(rng.standard_normal((3, 4, D_IN)))
+    labels = jnp.asarray(rng.integers(0, D_OUT, (3, 4)))
+    mask = jnp.array([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+    _check_scales(_mlp, _mlp_params(jax.random.key(15)), oso.losses.softmax_cross_entropy, x, labels, mask, rng=rng)
+
+
+def _shared(params, x):
+    """One square dense layer applied twice (weight sharing), then an output layer."""
+    h = jnp.tanh(kronecker.dense(x, params["shared"]["w"], params["shared"]["b"]))
+    h = jnp.tanh(kronecker.dense(h, params["shared"]["w"], params["shared"]["b"]))
+    return kronecker.dense(h, params["out"])
+
+
+def test_eigenbasis_scales_of_shared_layer_add_calls_before_squaring():
+    rng = np.random.default_rng(16)
+    params = {
+        "shared": {"w": jnp.asarray(rng.standard_normal((D_IN, D_IN)) / 2), "b": jnp.asarray(rng.standard_normal(D_IN))},
+        "out": jnp.asarray(rng.standard_normal((D_IN, D_OUT))),
+    }
+    x, targets = jnp.asarray(rng.standard_normal((5, D_IN))), jnp.asarray(rng.standard_normal((5, D_OUT)))
+    _check_scales(_shared, params, oso.losses.squared_error, x, targets, jnp.ones(5), rng=rng)
+
+    # calls with different numbers of examples cannot be grouped
+    layers = kronecker.find_layers(lambda p: _shared(p, x), params)
+    two_batches = lambda p: _shared(p, x) + _shared(p, x[:1]).sum(0)  # noqa: E731
+    bases = {"['shared']['w']": (jnp.eye(D_IN + 1), jnp.eye(D_IN))}
+    cotangent = kronecker.fisher_cotangent(oso.losses.squared_error(targets))
+    with pytest.raises(ValueError, match="same number of examples"):
+        kronecker.kronecker_factors(two_batches, params, layers, cotangent, bases)
+
+
+def test_eigenbasis_scales_of_unbatched_dense_input_count_one_example():
+    rng = np.random.default_rng(17)
+    params = _mlp_params(jax.random.key(18))
+    x, targets = jnp.asarray(rng.standard_normal(D_IN)), jnp.asarray(rng.standard_normal((1, D_OUT)))
+    model = lambda p: _mlp(p, x)[None]  # noqa: E731
+    layers = kronecker.find_layers(model, params)
+    bases = {l.name: (_orthogonal(rng, l.input_dim), _orthogonal(rng, l.output_dim)) for l in layers.layers}
+    loss = oso.losses.squared_error(targets)
+    stats = kronecker.kronecker_factors(model, params, layers, kronecker.fisher_cotangent(loss), bases)
+    grads = jax.grad(lambda p: loss(model(p)))(params)
+    for name in ("l1", "l2"):
+        d = jnp.concatenate([grads[name]["w"], grads[name]["b"][None]])
+        want = _reference_scales(d[None], *bases[f"['{name}']['w']"])
+        np.testing.assert_allclose(stats.scales[f"['{name}']['w']"], want, rtol=1e-10, atol=1e-14 * want.max())
+
+
+def test_eigenbasis_scales_of_one_example_are_kfac_eigenvalues():
+    """One example's Fisher block is exactly A (x) G: in the eigenbases of A and G, s = outer(eig(A), eig(G))."""
+    params = _mlp_params(jax.random.key(19))
+    x = jax.random.normal(jax.random.key(20), (1, D_IN))
+    loss = oso.losses.softmax_cross_entropy(jnp.array([2]))
+    model = lambda p: _mlp(p, x)  # noqa: E731
+    layers = kronecker.find_layers(model, params)
+    cotangent = kronecker.fisher_cotangent(loss)
+    factors = kronecker.kronecker_factors(model, params, layers, cotangent).factors
+    eigh = {name: (np.linalg.eigh(a), np.linalg.eigh(g)) for name, (a, g) in factors.items()}
+    bases = {name: (ea[1], eg[1]) for name, (ea, eg) in eigh.items()}
+    stats, _ = _check_scales(_mlp, params, oso.losses.softmax_cross_entropy, x, jnp.array([2]), jnp.ones(1), bases=bases)
+    for name, (ea, eg) in eigh.items():
+        np.testing.assert_allclose(stats.scales[name], np.outer(ea[0], eg[0]), rtol=1e-8, atol=1e-12)
+
+
+def test_without_eigenbases_statistics_are_unchanged():
+    params = _mlp_params(jax.random.key(21))
+    x = jax.random.normal(jax.random.key(22), (5, D_IN))
+    loss = oso.losses.softmax_cross_entropy(jnp.arange(5) % D_OUT)
+    model = lambda p: _mlp(p, x)  # noqa: E731
+    layers = kronecker.find_layers(model, params)
+    cotangent = kronecker.fisher_cotangent(loss)
+    bases = {"['l2']['w']": (jnp.eye(D_HID + 1), jnp.eye(D_OUT))}
+    plain = kronecker.kronecker_factors(model, params, layers, cotangent)
+    with_scales = kronecker.kronecker_factors(model, params, layers, cotangent, bases)
+    assert plain.scales == {} and set(with_scales.scales) == {"['l2']['w']"}
+    jax.tree.map(
+        np.testing.assert_array_equal, (plain.factors, plain.fallback_grads), (with_scales.factors, with_scales.fallback_grads)
+    )
+
+
+def test_eigenbases_are_validated():
+    params = _mlp_params(jax.random.key(23))
+    model = lambda p: _mlp(p, jnp.ones((2, D_IN)))  # noqa: E731
+    layers = kronecker.find_layers(model, params)
+    cotangent = kronecker.fisher_cotangent(oso.losses.squared_error(jnp.zeros((2, D_OUT))))
+    not_a_layer = {"['scale']": (jnp.eye(1), jnp.eye(1))}
+    with pytest.raises(ValueError, match="kronecker_factors: eigenbases names \\['scale'\\]"):
+        kronecker.kronecker_factors(model, params, layers, cotangent, not_a_layer)
+    with pytest.raises(ValueError, match="must have shapes"):
+        kronecker.kronecker_factors(model, params, layers, cotangent, {"['l1']['w']": (jnp.eye(D_IN), jnp.eye(D_HID))})
