@@ -23,6 +23,11 @@ and ``tests/test_contract.py`` runs every check below on every case:
 * ``apply_if_finite``: under ``optax.apply_if_finite`` a step with NaN/Inf gradients is skipped,
   and the next finite step is bit-for-bit the one the skipped step would have been followed by;
 * ``bf16``: with bfloat16 params the updates come back bfloat16 and finite;
+* ``donate``: a few steps of ``jax.jit(step, donate_argnums=(0, 1))`` over fresh params and the state of an
+  eager ``tx.init`` (as a Flax ``TrainState`` builds it), each step fed the previous step's outputs, run,
+  stay finite and give bit-for-bit the results of the same step jitted without donation -- so no two
+  leaves of params and state may share a buffer (e.g. one ``jnp.zeros`` in two fields, or ``params``
+  itself kept in the state);
 * ``missing_extra``: for each name in ``needs``, an update without it raises a ``TypeError`` or
   ``ValueError`` whose message names the argument and the transformation, and an update given
   only the names in ``needs`` works.
@@ -394,6 +399,66 @@ def check_bf16(case: ContractCase) -> None:
         assert_like_params(new_params, params, f"{case.name} bf16 params after step {step}")
 
 
+def _training_step(tx: optax.GradientTransformation, extra: dict[str, Any]) -> Callable:
+    """``step(params, state) -> (loss, params, state)``: gradient and update in one step, as in a training loop."""
+    value_and_grad = jax.value_and_grad(extra["value_fn"])
+
+    def step(params, state):
+        value, grads = value_and_grad(params)
+        updates, state = tx.update(grads, state, params, **extra)
+        return value, optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _shared_buffers(tree) -> list[list[str]]:
+    """Groups of leaf paths that hold the same array object (so the same buffer)."""
+    groups: dict[int, list[str]] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(leaf, jax.Array):
+            groups.setdefault(id(leaf), []).append(jax.tree_util.keystr(path))
+    return [paths for paths in groups.values() if len(paths) > 1]
+
+
+def _snapshot(tree):
+    """A NumPy copy of ``tree`` (typed PRNG keys as their key data), which outlives donated buffers."""
+    return jax.tree.unflatten(jax.tree.structure(tree), [np.array(x, copy=True) for x in _arrays(tree)])
+
+
+def _training_run(case: ContractCase, donate: bool) -> list:
+    """``NUM_STEPS`` steps of the jitted training step from fresh params and an eager ``tx.init``."""
+    problem = _problem(case)
+    tx = case.make(learning_rate=LEARNING_RATE)
+    step = jax.jit(_training_step(tx, problem.extra), donate_argnums=(0, 1) if donate else ())
+    params = jax.tree.map(jnp.copy, problem.params)
+    state = tx.init(params)
+    trajectory = []
+    for index in range(NUM_STEPS):
+        shared = _shared_buffers((params, state))
+        try:
+            outputs = step(params, state)
+        except Exception as error:
+            raise AssertionError(
+                f"{case.name}: step {index} ({'donated' if donate else 'kept'} params and state) failed; "
+                f"leaves sharing one buffer (as (params, state)): {shared}; {error}"
+            ) from error
+        trajectory.append(_snapshot(outputs))
+        _, params, state = outputs
+    return trajectory
+
+
+def check_donate(case: ContractCase) -> None:
+    """``jax.jit(step, donate_argnums=(0, 1))`` over (params, state) runs, stays finite and matches the
+    same step without donation bit-for-bit (run second, so it also fails if an ``init`` handed out an
+    array that outlives it, such as a module-level constant, and the donated run deleted it)."""
+    donated = _training_run(case, donate=True)
+    kept = _training_run(case, donate=False)
+    for index, (a, b) in enumerate(zip(donated, kept)):
+        finite = all(_is_finite(x) for x in jax.tree.leaves(a[:2]))
+        assert finite, f"{case.name}: non-finite loss or params at step {index}"
+        assert_trees_bitwise_equal(a, b, f"{case.name}: donated vs kept buffers, step {index}")
+
+
 def _transform_word(name: str) -> str:
     return re.split(r"[-\[(:\s]", name)[0].lower().replace("_", "")
 
@@ -440,5 +505,6 @@ CHECKS = {
     "checkpoint": check_checkpoint,
     "apply_if_finite": check_apply_if_finite,
     "bf16": check_bf16,
+    "donate": check_donate,
     "missing_extra": check_missing_extra,
 }

@@ -51,9 +51,19 @@ def test_cases_module_imports(module):
     assert module is None, f"{module}.py failed to import:\n{IMPORT_ERRORS.get(module)}"
 
 
+# Failures of other libraries' transformations that this one cannot fix: strict, so a fixed release shows up.
+UPSTREAM_FAILURES = {
+    ("donate", "lbfgs"): "optax.scale_by_lbfgs's init puts one zeros tree in both diff_params_memory and "
+    "diff_updates_memory",
+}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 @pytest.mark.parametrize("check", [name for name in CHECKS if name != "checkpoint"])
-def test_contract(check, case):
+def test_contract(check, case, request):
+    if (check, case.name) in UPSTREAM_FAILURES:
+        reason = UPSTREAM_FAILURES[check, case.name]
+        request.applymarker(pytest.mark.xfail(reason=reason, raises=AssertionError, strict=True))
     CHECKS[check](case)
 
 
@@ -95,6 +105,18 @@ def _named_error_for_value_fn(learning_rate):
     return optax.chain(optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update), optax.sgd(learning_rate))
 
 
+def _shares_a_buffer(learning_rate):
+    """Its init puts one array in two state leaves: donating the state donates that buffer twice."""
+    def init(params):
+        zero = jnp.zeros([], jnp.int32)
+        return (zero, zero)
+
+    def update(updates, state, params=None):
+        return updates, state
+
+    return optax.chain(optax.GradientTransformation(init, update), optax.sgd(learning_rate))
+
+
 BROKEN = [
     ("missing_extra", ContractCase("unnamed_error", _unnamed_error, needs=("value_fn",))),
     ("missing_extra", ContractCase("undeclared", _named_error_for_value_fn, needs=())),
@@ -102,6 +124,7 @@ BROKEN = [
     ("inject_hyperparams", ContractCase("ignores_lr", _ignores_learning_rate)),
     ("bf16", ContractCase("float32_updates", _float32_updates)),
     ("leaves", ContractCase("skips_scalars", _skips_scalars)),
+    ("donate", ContractCase("shares_a_buffer", _shares_a_buffer)),
 ]
 
 

@@ -6,14 +6,17 @@ Protocol, for every run:
    from ``spec.make(learning_rate, task)``.
 2. One jitted step computes ``value, grad = value_and_grad(value_fn)(params)`` on the minibatch and calls
    ``tx.update(grad, state, params, value_fn=, model_fn=, loss=, value=, grad=)`` -- every optimizer gets the
-   same extras and ignores the ones it does not use.
+   same extras and ignores the ones it does not use. Params and state are donated (``donate_argnums=(0, 1)``),
+   as in a tuned training loop, so the step updates them in place instead of copying every state array;
+   the initial state is copied leaf by leaf first, so that each leaf owns its buffer even where an
+   ``init`` puts one array in two fields (``optax.lbfgs``).
 3. The step is compiled ahead of time, once per (task, optimizer): the learning rate is a hyperparameter in
    the optimizer state (``optax.inject_hyperparams``), so the grid and the seeds share one executable (an
    optimizer that cannot take a traced learning rate is compiled once per learning rate instead). Compile
-   time is recorded, not counted. Every step is timed
-      with ``jax.block_until_ready``; the batch is fetched before the clock starts. ``seconds`` is the sum of
-   the timed steps, ``step_time`` their median and ``mean_step_time`` their mean (which, unlike the median,
-   includes amortized work such as a root computed every 10 steps).
+   time is recorded, not counted. Every step is timed with ``jax.block_until_ready``; the batch is fetched
+   before the clock starts. ``seconds`` is the sum of the timed steps, ``step_time`` their median and
+   ``mean_step_time`` their mean (which, unlike the median, includes amortized work such as a root computed
+   every 10 steps).
 4. The loss on ``task.eval_batch`` (the fixed batch the task reports on) is measured at step 0, every
    ``eval_every`` steps and at the end, outside the clock. A non-finite loss stops the run (``diverged``).
 """
@@ -62,7 +65,10 @@ class RunResult:
 
 
 def make_step(task: Task, tx: optax.GradientTransformation) -> Callable:
-    """``step(params, state, batch) -> (params, state, value)``, passing every extra argument to ``tx``."""
+    """``step(params, state, batch) -> (params, state, value)``, passing every extra argument to ``tx``.
+
+    Jitted with ``params`` and ``state`` donated: the caller must not use them after the call.
+    """
 
     def step(params, state, batch: Batch):
         inputs, targets = batch
@@ -80,7 +86,7 @@ def make_step(task: Task, tx: optax.GradientTransformation) -> Callable:
         )
         return optax.apply_updates(params, updates), state, value
 
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=(0, 1))
 
 
 def _accuracy(apply, params, inputs, labels):
@@ -107,6 +113,11 @@ class _Evaluator:
 def _injected(spec: OptimizerSpec, task: Task, learning_rate: float) -> optax.GradientTransformation:
     """``spec.make(learning_rate, task)`` with the learning rate kept in the state as an array."""
     return optax.inject_hyperparams(lambda learning_rate: spec.make(learning_rate, task))(learning_rate=learning_rate)
+
+
+def _own_buffers(state):
+    """A copy of ``state`` in which every leaf has a buffer of its own, so that it can be donated."""
+    return jax.tree.map(jnp.copy, state)
 
 
 def _compile(task: Task, tx: optax.GradientTransformation, params, state, batch) -> tuple[Callable, float]:
@@ -141,7 +152,7 @@ def run_one(
     if compiled.get(key) is not False:
         try:
             tx = _injected(spec, task, learning_rate)
-            state = tx.init(params)
+            state = _own_buffers(tx.init(params))
             if key not in compiled:
                 compiled[key], compile_time = _compile(task, tx, params, state, batch)
         except Exception as error:  # e.g. a learning rate used as a Python number; real errors recur below
@@ -149,7 +160,7 @@ def run_one(
             compiled[key] = False
     if compiled[key] is False:
         tx = spec.make(learning_rate, task)
-        state = tx.init(params)
+        state = _own_buffers(tx.init(params))
         step, compile_time = _compile(task, tx, params, state, batch)
     else:
         step = compiled[key]

@@ -132,8 +132,8 @@ def scale_by_soap(
         modes = [_preconditioned_modes(x.shape, max_precond_dim) for x in leaves]
         factors = tuple(tuple(jnp.zeros((x.shape[i],) * 2, stat_dtype(x.dtype)) for i in m) for x, m in zip(leaves, modes))
         bases = tuple(tuple(jnp.eye(x.shape[i], dtype=stat_dtype(x.dtype)) for i in m) for x, m in zip(leaves, modes))
-        zero = jnp.zeros((), jnp.int32)
-        return SoapState(zero, jax.tree.map(zeros, params), jax.tree.map(zeros, params), factors, bases, zero)
+        count, basis_failures = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: state is donatable
+        return SoapState(count, jax.tree.map(zeros, params), jax.tree.map(zeros, params), factors, bases, basis_failures)
 
     def leaf_update(g, mu, nu, factors, bases, count):
         modes = _preconditioned_modes(g.shape, max_precond_dim)

@@ -12,6 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy.optimize import rosen, rosen_der
 
@@ -19,7 +20,7 @@ from optax_second_order import curvature
 from optax_second_order.bench import OPTIMIZERS, TASKS, get_task, npz_task
 from optax_second_order.bench.__main__ import parse_args, run_benchmark
 from optax_second_order.bench.report import best_runs
-from optax_second_order.bench.runner import RunResult, run_one
+from optax_second_order.bench.runner import RunResult, make_step, run_one
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,25 @@ def test_every_registered_optimizer_runs():
             assert len(spec.learning_rates) == 3 and spec.description, name
             result = run_one(task, name, spec, spec.learning_rates[-1], seed=0, steps=2, eval_every=1)
             assert result.diverged or result.steps == [0, 1, 2], name
+
+
+def test_step_donates_params_and_state():
+    """The runner's step consumes params and state (as a tuned training loop does) and computes the
+    same step as ``optax.apply_updates`` of ``tx.update`` on ``jax.grad`` of the batch loss."""
+    task = get_task("rosenbrock-2")
+    tx = optax.adam(0.1)
+    with jax.enable_x64(True):
+        batch = next(task.batches(0))
+        params = task.init(jax.random.key(0))
+        state = tx.init(params)
+        new_params, _, value = make_step(task, tx)(params, state, batch)
+        assert all(x.is_deleted() for x in jax.tree.leaves((params, state)))
+
+        params = task.init(jax.random.key(0))
+        grads = jax.grad(task.batch_loss)(params, batch)
+        expected = optax.apply_updates(params, tx.update(grads, tx.init(params), params)[0])
+        np.testing.assert_allclose(new_params["x"], expected["x"], rtol=1e-12)
+        np.testing.assert_allclose(value, task.batch_loss(params, batch), rtol=1e-12)
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
