@@ -10,11 +10,18 @@ update is the damped natural gradient
   ``pi = sqrt((tr A / d_A) / (tr G / d_G))``;
 * ``damping_mode="exact"``: ``(A (x) G + lambda I)^{-1} vec(V)``, solved in the factors' eigenbases
   ``A = Q_A diag(a) Q_A^T``, ``G = Q_G diag(g) Q_G^T``:
-  ``Q_A [(Q_A^T V Q_G) / (a g^T + lambda)] Q_G^T``.
+  ``Q_A [(Q_A^T V Q_G) / (a g^T + lambda)] Q_G^T``;
+* ``approximation="eigenvalue_corrected"`` (EK-FAC; George, Laurent, Bouthillier, Ballas & Vincent 2018):
+  the same eigenbases, but the diagonal ``a g^T`` is replaced by the Fisher's own diagonal in them,
+  ``s = E_i[(Q_A^T dl_i/dW Q_G)^2]`` from per-example gradients
+  (:func:`~optax_second_order.kronecker.kronecker_factors` with ``eigenbases``):
+  ``Q_A [(Q_A^T V Q_G) / (s + lambda)] Q_G^T``. When the eigenbases are recomputed, ``s`` restarts from
+  that batch in the new bases (one more forward/backward pass on those steps); on the other statistics
+  steps it is averaged like the factors (``decay_k`` counted from the restart).
 
 Every ``inverse_frequency`` steps (optionally spread over devices) the factored mode inverts the two
 damped factors (LU; two matrix products per step), the exact mode eigendecomposes them and keeps
-the eigenbases (four products per step). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
+the eigenbases (four products per step; EK-FAC likewise). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
 ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
 ``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets
 sampled from the model (``fisher="true"``, the default) or the data's targets (``"empirical"``).
@@ -74,11 +81,13 @@ class KFACState(NamedTuple):
     count: jax.Array  # int32, completed updates
     key: jax.Array
     factors: tuple  # ((A, G), ...) exponential moving averages
-    preconditioners: tuple  # factored: ((P_A, P_G), ...) damped factor inverses; exact: (((a, Q_A), (g, Q_G)), ...)
+    preconditioners: tuple  # factored: ((P_A, P_G), ...) damped factor inverses; else (((a, Q_A), (g, Q_G)), ...)
     diagonal: tuple  # diagonal Fisher of the fallback parameters
     num_statistics: jax.Array  # int32, statistics updates so far
     nonfinite: jax.Array  # int32, discarded non-finite statistics or decompositions
     damping: jax.Array  # the Tikhonov damping lambda now in use (constant unless adaptive_damping)
+    scales: tuple  # EK-FAC: per layer, the (d_in, d_out) Fisher diagonal in the eigenbasis; K-FAC: ()
+    num_scales: jax.Array  # int32, EK-FAC scale updates since the eigenbases were last recomputed
 
 
 def _check(name: str, ok: bool, requirement: str) -> None:
@@ -86,11 +95,12 @@ def _check(name: str, ok: bool, requirement: str) -> None:
         raise ValueError(f"{NAME}: {name} must be {requirement}")
 
 
-def _validate(layers, damping, damping_mode, ema_decay, frequencies, kl_clip, learning_rate, fisher, adaptive_damping, decay):
+def _validate(layers, damping, damping_mode, approximation, ema_decay, frequencies, kl_clip, learning_rate, fisher, adaptive_damping, decay):
     _check("layers", isinstance(layers, kronecker.Layers), "an optax_second_order.kronecker.Layers (from find_layers)")
     if isinstance(damping, (int, float)):  # a traced damping (optax.inject_hyperparams) is not checked
         _check("damping", damping > 0, "> 0")
     _check("damping_mode", damping_mode in ("factored", "exact"), '"factored" or "exact"')
+    _check("approximation", approximation in ("kronecker", "eigenvalue_corrected"), '"kronecker" or "eigenvalue_corrected"')
     _check("ema_decay", 0.0 <= ema_decay < 1.0, "in [0, 1)")
     for name, value in frequencies.items():
         _check(name, isinstance(value, int) and value >= 1, "an int >= 1")
@@ -117,6 +127,16 @@ def _all_finite(tree) -> jax.Array:
 def _dot(x, y) -> jax.Array:
     """``sum_leaves <x, y>`` in ``x``'s dtypes."""
     return sum(jnp.vdot(a, b.astype(a.dtype)) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+
+
+def _ema_unless_nonfinite(olds, news, decay, bad):
+    """The EMA of each ``(old, new)`` pair; a pair whose result is non-finite keeps ``old`` and adds to ``bad``."""
+    out = []
+    for old, new in zip(olds, news):
+        kept, was_bad = _keep_if_bad(old, _ema(old, new, decay))
+        out.append(kept)
+        bad = bad + was_bad
+    return tuple(out), bad
 
 
 def _keep_if_bad(old, new):
@@ -159,6 +179,7 @@ def scale_by_kfac(
     *,
     damping: float = 1e-3,
     damping_mode: str = "factored",
+    approximation: str = "kronecker",
     ema_decay: float = 0.95,
     statistics_frequency: int = 1,
     inverse_frequency: int = 10,
@@ -178,7 +199,9 @@ def scale_by_kfac(
       layers: the capture found by :func:`optax_second_order.kronecker.find_layers` (plain JAX tags) or
         :func:`optax_second_order.flax.capture.find_layers` (Flax linen / NNX); built once.
       damping: Tikhonov damping ``lambda``.
-      damping_mode: ``"factored"`` (with the pi-adjustment) or ``"exact"`` (eigenbasis solve).
+      damping_mode: ``"factored"`` (with the pi-adjustment) or ``"exact"`` (eigenbasis solve); applies to
+        ``approximation="kronecker"`` (EK-FAC always adds ``lambda`` to its eigenbasis diagonal).
+      approximation: ``"kronecker"`` (K-FAC) or ``"eigenvalue_corrected"`` (EK-FAC, George et al. 2018).
       ema_decay: decay of the factors' moving averages.
       statistics_frequency: refresh the factors every this many steps.
       inverse_frequency: recompute the eigendecompositions every this many steps.
@@ -204,8 +227,13 @@ def scale_by_kfac(
         inverse_frequency=inverse_frequency,
         damping_adaptation_interval=damping_adaptation_interval,
     )
-    _validate(layers, damping, damping_mode, ema_decay, frequencies, kl_clip, learning_rate, fisher, adaptive_damping, damping_adaptation_decay)
+    _validate(
+        layers, damping, damping_mode, approximation, ema_decay, frequencies, kl_clip, learning_rate, fisher,
+        adaptive_damping, damping_adaptation_decay,
+    )
     omega = damping_adaptation_decay**damping_adaptation_interval
+    corrected = approximation == "eigenvalue_corrected"
+    factored = damping_mode == "factored" and not corrected  # else the preconditioners are eigenbases
 
     def init_fn(params):
         leaves, _ = _leaves_by_name(params)
@@ -217,37 +245,55 @@ def scale_by_kfac(
             return jnp.ones(n, stat_dtype(leaves[name].dtype)), identity(n, name)
 
         factors = tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
-        if damping_mode == "factored":  # fresh arrays: a state sharing buffers cannot be donated
+        if factored:  # fresh arrays: a state sharing buffers cannot be donated
             preconditioners = tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
         else:
             preconditioners = tuple(
                 (eigen_identity(l.input_dim, l.kernel), eigen_identity(l.output_dim, l.kernel)) for l in layers.layers
             )
         diagonal = tuple(jnp.ones(jnp.shape(leaves[name]), stat_dtype(leaves[name].dtype)) for name in layers.fallback)
+        scales = tuple(jnp.ones((l.input_dim, l.output_dim), stat_dtype(leaves[l.kernel].dtype)) for l in layers.layers)
+
         def zero():
             return jnp.zeros([], jnp.int32)
 
         initial_damping = jnp.asarray(damping, jnp.result_type(float))
-        return KFACState(zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero(), initial_damping)
+        return KFACState(
+            zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero(), initial_damping,
+            scales if corrected else (), zero(),
+        )
+
+    def eigenbases(preconditioners):
+        return {l.name: (q_a, q_g) for l, ((_, q_a), (_, q_g)) in zip(layers.layers, preconditioners)}
+
+    def batch_statistics(params, model_fn, loss, key, preconditioners):
+        cotangent = kronecker.fisher_cotangent(loss, key if fisher == "true" else None)
+        bases = eigenbases(preconditioners) if corrected else None
+        return kronecker.kronecker_factors(model_fn, params, layers, cotangent, bases)
 
     def update_statistics(state, params, model_fn, loss, key):
-        key = key if fisher == "true" else None
-        stats = kronecker.kronecker_factors(model_fn, params, layers, kronecker.fisher_cotangent(loss, key))
+        """EMAs of the factors, the fallback diagonal and (EK-FAC) the scales in the current eigenbases."""
+        stats = batch_statistics(params, model_fn, loss, key, state.preconditioners)
         decay = jnp.minimum(1.0 - 1.0 / (state.num_statistics + 1), ema_decay)
-        new_factors, new_diagonal, bad = [], [], state.nonfinite
-        for layer, old in zip(layers.layers, state.factors):
-            factors, was_bad = _keep_if_bad(old, _ema(old, stats.factors[layer.name], decay))
-            new_factors.append(factors)
-            bad = bad + was_bad
-        for name, old in zip(layers.fallback, state.diagonal):
-            diagonal, was_bad = _keep_if_bad(old, _ema(old, jnp.square(stats.fallback_grads[name].astype(old.dtype)), decay))
-            new_diagonal.append(diagonal)
-            bad = bad + was_bad
-        return tuple(new_factors), tuple(new_diagonal), state.num_statistics + 1, bad
+        factors, bad = _ema_unless_nonfinite(state.factors, [stats.factors[l.name] for l in layers.layers], decay, state.nonfinite)
+        squares = [jnp.square(stats.fallback_grads[name].astype(d.dtype)) for name, d in zip(layers.fallback, state.diagonal)]
+        diagonal, bad = _ema_unless_nonfinite(state.diagonal, squares, decay, bad)
+        scale_decay = jnp.minimum(1.0 - 1.0 / (state.num_scales + 1), ema_decay)
+        scales, bad = _ema_unless_nonfinite(state.scales, [stats.scales[l.name] for l in layers.layers] if corrected else [], scale_decay, bad)
+        return factors, diagonal, scales, state.num_statistics + 1, state.num_scales + 1, bad
+
+    def refresh(factors, scales, num_scales, old, nonfinite, damping, params, model_fn, loss, key):
+        """New preconditioners; EK-FAC restarts its scales from this batch in the new eigenbases."""
+        preconditioners, bad = update_preconditioners(factors, old, nonfinite, damping)
+        if not corrected:
+            return preconditioners, scales, num_scales, bad
+        stats = batch_statistics(params, model_fn, loss, key, preconditioners)
+        scales, bad = _ema_unless_nonfinite(scales, [stats.scales[l.name] for l in layers.layers], 0.0, bad)
+        return preconditioners, scales, jnp.ones_like(num_scales), bad
 
     def update_preconditioners(factors, preconditioners, nonfinite, damping):
         matrices = [m for pair in factors for m in pair]
-        if damping_mode == "factored":
+        if factored:
             dampings = []
             for a, g in factors:
                 pi = jnp.sqrt((jnp.trace(a) / a.shape[0] + 1e-30) / (jnp.trace(g) / g.shape[0] + 1e-30))
@@ -264,21 +310,22 @@ def scale_by_kfac(
             bad = bad + was_bad
         return tuple(new), bad
 
-    def precondition_layer(v, preconditioner, damping):
-        if damping_mode == "factored":
+    def precondition_layer(v, preconditioner, scale, damping):
+        if factored:
             inverse_a, inverse_g = preconditioner
             return inverse_a @ v.astype(inverse_a.dtype) @ inverse_g
         (a, q_a), (g, q_g) = preconditioner
+        diagonal = scale if corrected else jnp.outer(a, g)  # the Fisher block's diagonal in the eigenbasis
         rotated = q_a.T @ v.astype(q_a.dtype) @ q_g
-        return q_a @ (rotated / (jnp.outer(a, g) + damping.astype(a.dtype))) @ q_g.T
+        return q_a @ (rotated / (diagonal + damping.astype(a.dtype))) @ q_g.T
 
-    def natural_gradient(grads, preconditioners, diagonal, damping):
+    def natural_gradient(grads, preconditioners, scales, diagonal, damping):
         """``v = F~^{-1} grad`` per layer (Kronecker) and per fallback parameter (diagonal)."""
         leaves, treedef = _leaves_by_name(grads)
         out = dict(leaves)
-        for layer, preconditioner in zip(layers.layers, preconditioners):
+        for layer, preconditioner, scale in zip(layers.layers, preconditioners, scales or (None,) * len(preconditioners)):
             bias = leaves[layer.bias] if layer.bias else None
-            v = precondition_layer(kronecker.kernel_matrix(layer, leaves[layer.kernel], bias), preconditioner, damping)
+            v = precondition_layer(kronecker.kernel_matrix(layer, leaves[layer.kernel], bias), preconditioner, scale, damping)
             out[layer.kernel], bias = kronecker.split_kernel_matrix(layer, v)
             if layer.bias:
                 out[layer.bias] = bias
@@ -311,17 +358,17 @@ def scale_by_kfac(
         damping_now = state.damping if adaptive_damping else jnp.asarray(damping, state.damping.dtype)
         key, stats_key = jax.random.split(state.key)
 
-        factors, diagonal, num_statistics, nonfinite = jax.lax.cond(
+        factors, diagonal, scales, num_statistics, num_scales, nonfinite = jax.lax.cond(
             is_refresh_step(state.count, statistics_frequency),
             lambda: update_statistics(state, params, model_fn, loss, stats_key),
-            lambda: (state.factors, state.diagonal, state.num_statistics, state.nonfinite),
+            lambda: (state.factors, state.diagonal, state.scales, state.num_statistics, state.num_scales, state.nonfinite),
         )
-        preconditioners, nonfinite = jax.lax.cond(
+        preconditioners, scales, num_scales, nonfinite = jax.lax.cond(
             is_refresh_step(state.count, inverse_frequency),
-            lambda: update_preconditioners(factors, state.preconditioners, nonfinite, damping_now),
-            lambda: (state.preconditioners, nonfinite),
+            lambda: refresh(factors, scales, num_scales, state.preconditioners, nonfinite, damping_now, params, model_fn, loss, stats_key),
+            lambda: (state.preconditioners, scales, num_scales, nonfinite),
         )
-        v = natural_gradient(updates, preconditioners, diagonal, damping_now)
+        v = natural_gradient(updates, preconditioners, scales, diagonal, damping_now)
         if kl_clip is not None:
             nu = kl_scale(v, updates, state.count)
             v = jax.tree.map(lambda x: nu * x, v)
@@ -333,7 +380,9 @@ def scale_by_kfac(
                 lambda: damping_now,
             )
         updates = jax.tree.map(lambda x, g: x.astype(g.dtype), v, updates)
-        new_state = KFACState(state.count + 1, key, factors, preconditioners, diagonal, num_statistics, nonfinite, new_damping)
+        new_state = KFACState(
+            state.count + 1, key, factors, preconditioners, diagonal, num_statistics, nonfinite, new_damping, scales, num_scales
+        )
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

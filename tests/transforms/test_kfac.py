@@ -129,6 +129,69 @@ def test_direction_equals_dense_solve_and_inverses_are_amortized(mode):
     assert int(state2.nonfinite) == 0
 
 
+def _per_example_kernel_gradients(params, seed):
+    """``{layer: (N, d_in, d_out)}`` per-example gradients of ``l_i`` (not divided by N), by vmap(grad)."""
+    x, y = _batch(seed)
+
+    def example_loss(p, xi, yi):
+        return oso.losses.softmax_cross_entropy(yi[None])(_model(p, xi[None]))
+
+    grads = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0))(params, x, y)
+    out = {}
+    for layer in LAYERS.layers:
+        path = "l1" if layer.kernel.startswith("['l1']") else "l2"
+        out[layer.name] = jax.vmap(lambda w, b: kronecker.kernel_matrix(layer, w, b))(grads[path]["w"], grads[path].get("b"))
+    return out
+
+
+def _ekfac_scales(params, seed, state):
+    """George et al.'s diagonal, written out: mean_i (Q_A^T dl_i/dW Q_G)^2 in the state's eigenbases."""
+    per_example = _per_example_kernel_gradients(params, seed)
+    out = []
+    for layer, ((_, q_a), (_, q_g)) in zip(LAYERS.layers, state.preconditioners):
+        q_a, q_g = np.asarray(q_a), np.asarray(q_g)
+        out.append(np.mean([(q_a.T @ np.asarray(d) @ q_g) ** 2 for d in per_example[layer.name]], axis=0))
+    return out
+
+
+def _check_ekfac_direction(updates, grads, state, scales):
+    """``vec(v) = (Q_A (x) Q_G) diag(s + lambda)^{-1} (Q_A (x) Q_G)^T vec(V)`` with ``np.kron`` and a solve."""
+    for layer, ((a, q_a), (g, q_g)), s in zip(LAYERS.layers, state.preconditioners, scales):
+        path = "l1" if layer.kernel.startswith("['l1']") else "l2"
+        q = np.kron(np.asarray(q_a), np.asarray(q_g))
+        damped = q @ np.diag(np.asarray(s).reshape(-1) + LAM) @ q.T
+        v = np.asarray(kronecker.kernel_matrix(layer, grads[path]["w"], grads[path].get("b"))).reshape(-1)
+        got = kronecker.kernel_matrix(layer, updates[path]["w"], updates[path].get("b"))
+        np.testing.assert_allclose(got, scipy.linalg.solve(damped, v).reshape(got.shape), rtol=1e-8, atol=1e-12)
+
+
+def test_eigenvalue_corrected_kfac_matches_the_papers_diagonal_and_a_dense_solve():
+    params = _params()
+    tx = oso.scale_by_kfac(
+        LAYERS, damping=LAM, approximation="eigenvalue_corrected", fisher="empirical", kl_clip=None, inverse_frequency=3
+    )
+    update = _jit_update(tx)
+    grads, updates, state0 = _step(tx, tx.init(params), params, 1, update)
+    # step 1 recomputes the eigenbases (of this batch's factors) and restarts the scales from this batch in them
+    for layer, (a, g), ((ea, q_a), (eg, q_g)) in zip(LAYERS.layers, state0.factors, state0.preconditioners):
+        np.testing.assert_allclose(q_a @ np.diag(ea) @ q_a.T, a, atol=1e-10)
+        np.testing.assert_allclose(q_g @ np.diag(eg) @ q_g.T, g, atol=1e-10)
+    expected0 = _ekfac_scales(params, 1, state0)
+    for got, want in zip(state0.scales, expected0):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+    _check_ekfac_direction(updates, grads, state0, state0.scales)
+    # K-FAC's own diagonal in that basis, outer(eig A, eig G), differs: the correction is not a no-op
+    assert not np.allclose(state0.scales[0], np.outer(state0.preconditioners[0][0][0], state0.preconditioners[0][1][0]))
+
+    # step 2 keeps the eigenbases and averages the scales: decay min(1 - 1/2, 0.95) = 1/2
+    grads, updates, state1 = _step(tx, state0, params, 2, update)
+    jax.tree.map(np.testing.assert_array_equal, state1.preconditioners, state0.preconditioners)
+    expected1 = [0.5 * s0 + 0.5 * s for s0, s in zip(expected0, _ekfac_scales(params, 2, state0))]
+    for got, want in zip(state1.scales, expected1):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
+    _check_ekfac_direction(updates, grads, state1, expected1)
+
+
 def _dense_fisher(factors, diagonal, damped):
     """Block-diagonal Kronecker (+ diagonal) Fisher over [layer vecs..., fallback leaves...], damped or not."""
     blocks = []
@@ -248,6 +311,8 @@ def test_errors():
         oso.scale_by_kfac(LAYERS, damping=-1.0)
     with pytest.raises(ValueError, match="damping_mode"):
         oso.scale_by_kfac(LAYERS, damping_mode="nope")
+    with pytest.raises(ValueError, match="approximation"):
+        oso.scale_by_kfac(LAYERS, approximation="diagonal", kl_clip=None)
     with pytest.raises(ValueError, match="learning_rate"):
         oso.scale_by_kfac(LAYERS)
     with pytest.raises(ValueError, match="layers"):
