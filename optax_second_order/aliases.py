@@ -190,6 +190,7 @@ def kfac(
     *,
     damping: float = 1e-3,
     damping_mode: str = "factored",
+    approximation: str = "kronecker",
     momentum: float = 0.9,
     weight_decay: float = 0.0,
     kl_clip: float | None = 1e-3,
@@ -199,18 +200,25 @@ def kfac(
     fisher: str = "true",
     seed: int = 0,
     inverse_sharding: jax.sharding.Sharding | None = None,
+    adaptive_damping: bool = False,
+    damping_adaptation_interval: int = 5,
+    damping_adaptation_decay: float = 0.95,
+    min_damping: float = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: KL-clipped natural gradient, heavy-ball ``momentum`` on it, decoupled ``weight_decay``.
 
     ``chain(scale_by_kfac, trace(momentum), add_decayed_weights(weight_decay), scale_by_learning_rate)``;
     ``layers`` from ``oso.kronecker.find_layers`` or ``oso.flax.find_layers``; ``update`` needs
-    ``model_fn`` and ``loss``. See :func:`~optax_second_order.scale_by_kfac` for the other arguments.
+    ``model_fn`` and ``loss`` (and ``value_fn`` with ``adaptive_damping``);
+    ``approximation="eigenvalue_corrected"`` gives EK-FAC. See :func:`~optax_second_order.scale_by_kfac`
+    for the other arguments.
     """
     return optax.chain(
         _kfac.scale_by_kfac(
             layers,
             damping=damping,
             damping_mode=damping_mode,
+            approximation=approximation,
             ema_decay=ema_decay,
             statistics_frequency=statistics_frequency,
             inverse_frequency=inverse_frequency,
@@ -219,6 +227,10 @@ def kfac(
             fisher=fisher,
             seed=seed,
             inverse_sharding=inverse_sharding,
+            adaptive_damping=adaptive_damping,
+            damping_adaptation_interval=damping_adaptation_interval,
+            damping_adaptation_decay=damping_adaptation_decay,
+            min_damping=min_damping,
         ),
         optax.trace(momentum),
         optax.add_decayed_weights(weight_decay),

@@ -39,4 +39,13 @@ CASES = [
         needs=("model_fn", "loss"),
         problem=tagged_problem,
     ),
+    ContractCase(
+        "kfac-ekfac-adaptive",
+        lambda learning_rate: oso.kfac(
+            learning_rate, _layers(), approximation="eigenvalue_corrected", inverse_frequency=2,
+            adaptive_damping=True, damping_adaptation_interval=2,
+        ),
+        needs=("model_fn", "loss", "value_fn"),
+        problem=tagged_problem,
+    ),
 ]
