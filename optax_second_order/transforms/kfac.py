@@ -31,7 +31,8 @@ same pass): ``v = grad / (d + lambda)``.
 KL clipping (Ba, Grosse & Martens 2017): the natural gradient ``v`` is scaled by
 ``nu = min(1, sqrt(kl_clip / (lr^2 v^T F~ v)))``, ``F~`` the damped Kronecker (and diagonal) approximation
 that defines ``v = F~^{-1} grad``, so ``v^T F~ v = v . grad`` costs no matrix product, and
-``lr^2 v^T F~ v <= kl_clip``; since ``F~ >= F`` (the undamped approximation) the bound holds for ``F`` too. Momentum and weight decay are applied by
+``lr^2 v^T F~ v <= kl_clip``; since ``F~ >= F`` (the undamped approximation) the bound holds for ``F`` too.
+Momentum and weight decay are applied by
 :func:`~optax_second_order.kfac` after this transformation.
 
 Adaptive damping (``adaptive_damping=True``; Levenberg-Marquardt, section 6.5 of the paper): every
@@ -95,7 +96,9 @@ def _check(name: str, ok: bool, requirement: str) -> None:
         raise ValueError(f"{NAME}: {name} must be {requirement}")
 
 
-def _validate(layers, damping, damping_mode, approximation, ema_decay, frequencies, kl_clip, learning_rate, fisher, adaptive_damping, decay):
+def _validate(
+    layers, damping, damping_mode, approximation, ema_decay, frequencies, kl_clip, learning_rate, fisher, adaptive_damping, decay
+):
     _check("layers", isinstance(layers, kronecker.Layers), "an optax_second_order.kronecker.Layers (from find_layers)")
     if isinstance(damping, (int, float)):  # a traced damping (optax.inject_hyperparams) is not checked
         _check("damping", damping > 0, "> 0")
@@ -244,9 +247,12 @@ def scale_by_kfac(
         def eigen_identity(n, name):
             return jnp.ones(n, stat_dtype(leaves[name].dtype)), identity(n, name)
 
-        factors = tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
-        if factored:  # fresh arrays: a state sharing buffers cannot be donated
-            preconditioners = tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
+        def identities():  # fresh arrays each call: a state sharing buffers cannot be donated
+            return tuple((identity(l.input_dim, l.kernel), identity(l.output_dim, l.kernel)) for l in layers.layers)
+
+        factors = identities()
+        if factored:
+            preconditioners = identities()
         else:
             preconditioners = tuple(
                 (eigen_identity(l.input_dim, l.kernel), eigen_identity(l.output_dim, l.kernel)) for l in layers.layers
@@ -263,6 +269,9 @@ def scale_by_kfac(
             scales if corrected else (), zero(),
         )
 
+    def by_layer(mapping):
+        return [mapping[l.name] for l in layers.layers]
+
     def eigenbases(preconditioners):
         return {l.name: (q_a, q_g) for l, ((_, q_a), (_, q_g)) in zip(layers.layers, preconditioners)}
 
@@ -275,11 +284,11 @@ def scale_by_kfac(
         """EMAs of the factors, the fallback diagonal and (EK-FAC) the scales in the current eigenbases."""
         stats = batch_statistics(params, model_fn, loss, key, state.preconditioners)
         decay = jnp.minimum(1.0 - 1.0 / (state.num_statistics + 1), ema_decay)
-        factors, bad = _ema_unless_nonfinite(state.factors, [stats.factors[l.name] for l in layers.layers], decay, state.nonfinite)
-        squares = [jnp.square(stats.fallback_grads[name].astype(d.dtype)) for name, d in zip(layers.fallback, state.diagonal)]
+        factors, bad = _ema_unless_nonfinite(state.factors, by_layer(stats.factors), decay, state.nonfinite)
+        squares = [jnp.square(stats.fallback_grads[n].astype(d.dtype)) for n, d in zip(layers.fallback, state.diagonal)]
         diagonal, bad = _ema_unless_nonfinite(state.diagonal, squares, decay, bad)
         scale_decay = jnp.minimum(1.0 - 1.0 / (state.num_scales + 1), ema_decay)
-        scales, bad = _ema_unless_nonfinite(state.scales, [stats.scales[l.name] for l in layers.layers] if corrected else [], scale_decay, bad)
+        scales, bad = _ema_unless_nonfinite(state.scales, by_layer(stats.scales) if corrected else [], scale_decay, bad)
         return factors, diagonal, scales, state.num_statistics + 1, state.num_scales + 1, bad
 
     def refresh(factors, scales, num_scales, old, nonfinite, damping, params, model_fn, loss, key):
@@ -288,7 +297,7 @@ def scale_by_kfac(
         if not corrected:
             return preconditioners, scales, num_scales, bad
         stats = batch_statistics(params, model_fn, loss, key, preconditioners)
-        scales, bad = _ema_unless_nonfinite(scales, [stats.scales[l.name] for l in layers.layers], 0.0, bad)
+        scales, bad = _ema_unless_nonfinite(scales, by_layer(stats.scales), 0.0, bad)
         return preconditioners, scales, jnp.ones_like(num_scales), bad
 
     def update_preconditioners(factors, preconditioners, nonfinite, damping):
@@ -325,7 +334,8 @@ def scale_by_kfac(
         out = dict(leaves)
         for layer, preconditioner, scale in zip(layers.layers, preconditioners, scales or (None,) * len(preconditioners)):
             bias = leaves[layer.bias] if layer.bias else None
-            v = precondition_layer(kronecker.kernel_matrix(layer, leaves[layer.kernel], bias), preconditioner, scale, damping)
+            matrix = kronecker.kernel_matrix(layer, leaves[layer.kernel], bias)
+            v = precondition_layer(matrix, preconditioner, scale, damping)
             out[layer.kernel], bias = kronecker.split_kernel_matrix(layer, v)
             if layer.bias:
                 out[layer.bias] = bias
@@ -345,7 +355,8 @@ def scale_by_kfac(
         """The damping after the reduction-ratio test of the step ``delta = -lr v`` (section 6.5)."""
         delta = jax.tree.map(lambda x, p: (-rate(count) * x).astype(p.dtype), v, params)
         actual = value_fn(optax.apply_updates(params, delta)) - value_fn(params)
-        predicted = _dot(grads, delta) + 0.5 * (gnvp_quadratic_form(model_fn, loss, params, delta) + damping * _dot(delta, delta))
+        curvature = gnvp_quadratic_form(model_fn, loss, params, delta) + damping * _dot(delta, delta)
+        predicted = _dot(grads, delta) + 0.5 * curvature
         rho = jnp.where(jnp.isfinite(actual), actual / predicted, -jnp.inf)
         new = jnp.where(rho > 0.75, damping * omega, jnp.where(rho < 0.25, damping / omega, damping))
         return jnp.maximum(new, min_damping).astype(damping.dtype)
@@ -365,7 +376,9 @@ def scale_by_kfac(
         )
         preconditioners, scales, num_scales, nonfinite = jax.lax.cond(
             is_refresh_step(state.count, inverse_frequency),
-            lambda: refresh(factors, scales, num_scales, state.preconditioners, nonfinite, damping_now, params, model_fn, loss, stats_key),
+            lambda: refresh(
+                factors, scales, num_scales, state.preconditioners, nonfinite, damping_now, params, model_fn, loss, stats_key
+            ),
             lambda: (state.preconditioners, scales, num_scales, nonfinite),
         )
         v = natural_gradient(updates, preconditioners, scales, diagonal, damping_now)
