@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 import optax_second_order as oso
@@ -141,3 +142,166 @@ def test_kfac_trains_a_linen_model_in_a_jitted_step():
         params, state, value = step(params, state)
         values.append(float(value))
     assert values[-1] < values[0] and int(state[0].nonfinite) == 0
+
+
+# --- DenseGeneral / LinearGeneral: captured where the kernel is a matrix on the trailing axes (float64) ----------
+
+F64 = jnp.float64
+BIAS_INIT = nn.initializers.normal(0.5)  # nonzero biases, so their reshape matters
+SEQ = jax.random.normal(jax.random.key(4), (B, 3, 2), F64)
+
+
+class LinenGeneralNet(nn.Module):
+    """Two DenseGeneral layers that are matrices, then two that are not (non-trailing axis, batch_dims)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.DenseGeneral((2, 3), param_dtype=F64, bias_init=BIAS_INIT)(x))  # kernel (2, 2, 3), bias (2, 3)
+        h = jnp.tanh(nn.DenseGeneral(4, axis=(-2, -1), param_dtype=F64, bias_init=BIAS_INIT)(h))  # kernel (2, 3, 4)
+        h = jnp.tanh(nn.DenseGeneral(2, axis=1, param_dtype=F64)(h))  # contracts the middle axis: (B, 4, 2)
+        return nn.DenseGeneral(1, batch_dims=(0,), use_bias=False, param_dtype=F64)(h)[..., 0]  # (B, 4)
+
+
+def _linen_dense_equivalent(p):
+    """``LinenGeneralNet`` with its two matrix layers as ``nn.Dense`` on flattened axes; ``p`` in Dense shapes."""
+    h = jnp.tanh(nn.Dense(6, param_dtype=F64).apply({"params": p["DenseGeneral_0"]}, SEQ)).reshape(B, 3, 2, 3)
+    h = jnp.tanh(nn.Dense(4, param_dtype=F64).apply({"params": p["DenseGeneral_1"]}, h.reshape(B, 3, 6)))
+    h = jnp.tanh(nn.DenseGeneral(2, axis=1, param_dtype=F64).apply({"params": p["DenseGeneral_2"]}, h))
+    out = nn.DenseGeneral(1, batch_dims=(0,), use_bias=False, param_dtype=F64)
+    return out.apply({"params": p["DenseGeneral_3"]}, h)[..., 0]
+
+
+def _to_dense_shapes(params):
+    """The matrix layers' kernels as ``(prod(in_shape), prod(features))``, biases flat; the rest unchanged."""
+    out = dict(params)
+    out["DenseGeneral_0"] = {"kernel": params["DenseGeneral_0"]["kernel"].reshape(2, 6), "bias": params["DenseGeneral_0"]["bias"].reshape(6)}
+    out["DenseGeneral_1"] = {"kernel": params["DenseGeneral_1"]["kernel"].reshape(6, 4), "bias": params["DenseGeneral_1"]["bias"]}
+    return out
+
+
+def _general_setup():
+    net = LinenGeneralNet()
+    params = net.init(jax.random.key(5), SEQ)["params"]
+    dense_params = _to_dense_shapes(params)
+    model_fn = lambda p: net.apply({"params": p}, SEQ)  # noqa: E731
+    np.testing.assert_allclose(model_fn(params), _linen_dense_equivalent(dense_params), rtol=1e-13)
+    return params, model_fn, dense_params, oso.flax.find_layers(model_fn, params), oso.flax.find_layers(_linen_dense_equivalent, dense_params)
+
+
+def test_linen_dense_general_is_captured_where_it_is_a_matrix():
+    params, _, _, layers, dense_layers = _general_setup()
+    assert [(l.kind, l.kernel, l.bias, l.kernel_shape, l.output_ndim) for l in layers.layers] == [
+        ("dense", "['DenseGeneral_0']['kernel']", "['DenseGeneral_0']['bias']", (2, 2, 3), 2),
+        ("dense", "['DenseGeneral_1']['kernel']", "['DenseGeneral_1']['bias']", (2, 3, 4), 1),
+    ]
+    assert set(layers.fallback) == {"['DenseGeneral_2']['kernel']", "['DenseGeneral_2']['bias']", "['DenseGeneral_3']['kernel']"}
+    assert "diagonal ['DenseGeneral_3']['kernel']" in layers.summary() and "A 7x7, G 4x4" in layers.summary()
+    assert [(l.input_dim, l.output_dim) for l in layers.layers] == [(3, 6), (7, 4)]
+    assert [(l.name, l.bias, l.input_dim, l.output_dim) for l in layers.layers] == [
+        (l.name, l.bias, l.input_dim, l.output_dim) for l in dense_layers.layers
+    ]
+    assert layers.fallback == dense_layers.fallback
+    dense_params = _to_dense_shapes(params)
+    for layer, name in zip(layers.layers, ["DenseGeneral_0", "DenseGeneral_1"]):
+        # kernel_matrix is the Dense kernel with the bias as last row; split_kernel_matrix undoes it
+        kernel, bias = params[name]["kernel"], params[name]["bias"]
+        w = kronecker.kernel_matrix(layer, kernel, bias)
+        np.testing.assert_array_equal(w, np.concatenate([dense_params[name]["kernel"], dense_params[name]["bias"][None]]))
+        jax.tree.map(np.testing.assert_array_equal, kronecker.split_kernel_matrix(layer, w), (kernel, bias))
+
+
+def _orthogonal_bases(layers, seed):
+    rng = np.random.default_rng(seed)
+
+    def orthogonal(n):
+        q, r = np.linalg.qr(rng.standard_normal((n, n)))
+        return q * np.sign(np.diag(r))
+
+    return {l.name: (orthogonal(l.input_dim), orthogonal(l.output_dim)) for l in layers.layers}
+
+
+def test_linen_dense_general_statistics_and_ekfac_scales_equal_the_dense_equivalent():
+    params, model_fn, dense_params, layers, dense_layers = _general_setup()
+    bases = _orthogonal_bases(layers, 6)
+    cotangent = kronecker.fisher_cotangent(LOSS)
+    got = jax.jit(lambda p: kronecker.kronecker_factors(model_fn, p, layers, cotangent, bases))(params)
+    want = jax.jit(lambda p: kronecker.kronecker_factors(_linen_dense_equivalent, p, dense_layers, cotangent, bases))(dense_params)
+    assert set(got.scales) == {l.name for l in layers.layers}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15), got, want)
+
+    # A from explicit rows: the flattened trailing input axes of every token, then 1 for the bias
+    rows = np.concatenate([np.asarray(SEQ).reshape(-1, 2), np.ones((B * 3, 1))], axis=1)
+    np.testing.assert_allclose(got.factors["['DenseGeneral_0']['kernel']"][0], rows.T @ rows / len(rows), rtol=1e-12)
+
+
+@pytest.mark.parametrize("approximation", ["kronecker", "eigenvalue_corrected"])
+def test_kfac_step_on_dense_general_equals_the_dense_equivalent(approximation):
+    """``scale_by_kfac`` end to end (kernel_matrix, the preconditioner, split_kernel_matrix with the bias reshape)."""
+    params, model_fn, dense_params, layers, dense_layers = _general_setup()
+
+    def two_steps(layers, model_fn, params):
+        tx = oso.scale_by_kfac(layers, approximation=approximation, kl_clip=None, inverse_frequency=1, damping=1e-2)
+        state = tx.init(params)
+        for _ in range(2):
+            grads = jax.grad(lambda p: LOSS(model_fn(p)))(params)
+            updates, state = tx.update(grads, state, params, model_fn=model_fn, loss=LOSS)
+            params = optax.apply_updates(params, jax.tree.map(lambda u: -0.1 * u, updates))
+        return updates
+
+    got = jax.jit(lambda p: two_steps(layers, model_fn, p))(params)
+    want = jax.jit(lambda p: two_steps(dense_layers, _linen_dense_equivalent, p))(dense_params)
+    assert jax.tree.map(jnp.shape, got) == jax.tree.map(jnp.shape, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), _to_dense_shapes(got), want)
+
+
+class NNXGeneralNet(nnx.Module):
+    def __init__(self, rngs):
+        general = dict(param_dtype=F64, bias_init=BIAS_INIT, rngs=rngs)
+        self.split = nnx.LinearGeneral(2, (2, 3), **general)
+        self.merge = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), **general)
+        self.middle = nnx.LinearGeneral(3, 2, axis=1, param_dtype=F64, rngs=rngs)  # not trailing: falls back
+        self.batched = nnx.LinearGeneral(2, 1, batch_axis={0: B}, use_bias=False, param_dtype=F64, rngs=rngs)
+
+    def __call__(self, x, tag=False):
+        if tag:  # the reference: plain-JAX tags with the DenseGeneral kernels
+            h = jnp.tanh(kronecker.dense(x, self.split.kernel.get_value(), self.split.bias.get_value(), output_ndim=2))
+            h = jnp.tanh(kronecker.dense(h, self.merge.kernel.get_value(), self.merge.bias.get_value()))
+        else:
+            h = jnp.tanh(self.merge(jnp.tanh(self.split(x))))
+        return self.batched(jnp.tanh(self.middle(h)))[..., 0]
+
+
+def test_nnx_linear_general_is_captured_where_it_is_a_matrix():
+    graphdef, params, rest = nnx.split(NNXGeneralNet(nnx.Rngs(0)), nnx.Param, ...)
+    original = nnx.LinearGeneral.__call__
+
+    def model_fn(p):
+        return nnx.merge(graphdef, p, rest)(SEQ)
+
+    def reference(p):
+        return nnx.merge(graphdef, p, rest)(SEQ, tag=True)
+
+    layers = oso.flax.find_layers(model_fn, params)
+    assert nnx.LinearGeneral.__call__ is original
+    assert [(l.kernel, l.bias, l.kernel_shape, l.output_ndim) for l in layers.layers] == [
+        ("['split']['kernel'].value", "['split']['bias'].value", (2, 2, 3), 2),
+        ("['merge']['kernel'].value", "['merge']['bias'].value", (2, 3, 4), 1),
+    ]
+    assert {name.removesuffix(".value") for name in layers.fallback} == {
+        "['middle']['kernel']", "['middle']['bias']", "['batched']['kernel']"
+    }
+    assert layers == kronecker.find_layers(reference, params)
+    _assert_same_statistics(params, model_fn, reference, layers)
+
+
+def test_attention_projections_are_captured():
+    """linen / NNX multi-head attention: query, key, value ``(d, heads, head_dim)`` and out ``(heads, head_dim, d)``."""
+    x = jax.random.normal(jax.random.key(7), (B, 3, 4), F64)
+    attention = nn.MultiHeadDotProductAttention(num_heads=2, param_dtype=F64)
+    params = attention.init(jax.random.key(8), x)["params"]
+    linen_layers = oso.flax.find_layers(lambda p: attention.apply({"params": p}, x), params)
+    graphdef, nnx_params, rest = nnx.split(nnx.MultiHeadAttention(2, 4, decode=False, param_dtype=F64, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    nnx_layers = oso.flax.find_layers(lambda p: nnx.merge(graphdef, p, rest)(x), nnx_params)
+    for layers in (linen_layers, nnx_layers):
+        assert [(l.kernel_shape, l.output_ndim) for l in layers.layers] == [((4, 2, 2), 2)] * 3 + [((2, 2, 4), 1)]
+        assert layers.fallback == ()

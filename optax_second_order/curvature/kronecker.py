@@ -20,7 +20,10 @@ A layer applied at ``T`` locations per example (the spatial positions of a convo
     G = \\frac{1}{N} \\sum_{i,t} g_{i,t} g_{i,t}^T ,
 
 which is exactly the dense-layer formula when ``T = 1``. A layer called several times (weight sharing)
-counts its calls as further locations.
+counts its calls as further locations. A dense kernel with several input and output axes
+``(*in_shape, *out_shape)`` (Flax's ``DenseGeneral`` on trailing axes) is the matrix
+``W = kernel.reshape(prod(in_shape), prod(out_shape))``, with rows ``a`` the flattened trailing input
+axes and ``g`` the flattened output features.
 
 Eigenvalue correction (EK-FAC, George et al. 2018). With orthogonal eigenvectors ``A = Q_A diag(l_A) Q_A^T``
 and ``G = Q_G diag(l_G) Q_G^T``, the K-FAC block is diagonal in the Kronecker-factored eigenbasis
@@ -126,26 +129,37 @@ class ConvConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Layer:
-    """A captured layer: its kind, its parameters (``jax.tree_util.keystr`` paths) and kernel shape."""
+    """A captured layer: its kind, its parameters (``jax.tree_util.keystr`` paths) and kernel shape.
+
+    ``output_ndim``: how many trailing kernel axes are output features (a dense kernel
+    ``(*in_shape, *out_shape)`` with several of either, as Flax's ``DenseGeneral`` has, is the matrix
+    ``(prod(in_shape), prod(out_shape))``; a conv's is always 1).
+    """
 
     kind: str
     kernel: str
     bias: str | None
     kernel_shape: tuple[int, ...]
+    output_ndim: int = 1
 
     @property
     def name(self) -> str:
         return self.kernel
 
     @property
+    def fan_in(self) -> int:
+        """The kernel's input size: ``prod(in_shape)`` for a dense layer, the patch size for a conv."""
+        return math.prod(self.kernel_shape[:-self.output_ndim])
+
+    @property
     def input_dim(self) -> int:
-        """``d_in`` of ``A``: fan-in (patch size for a conv) plus one for the bias."""
-        return math.prod(self.kernel_shape[:-1]) + (self.bias is not None)
+        """``d_in`` of ``A``: fan-in plus one for the bias."""
+        return self.fan_in + (self.bias is not None)
 
     @property
     def output_dim(self) -> int:
-        """``d_out`` of ``G``: the number of output features."""
-        return self.kernel_shape[-1]
+        """``d_out`` of ``G``: the number of output features, ``prod(out_shape)``."""
+        return math.prod(self.kernel_shape[-self.output_ndim:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,12 +213,12 @@ class _Recorder:
     def watch(self, keys: Sequence[str], leaves: Sequence[Any]) -> None:
         self.names = {id(leaf): key for key, leaf in zip(keys, leaves)}
 
-    def record(self, kind, outputs, inputs, kernel, bias, config):
+    def record(self, kind, outputs, inputs, kernel, bias, config, output_ndim):
         kernel_name = self.names.get(id(kernel))
         if kernel_name is None:
             return outputs  # not a parameter leaf of this model_fn: cannot be preconditioned
         bias_name = self.names.get(id(bias)) if bias is not None else None
-        layer = Layer(kind, kernel_name, bias_name, tuple(kernel.shape))
+        layer = Layer(kind, kernel_name, bias_name, tuple(kernel.shape), output_ndim)
         rows = None
         if self.perturbations is not None:
             rows = layer_inputs(layer, inputs, config)
@@ -238,22 +252,48 @@ def tag_layer(
     kernel: jax.Array,
     bias: jax.Array | None = None,
     config: ConvConfig | None = None,
+    output_ndim: int = 1,
 ) -> jax.Array:
     """Mark ``outputs = layer(inputs; kernel, bias)`` as a ``"dense"`` or ``"conv"`` layer for K-FAC.
 
+    A dense kernel ``(*in_shape, *out_shape)`` has ``output_ndim = len(out_shape)`` and maps the trailing
+    axes ``in_shape`` of ``inputs`` to the trailing axes ``out_shape`` of ``outputs`` (bias ``out_shape``).
     Returns ``outputs`` unchanged unless a capture is running (then with a zero perturbation added).
     """
     if not _ACTIVE:
         return outputs
-    return _ACTIVE[-1].record(kind, outputs, inputs, kernel, bias, config)
+    if kind == "dense":
+        _check_dense_shapes(inputs.shape, outputs.shape, kernel.shape, output_ndim)
+    elif output_ndim != 1:
+        raise ValueError(f"tag_layer: a {kind!r} layer has output_ndim 1, got {output_ndim}")
+    return _ACTIVE[-1].record(kind, outputs, inputs, kernel, bias, config, output_ndim)
 
 
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """Tagged dense layer ``x @ kernel + bias`` (kernel ``(d_in, d_out)``, any leading axes of ``x``)."""
-    y = jnp.dot(x, kernel)
+def _check_dense_shapes(inputs, outputs, kernel, output_ndim: int) -> None:
+    in_ndim = len(kernel) - output_ndim
+    if not (
+        1 <= output_ndim < len(kernel)
+        and tuple(inputs[len(inputs) - in_ndim:]) == tuple(kernel[:in_ndim])
+        and tuple(outputs[len(outputs) - output_ndim:]) == tuple(kernel[in_ndim:])
+    ):
+        raise ValueError(
+            f"tag_layer: a dense kernel {tuple(kernel)} with output_ndim {output_ndim} must map inputs (..., "
+            f"*kernel[:-output_ndim]) to outputs (..., *kernel[-output_ndim:]), got inputs {tuple(inputs)} "
+            f"and outputs {tuple(outputs)}"
+        )
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, output_ndim: int = 1) -> jax.Array:
+    """Tagged dense layer ``x . kernel + bias`` over the trailing axes of ``x``, any leading axes.
+
+    Kernel ``(*in_shape, *out_shape)`` with ``output_ndim = len(out_shape)`` (``(d_in, d_out)`` by
+    default), ``x`` of shape ``(..., *in_shape)``, bias ``out_shape``: the contraction
+    ``jnp.tensordot(x, kernel, len(in_shape))``, as Flax's ``DenseGeneral`` on trailing axes computes it.
+    """
+    y = jnp.tensordot(x, kernel, kernel.ndim - output_ndim)
     if bias is not None:
         y = y + bias
-    return tag_layer("dense", y, x, kernel, bias)
+    return tag_layer("dense", y, x, kernel, bias, output_ndim=output_ndim)
 
 
 def conv(
@@ -289,7 +329,7 @@ def conv(
 def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -> jax.Array:
     """The rows ``a`` of ``A`` (one per example and location), with a trailing ``1`` for the bias.
 
-    Dense: ``x`` flattened to ``(-1, d_in)``. Conv: image patches from
+    Dense: ``x (..., *in_shape)`` flattened to ``(-1, prod(in_shape))``. Conv: image patches from
     ``jax.lax.conv_general_dilated_patches`` (features ordered ``(C_in, *window)``, see
     :func:`kernel_matrix`), one row per example and output location.
     """
@@ -305,14 +345,18 @@ def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -
             config.kernel_dilation,
             dimension_numbers=config.dimension_numbers(),
         )
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(-1, layer.fan_in)
     if layer.bias is not None:
         rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
     return rows
 
 
 def kernel_matrix(layer: Layer, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """The ``(d_in [+1], d_out)`` matrix ``W`` whose rows match :func:`layer_inputs` (bias last)."""
+    """The ``(d_in [+1], d_out)`` matrix ``W`` whose rows match :func:`layer_inputs` (bias last).
+
+    A dense kernel ``(*in_shape, *out_shape)`` becomes ``(prod(in_shape), prod(out_shape))`` row-major,
+    its bias ``out_shape`` the row ``prod(out_shape)``.
+    """
     if layer.kind == "conv":
         kernel = jnp.moveaxis(kernel, -2, 0)  # (*window, C_in, C_out) -> (C_in, *window, C_out)
     w = kernel.reshape(-1, layer.output_dim)
@@ -323,7 +367,7 @@ def kernel_matrix(layer: Layer, kernel: jax.Array, bias: jax.Array | None = None
 
 def split_kernel_matrix(layer: Layer, w: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Inverse of :func:`kernel_matrix`: ``(kernel, bias)`` in the parameters' shapes."""
-    bias = w[-1] if layer.bias is not None else None
+    bias = w[-1].reshape(layer.kernel_shape[-layer.output_ndim:]) if layer.bias is not None else None
     w = w[:-1] if layer.bias is not None else w
     if layer.kind == "conv":
         shape = layer.kernel_shape
@@ -385,7 +429,7 @@ def fisher_cotangent(loss: OutputLoss, key: jax.Array | None = None) -> Callable
 
 def _num_examples(layer: Layer, output_shape: tuple[int, ...]) -> int:
     """``N``: the leading axis of a call's input (and output), or ``1`` for an unbatched call."""
-    example_ndim = 1 if layer.kind == "dense" else len(layer.kernel_shape) - 1
+    example_ndim = layer.output_ndim if layer.kind == "dense" else len(layer.kernel_shape) - 1
     return output_shape[0] if len(output_shape) > example_ndim else 1
 
 

@@ -378,3 +378,108 @@ def test_eigenbases_are_validated():
         kronecker.kronecker_factors(model, params, layers, cotangent, not_a_layer)
     with pytest.raises(ValueError, match="must have shapes"):
         kronecker.kronecker_factors(model, params, layers, cotangent, {"['l1']['w']": (jnp.eye(D_IN), jnp.eye(D_HID))})
+
+
+# --- Dense layers with several input / output axes (Flax's DenseGeneral on trailing axes) ------------------------
+
+
+def _general_params(key):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    return {
+        "g1": {"w": jax.random.normal(k1, (2, 3, 2, 2)) / 2, "b": 0.5 * jax.random.normal(k2, (2, 2))},
+        "g2": {"w": jax.random.normal(k3, (2, 2, D_OUT)) / 2, "b": 0.5 * jax.random.normal(k4, (D_OUT,))},
+    }
+
+
+def _general(params, x, pre=None):
+    """``x (..., 2, 3)`` -> kernel ``(2, 3, 2, 2)`` -> ``(..., 2, 2)`` -> kernel ``(2, 2, D_OUT)`` -> ``(..., D_OUT)``."""
+    s = kronecker.dense(x, params["g1"]["w"], params["g1"]["b"], output_ndim=2)
+    if pre is not None:
+        s = s + pre
+    return kronecker.dense(jnp.tanh(s), params["g2"]["w"], params["g2"]["b"])
+
+
+def test_dense_with_several_axes_is_the_flattened_matrix_layer():
+    params = _general_params(jax.random.key(24))
+    x = jax.random.normal(jax.random.key(25), (5, 2, 3))
+    layers = kronecker.find_layers(lambda p: _general(p, x), params)
+    assert [(l.kernel_shape, l.output_ndim, l.input_dim, l.output_dim) for l in layers.layers] == [
+        ((2, 3, 2, 2), 2, 7, 4), ((2, 2, D_OUT), 1, 5, D_OUT)
+    ]
+    layer, (w, b) = layers.layers[0], (params["g1"]["w"], params["g1"]["b"])
+    matrix = kronecker.kernel_matrix(layer, w, b)
+    np.testing.assert_array_equal(matrix, np.concatenate([np.reshape(w, (6, 4)), np.reshape(b, (1, 4))]))
+    jax.tree.map(np.testing.assert_array_equal, kronecker.split_kernel_matrix(layer, matrix), (w, b))
+    rows = kronecker.layer_inputs(layer, x)
+    want = np.einsum("nij,ijkl->nkl", x, w) + b  # the layer by an explicit contraction
+    np.testing.assert_allclose((rows @ matrix).reshape(5, 2, 2), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("layer", ["g1", "g2"])
+def test_exact_fisher_block_of_one_example_of_a_dense_general_layer_is_kronecker_product(layer):
+    """As for the MLP: the true Fisher block of vec([W; b]) (W = kernel.reshape(d_in, d_out)) is A (x) E_t[g g^T]."""
+    params = _general_params(jax.random.key(26))
+    x = jax.random.normal(jax.random.key(27), (1, 2, 3))
+    loss = oso.losses.softmax_cross_entropy(jnp.array([1]))
+    layers = kronecker.find_layers(lambda p: _general(p, x), params)
+
+    def outputs_of_layer(w, b):
+        return _general({**params, layer: {"w": w, "b": b}}, x)[0]
+
+    jac = jax.jacobian(outputs_of_layer, argnums=(0, 1))(params[layer]["w"], params[layer]["b"])
+    jac = jnp.concatenate([j.reshape(D_OUT, -1) for j in jac], axis=1)  # row-major kernel, then bias
+    p = jax.nn.softmax(_general(params, x)[0])
+    h_out = jnp.diag(p) - jnp.outer(p, p)
+    exact = jac.T @ h_out @ jac
+
+    s1 = jnp.einsum("ij,ijkl->kl", x[0], params["g1"]["w"]) + params["g1"]["b"]
+    if layer == "g1":
+        j_s = jax.jacobian(lambda pre: _general(params, x, pre)[0])(jnp.zeros((1, 2, 2))).reshape(D_OUT, 4)
+        a = jnp.append(x[0].reshape(-1), 1.0)
+    else:
+        j_s, a = jnp.eye(D_OUT), jnp.append(jnp.tanh(s1).reshape(-1), 1.0)
+    stats = kronecker.kronecker_factors(lambda p: _general(p, x), params, layers, kronecker.fisher_cotangent(loss))
+    a_factor, g_factor = stats.factors[f"['{layer}']['w']"]
+    np.testing.assert_allclose(a_factor, jnp.outer(a, a), rtol=1e-12)
+    np.testing.assert_allclose(jnp.kron(a_factor, j_s.T @ h_out @ j_s), exact, rtol=1e-10, atol=1e-12)
+
+    grad = jax.grad(lambda w, b: loss(outputs_of_layer(w, b)[None]), argnums=(0, 1))(params[layer]["w"], params[layer]["b"])
+    v = _vec_w(*grad)
+    np.testing.assert_allclose(jnp.kron(a_factor, g_factor), jnp.outer(v, v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(6, 2, 3), (3, 4, 2, 3)])
+def test_eigenbasis_scales_of_dense_general_layers_equal_per_example_gradients(shape):
+    """One location per example, and sequences (T = 4 tokens per example, per-token masked loss)."""
+    rng = np.random.default_rng(28)
+    x = jnp.asarray(rng.standard_normal(shape))
+    labels = jnp.asarray(rng.integers(0, D_OUT, shape[:-2]))
+    weights = jnp.asarray(rng.uniform(0.2, 2.0, shape[:-2]))
+    _check_scales(_general, _general_params(jax.random.key(29)), oso.losses.softmax_cross_entropy, x, labels, weights, rng=rng)
+
+
+def test_eigenbasis_scales_of_unbatched_dense_general_input_count_one_example():
+    rng = np.random.default_rng(30)
+    params = _general_params(jax.random.key(31))
+    x, targets = jnp.asarray(rng.standard_normal((2, 3))), jnp.asarray(rng.standard_normal((1, D_OUT)))
+    model = lambda p: _general(p, x)[None]  # noqa: E731
+    layers = kronecker.find_layers(model, params)
+    bases = {l.name: (_orthogonal(rng, l.input_dim), _orthogonal(rng, l.output_dim)) for l in layers.layers}
+    loss = oso.losses.squared_error(targets)
+    stats = kronecker.kronecker_factors(model, params, layers, kronecker.fisher_cotangent(loss), bases)
+    grads = jax.grad(lambda p: loss(model(p)))(params)
+    for layer, name in zip(layers.layers, ("g1", "g2")):
+        d = kronecker.kernel_matrix(layer, grads[name]["w"], grads[name]["b"])
+        want = _reference_scales(d[None], *bases[layer.name])
+        np.testing.assert_allclose(stats.scales[layer.name], want, rtol=1e-10, atol=1e-14 * want.max())
+
+
+def test_tag_layer_checks_dense_shapes():
+    kernel = jnp.ones((2, 3, 4))
+    model = lambda k, x, n: kronecker.dense(x, k, output_ndim=n)  # noqa: E731
+    assert kronecker.find_layers(lambda k: model(k, jnp.ones((5, 2, 3)), 1), kernel).layers[0].output_dim == 4
+    assert kronecker.find_layers(lambda k: model(k, jnp.ones((5, 2)), 2), kernel).layers[0].output_dim == 12
+    with pytest.raises(ValueError, match="tag_layer: a dense kernel \\(2, 3, 4\\) with output_ndim 1"):
+        kronecker.find_layers(lambda k: kronecker.tag_layer("dense", jnp.ones((5, 4)), jnp.ones((5, 3)), k), kernel)
+    with pytest.raises(ValueError, match="tag_layer: a 'conv' layer has output_ndim 1, got 2"):
+        kronecker.find_layers(lambda k: kronecker.tag_layer("conv", jnp.ones((5, 4)), jnp.ones((5, 3)), k, output_ndim=2), kernel)
