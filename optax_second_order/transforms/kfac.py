@@ -207,7 +207,8 @@ def scale_by_kfac(
       approximation: ``"kronecker"`` (K-FAC) or ``"eigenvalue_corrected"`` (EK-FAC, George et al. 2018).
       ema_decay: decay of the factors' moving averages.
       statistics_frequency: refresh the factors every this many steps.
-      inverse_frequency: recompute the eigendecompositions every this many steps.
+      inverse_frequency: recompute the damped inverses (factored) or eigenbases (exact, EK-FAC) every this
+        many steps.
       kl_clip: bound on ``lr^2 v^T F v`` (``None`` disables KL clipping).
       learning_rate: the learning rate the update will be scaled by (float or schedule), for KL clipping.
       fisher: ``"true"`` (targets sampled from the model) or ``"empirical"`` (the data's targets).
@@ -223,7 +224,8 @@ def scale_by_kfac(
       min_damping: the adapted damping never goes below this (K-FAC-JAX's default, ``1e-8``).
 
     ``update(grads, state, params, model_fn=..., loss=...)`` needs ``model_fn`` (params -> outputs, the
-    same function ``find_layers`` traced, on the current batch) and ``loss``.
+    same function ``find_layers`` traced, on the current batch) and ``loss``; with ``adaptive_damping`` also
+    ``value_fn``.
     """
     frequencies = dict(
         statistics_frequency=statistics_frequency,
