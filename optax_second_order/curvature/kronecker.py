@@ -420,8 +420,7 @@ def fisher_cotangent(loss: OutputLoss, key: jax.Array | None = None) -> Callable
     def cotangent(outputs):
         outputs = jax.lax.stop_gradient(outputs)
         bound = loss if key is None else loss.with_targets(loss.sample_targets(key, outputs))
-        weights = loss._example_weights(outputs)
-        scale = jnp.expand_dims(jnp.sqrt(weights / jnp.sum(weights)), loss._event_axes(outputs))
+        scale = jnp.sqrt(loss.example_scale(outputs))
         return (scale * bound.per_example_output_grad(outputs)).astype(outputs.dtype)
 
     return cotangent

@@ -57,50 +57,91 @@ class OutputLoss:
     """Base class: a per-example loss ``l(y_i, t_i)`` averaged with weights ``w_i``.
 
     Subclasses implement ``_per_example``, ``_output_hvp_per_example`` and ``_sample``.
-    ``event_ndim`` is the number of trailing output axes that form one example's output.
+    ``event_ndim`` is the number of trailing output axes that form one example's output; the leading
+    axis is always a batch axis (see :meth:`event_axes`).
     """
 
     targets: jax.Array
     weights: jax.Array | None = None
     event_ndim: int = 1
 
-    def _event_axes(self, outputs: jax.Array) -> tuple[int, ...]:
-        return tuple(range(outputs.ndim - self.event_ndim, outputs.ndim))
+    def event_axes(self, outputs: jax.Array) -> tuple[int, ...]:
+        """The trailing axes that form one example's output: the last ``event_ndim`` axes, never the leading one.
 
-    def _example_weights(self, outputs: jax.Array) -> jax.Array:
-        shape = outputs.shape[: outputs.ndim - self.event_ndim]
+        The leading axis is the batch: ``(N,)`` outputs are ``N`` scalar examples whatever ``event_ndim``
+        (binary logits, regression targets), ``(N, K)`` outputs are ``N`` examples of ``K`` outputs with
+        ``event_ndim=1``, and a 0-d output is one example.
+        """
+        n = min(self.event_ndim, max(outputs.ndim - 1, 0))
+        return tuple(range(outputs.ndim - n, outputs.ndim))
+
+    def example_shape(self, outputs: jax.Array) -> tuple[int, ...]:
+        """The shape of the per-example losses: ``outputs.shape`` without the :meth:`event_axes`."""
+        return outputs.shape[: outputs.ndim - len(self.event_axes(outputs))]
+
+    def example_weights(self, outputs: jax.Array) -> jax.Array:
+        """``w_i`` (ones without ``weights``), of shape :meth:`example_shape`, in float32 or better."""
+        shape = self.example_shape(outputs)
         if self.weights is None:
             return jnp.ones(shape, _compute_dtype(outputs))
         return jnp.broadcast_to(self.weights, shape).astype(_compute_dtype(outputs))
 
+    def check_outputs(self, outputs: jax.Array) -> None:
+        """A ``ValueError`` unless ``outputs`` has the shape the targets imply (static: costs nothing under jit)."""
+        expected = self._expected_output_shapes(outputs)
+        if tuple(jnp.shape(outputs)) not in expected:
+            raise ValueError(
+                f"{type(self).__name__}: model outputs of shape {tuple(jnp.shape(outputs))} do not match targets of "
+                f"shape {tuple(jnp.shape(self.targets))} (expected outputs of shape "
+                f"{' or '.join(str(s) for s in expected)}); model_fn and the loss must see the same batch"
+            )
+
+    def _expected_output_shapes(self, outputs: jax.Array) -> tuple[tuple[int, ...], ...]:
+        return (tuple(jnp.shape(self.targets)),)
+
     def num_examples(self, outputs: jax.Array) -> jax.Array:
         """``sum_i w_i``: the number of examples (tokens, pixels, ...) for a 0/1 mask."""
-        return jnp.sum(self._example_weights(outputs))
+        return jnp.sum(self.example_weights(outputs))
 
     def per_example(self, outputs: jax.Array) -> jax.Array:
-        """Unweighted per-example losses ``l_i``, shape ``outputs.shape[:-event_ndim]``."""
-        return self._per_example(outputs.astype(_compute_dtype(outputs)))
+        """Unweighted per-example losses ``l_i``, of shape :meth:`example_shape`."""
+        return self._per_example(self._checked(outputs))
 
     def __call__(self, outputs: jax.Array) -> jax.Array:
         """The weighted mean ``sum_i w_i l_i / sum_i w_i``."""
-        w = self._example_weights(outputs)
-        return jnp.sum(w * self.per_example(outputs)) / jnp.sum(w)
+        per_example = self.per_example(outputs)
+        w = self.example_weights(outputs)
+        return jnp.sum(w * per_example) / jnp.sum(w)
+
+    def example_scale(self, outputs: jax.Array) -> jax.Array:
+        """``w_i / sum_j w_j`` broadcastable against ``outputs`` (singleton event axes)."""
+        w = self.example_weights(outputs)
+        return jnp.expand_dims(w / jnp.sum(w), self.event_axes(outputs))
 
     def output_hvp(self, outputs: jax.Array, v: jax.Array) -> jax.Array:
         """``H_L v``, the Hessian of the weighted mean loss w.r.t. the outputs, times ``v``."""
-        y = outputs.astype(_compute_dtype(outputs))
-        w = self._example_weights(outputs)
-        scale = jnp.expand_dims(w / jnp.sum(w), self._event_axes(outputs))
+        y = self._checked(outputs)
+        scale = self.example_scale(outputs)
         return (scale * self._output_hvp_per_example(y, v.astype(y.dtype))).astype(v.dtype)
 
     def per_example_output_grad(self, outputs: jax.Array) -> jax.Array:
         """``s_i = d l_i / d y_i`` for every example (unweighted)."""
-        y = outputs.astype(_compute_dtype(outputs))
+        y = self._checked(outputs)
         return jax.grad(lambda y: jnp.sum(self._per_example(y)))(y)
 
     def sample_targets(self, key: jax.Array, outputs: jax.Array) -> jax.Array:
         """Targets ``t ~ p(t | y)`` from the model's predictive distribution, in the targets' format."""
-        return self._sample(key, outputs.astype(_compute_dtype(outputs)))
+        return self._sample(key, self._checked(outputs))
+
+    def _checked(self, outputs: jax.Array) -> jax.Array:
+        """``outputs`` in float32 or better, after :meth:`check_outputs`."""
+        if not hasattr(outputs, "shape") or isinstance(outputs, tuple):
+            raise TypeError(
+                f"{type(self).__name__}: expected the model's outputs as one array, got {type(outputs).__name__}; "
+                "a linen apply with mutable=... returns (outputs, state): use its [0]"
+            )
+        self.check_outputs(outputs)
+        return outputs.astype(_compute_dtype(outputs))
 
     def with_targets(self, targets: jax.Array) -> "OutputLoss":
         """The same loss (same weights) bound to other targets."""
@@ -121,7 +162,7 @@ class SquaredError(OutputLoss):
     """``l = 1/2 ||y - t||^2`` summed over the event axes; ``H_L = I``; ``t ~ N(y, I)``."""
 
     def _per_example(self, y):
-        return 0.5 * jnp.sum(jnp.square(y - self.targets), axis=self._event_axes(y))
+        return 0.5 * jnp.sum(jnp.square(y - self.targets), axis=self.event_axes(y))
 
     def _output_hvp_per_example(self, y, v):
         return v
@@ -139,7 +180,7 @@ class SigmoidBinaryCrossEntropy(OutputLoss):
 
     def _per_example(self, y):
         t = self.targets.astype(y.dtype)
-        return jnp.sum(jax.nn.softplus(y) - t * y, axis=self._event_axes(y))
+        return jnp.sum(jax.nn.softplus(y) - t * y, axis=self.event_axes(y))
 
     def _output_hvp_per_example(self, y, v):
         s = jax.nn.sigmoid(y)
@@ -158,6 +199,15 @@ class SoftmaxCrossEntropy(OutputLoss):
 
     def _is_one_hot(self, y) -> bool:
         return self.targets.ndim == y.ndim
+
+    def event_axes(self, outputs: jax.Array) -> tuple[int, ...]:
+        """The class axis (the last): ``(N, K)`` logits are ``N`` examples, ``(K,)`` logits one example."""
+        return (outputs.ndim - 1,)
+
+    def _expected_output_shapes(self, outputs: jax.Array) -> tuple[tuple[int, ...], ...]:
+        targets = tuple(jnp.shape(self.targets))
+        classes = jnp.shape(outputs)[-1:] if jnp.ndim(outputs) else (1,)
+        return (targets + tuple(classes),) if len(targets) < jnp.ndim(outputs) else (targets,)
 
     def _per_example(self, y):
         log_p = jax.nn.log_softmax(y, axis=-1)

@@ -77,9 +77,8 @@ def gnvp_quadratic_form(model_fn: Callable[[PyTree], jax.Array], loss: OutputLos
 
 def _sampled_output_fisher_vp(loss: OutputLoss, outputs, u, key, num_samples):
     """``(w_i / W) mean_s s_i^{(s)} (s_i^{(s)} . u_i)`` with ``s`` the output gradients at sampled targets."""
-    axes = loss._event_axes(outputs)
-    w = loss._example_weights(outputs)
-    scale = jnp.expand_dims(w / jnp.sum(w), axes)
+    axes = loss.event_axes(outputs)
+    scale = loss.example_scale(outputs)
     u = u.astype(scale.dtype)
 
     def one_sample(key):

@@ -61,6 +61,45 @@ def test_event_ndim_and_sequence_shapes():
     np.testing.assert_allclose(tokens(y), jnp.sum(mask * direct) / jnp.sum(mask), rtol=1e-12)
 
 
+def test_leading_axis_is_the_batch():
+    """``(N,)`` binary logits and regression outputs are ``N`` examples (the mean, as optax), like ``(N, 1)``."""
+    logits, labels = LOGITS[:, 0], BINARY[:, 0]
+    binary = oso.losses.sigmoid_binary_cross_entropy(labels)
+    np.testing.assert_allclose(binary(logits), optax.sigmoid_binary_cross_entropy(logits, labels).mean(), rtol=1e-12)
+    assert binary.num_examples(logits) == 6
+    column = oso.losses.sigmoid_binary_cross_entropy(labels[:, None])
+    np.testing.assert_allclose(column(logits[:, None]), binary(logits), rtol=1e-12)
+    regression = oso.losses.squared_error(REGRESSION[:, 0])
+    np.testing.assert_allclose(regression(LOGITS[:, 0]), 0.5 * np.mean((LOGITS[:, 0] - REGRESSION[:, 0]) ** 2), rtol=1e-12)
+    hessian = jax.hessian(binary)(logits)
+    np.testing.assert_allclose(binary.output_hvp(logits, jnp.eye(6)[2]), hessian[2], rtol=1e-12)
+    single = oso.losses.softmax_cross_entropy(LABELS[0])
+    assert single.num_examples(LOGITS[0]) == 1
+
+
+@pytest.mark.parametrize(
+    "loss, outputs",
+    [
+        (oso.losses.sigmoid_binary_cross_entropy(BINARY[:, 0]), LOGITS[:, :1]),  # (N,) targets, (N, 1) logits
+        (oso.losses.squared_error(REGRESSION), LOGITS[:5]),  # another batch
+        (oso.losses.softmax_cross_entropy(LABELS), LOGITS[:5]),
+        (oso.losses.softmax_cross_entropy(jax.nn.one_hot(LABELS, 4)), LOGITS[:, :3]),
+    ],
+    ids=["binary-column", "regression-batch", "softmax-batch", "one-hot-classes"],
+)
+def test_outputs_that_do_not_match_the_targets_raise(loss, outputs):
+    with pytest.raises(ValueError, match="do not match targets"):
+        loss(outputs)
+    with pytest.raises(ValueError, match="do not match targets"):
+        jax.eval_shape(loss.output_hvp, outputs, outputs)
+
+
+def test_a_tuple_of_outputs_raises_a_type_error():
+    """A linen ``apply(..., mutable=...)`` returns ``(outputs, state)``: say so."""
+    with pytest.raises(TypeError, match="mutable"):
+        oso.losses.softmax_cross_entropy(LABELS)((LOGITS, {}))
+
+
 def test_statistics_in_float32_for_low_precision_outputs():
     loss = oso.losses.softmax_cross_entropy(LABELS)
     y = LOGITS.astype(jnp.bfloat16)
