@@ -101,18 +101,19 @@ class NNXNet(nnx.Module):
         return self.head(features)
 
 
-def test_nnx_capture_finds_linear_and_conv_and_restores_the_classes():
+def test_nnx_capture_finds_linear_and_conv_without_patching_classes():
     graphdef, params, rest = nnx.split(NNXNet(nnx.Rngs(0)), nnx.Param, ...)
     original = nnx.Linear.__call__
 
     def model_fn(p):
-        return nnx.merge(graphdef, p, rest)(TOKENS, IMAGES)
+        return oso.flax.tag_layers(nnx.merge(graphdef, p, rest))(TOKENS, IMAGES)
 
     def reference(p):
         return nnx.merge(graphdef, p, rest)(TOKENS, IMAGES, tag=True)
 
     layers = oso.flax.find_layers(model_fn, params)
-    assert nnx.Linear.__call__ is original
+    assert nnx.Linear.__call__ is original  # no class is patched, and copies merged outside a capture are untouched
+    assert nnx.merge(graphdef, params, rest).linear.dot_general is jax.lax.dot_general
     assert [(l.kind, l.kernel, l.bias) for l in layers.layers] == [
         ("dense", "['linear']['kernel'].value", "['linear']['bias'].value"),
         ("conv", "['conv']['kernel'].value", "['conv']['bias'].value"),
@@ -128,7 +129,7 @@ def test_nnx_capture_finds_linear_and_conv_and_restores_the_classes():
 def test_kfac_trains_a_linen_model_in_a_jitted_step():
     params, model_fn, _ = _linen_setup()
     layers = oso.flax.find_layers(model_fn, params)
-    tx = oso.kfac(0.05, layers, inverse_frequency=2)
+    tx = oso.kfac(0.05, layers, precondition_frequency=2)
     state = tx.init(params)
 
     @jax.jit
@@ -240,7 +241,7 @@ def test_kfac_step_on_dense_general_equals_the_dense_equivalent(approximation):
     params, model_fn, dense_params, layers, dense_layers = _general_setup()
 
     def two_steps(layers, model_fn, params):
-        tx = oso.scale_by_kfac(layers, approximation=approximation, kl_clip=None, inverse_frequency=1, damping=1e-2)
+        tx = oso.scale_by_kfac(layers, approximation=approximation, kl_clip=None, precondition_frequency=1, damping=1e-2)
         state = tx.init(params)
         for _ in range(2):
             grads = jax.grad(lambda p: LOSS(model_fn(p)))(params)
@@ -276,7 +277,7 @@ def test_nnx_linear_general_is_captured_where_it_is_a_matrix():
     original = nnx.LinearGeneral.__call__
 
     def model_fn(p):
-        return nnx.merge(graphdef, p, rest)(SEQ)
+        return oso.flax.tag_layers(nnx.merge(graphdef, p, rest))(SEQ)
 
     def reference(p):
         return nnx.merge(graphdef, p, rest)(SEQ, tag=True)
@@ -301,7 +302,96 @@ def test_attention_projections_are_captured():
     params = attention.init(jax.random.key(8), x)["params"]
     linen_layers = oso.flax.find_layers(lambda p: attention.apply({"params": p}, x), params)
     graphdef, nnx_params, rest = nnx.split(nnx.MultiHeadAttention(2, 4, decode=False, param_dtype=F64, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    nnx_layers = oso.flax.find_layers(lambda p: nnx.merge(graphdef, p, rest)(x), nnx_params)
+    nnx_layers = oso.flax.find_layers(lambda p: oso.flax.tag_layers(nnx.merge(graphdef, p, rest))(x), nnx_params)
     for layers in (linen_layers, nnx_layers):
         assert [(l.kernel_shape, l.output_ndim) for l in layers.layers] == [((4, 2, 2), 2)] * 3 + [((2, 2, 4), 1)]
         assert layers.fallback == ()
+
+
+# --- subclasses, padding the base applies, and parameters that are not the ones find_layers saw --------------
+
+
+class ScaledDense(nn.Dense):
+    """Overrides ``__call__`` and calls the base through ``super()``: the base's call is the layer."""
+
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+class PlainDense(nn.Dense):
+    """Inherits ``__call__``."""
+
+
+class LinenSubclassNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return ScaledDense(3, name="scaled")(jnp.tanh(PlainDense(5, name="plain")(x)))
+
+
+def test_linen_subclasses_are_captured_at_the_base_call():
+    x = jax.random.normal(jax.random.key(9), (B, 4))
+    net = LinenSubclassNet()
+    params = net.init(jax.random.key(10), x)["params"]
+
+    def reference(p):
+        h = jnp.tanh(kronecker.dense(x, p["plain"]["kernel"], p["plain"]["bias"]))
+        return 2.0 * kronecker.dense(h, p["scaled"]["kernel"], p["scaled"]["bias"])
+
+    model_fn = lambda p: net.apply({"params": p}, x)  # noqa: E731
+    layers = oso.flax.find_layers(model_fn, params)
+    assert [l.kernel for l in layers.layers] == ["['plain']['kernel']", "['scaled']['kernel']"] and not layers.fallback
+    _assert_same_statistics(params, model_fn, reference, layers)
+
+
+class ScaledLinear(nnx.Linear):
+    def __call__(self, x):
+        return 2.0 * super().__call__(x)
+
+
+class NNXSubclassNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 3, (3, 3), padding="CIRCULAR", rngs=rngs)
+        self.head = ScaledLinear(3, 4, rngs=rngs)
+
+    def __call__(self, images, tag=False):
+        if tag:
+            padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
+            c = kronecker.conv(padded, self.conv.kernel.get_value(), self.conv.bias.get_value(), padding="VALID")
+            return 2.0 * kronecker.dense(jnp.tanh(c).mean((1, 2)), self.head.kernel.get_value(), self.head.bias.get_value())
+        return self.head(jnp.tanh(self.conv(images)).mean((1, 2)))
+
+
+def test_nnx_subclasses_and_circular_padding_are_captured():
+    graphdef, params, rest = nnx.split(NNXSubclassNet(nnx.Rngs(11)), nnx.Param, ...)
+
+    def model_fn(p):
+        return oso.flax.tag_layers(nnx.merge(graphdef, p, rest))(IMAGES)
+
+    def reference(p):
+        return nnx.merge(graphdef, p, rest)(IMAGES, tag=True)
+
+    layers = oso.flax.find_layers(model_fn, params)
+    assert [(l.kind, l.kernel_shape) for l in layers.layers] == [("conv", (3, 3, 2, 3)), ("dense", (3, 4))]
+    assert not layers.fallback
+    _assert_same_statistics(params, model_fn, reference, layers)
+
+
+def test_an_nnx_model_fn_without_tag_layers_is_explained():
+    graphdef, params, rest = nnx.split(NNXSubclassNet(nnx.Rngs(11)), nnx.Param, ...)
+    with pytest.raises(ValueError, match="tag_layers"):
+        oso.flax.find_layers(lambda p: nnx.merge(graphdef, p, rest)(IMAGES), params)
+
+
+def test_the_optimizer_must_see_the_parameters_find_layers_saw():
+    """Layers found on the linen variables (params and batch_stats) but an optimizer given only params."""
+    params, model_fn, _ = _linen_setup()
+    net = LinenNet()
+    variables = net.init(jax.random.key(3), TOKENS, IMAGES)
+    layers = oso.flax.find_layers(lambda v: net.apply(v, TOKENS, IMAGES), variables)
+    tx = oso.kfac(0.1, layers)
+    with pytest.raises(ValueError, match="same parameters"):
+        tx.init(params)
+    # the same leaves under another wrapper ({"params": p} versus p) are the same parameters
+    only_params = oso.flax.find_layers(lambda v: net.apply({**v, "batch_stats": variables["batch_stats"]}, TOKENS, IMAGES),
+                                       {"params": params})
+    oso.kfac(0.1, only_params).init(params)

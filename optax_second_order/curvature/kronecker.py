@@ -45,15 +45,10 @@ The second form, with the perturbation gradients ``p`` of :func:`kronecker_facto
 rows and otherwise needs the ``N`` per-example matrices. With sampled targets ``s`` is the diagonal of
 the true Fisher in that basis; with the data's, of the empirical Fisher.
 
-Capture, without JAX internals. A forward function marks its layers by calling :func:`dense` /
-:func:`conv` (or :func:`tag_layer` on a layer it computed itself); Flax models are captured by
-:mod:`optax_second_order.flax.capture`, which registers hooks here. Outside :func:`find_layers` and
-:func:`kronecker_factors` a tag does nothing but return the layer's output. Inside, it records the
-layer's input ``a`` and adds a zero perturbation ``p`` to its output ``s``, so ``d L / d p = d L / d s``
-gives ``g`` in the same backward pass. A layer is identified by its kernel: the array passed as ``kernel``
-must be a leaf of the parameters handed to ``model_fn`` (not a cast or reshaped copy). Tags work under
-``jit``, ``grad`` and ``vmap`` of the whole forward function, but not inside ``lax.scan`` / ``lax.cond``
-bodies (their tracers cannot leave the body).
+Layers are found by :mod:`~optax_second_order.curvature.capture` (tags, or Flax layers through
+:func:`optax_second_order.flax.find_layers`); :func:`layer_rows` gives every captured layer's input rows ``a`` and
+output-gradient rows ``p`` from one forward and backward pass, and :func:`kronecker_factors` builds the factors
+from them.
 
 References: Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
 curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
@@ -61,128 +56,66 @@ convolution layers", ICML 2016; George, Laurent, Bouthillier, Ballas & Vincent, 
 natural gradient descent in a Kronecker-factored eigenbasis", NeurIPS 2018.
 """
 
+
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
-from typing import Any, Callable, ContextManager, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from optax_second_order.curvature.capture import (
+    ConvConfig,
+    Layer,
+    Layers,
+    conv,
+    dense,
+    find_layers,
+    tag_layer,
+    trace_calls,
+)
 from optax_second_order.curvature.losses import OutputLoss
 
 __all__ = [
+    # re-exported from capture, where layers are found
     "ConvConfig",
     "Layer",
     "Layers",
-    "KroneckerStatistics",
     "dense",
     "conv",
     "tag_layer",
-    "register_capture_hook",
     "find_layers",
+    # defined here
+    "LayerRows",
+    "CapturedPass",
+    "KroneckerStatistics",
     "layer_inputs",
     "kernel_matrix",
     "split_kernel_matrix",
     "fisher_cotangent",
+    "layer_rows",
     "kronecker_factors",
 ]
 
 PyTree = Any
 
-_ACTIVE: list["_Recorder"] = []
-_CAPTURE_HOOKS: list[Callable[[], ContextManager]] = []
+
+class LayerRows(NamedTuple):
+    """One call of a layer: input rows ``a`` ``(rows, d_in [+1])`` (a trailing ``1`` for the bias), output-gradient
+    rows ``p`` ``(rows, d_out)``, and ``num_examples``, the call's number of examples ``N`` (rows are ``N x T``)."""
+
+    inputs: jax.Array
+    output_grads: jax.Array
+    num_examples: int
 
 
-@dataclasses.dataclass(frozen=True)
-class ConvConfig:
-    """A channels-last convolution: ``x (N, *spatial, C_in)``, kernel ``(*window, C_in, C_out)``."""
+class CapturedPass(NamedTuple):
+    """What :func:`layer_rows` returns: the model's ``outputs``; per layer (``layers.layers`` order) the
+    :class:`LayerRows` of each of its calls; the fallback parameters' gradients (``layers.fallback`` order)."""
 
-    strides: tuple[int, ...]
-    padding: str | tuple[tuple[int, int], ...]
-    input_dilation: tuple[int, ...]
-    kernel_dilation: tuple[int, ...]
-
-    @classmethod
-    def make(cls, ndim: int, strides=1, padding="SAME", input_dilation=1, kernel_dilation=1) -> "ConvConfig":
-        """Canonical form: ints broadcast to every spatial axis, int padding to ``(p, p)`` pairs."""
-
-        def per_axis(v):
-            return (int(v),) * ndim if isinstance(v, int) else tuple(int(i) for i in v)
-
-        if isinstance(padding, str):
-            padding = padding.upper()
-        elif isinstance(padding, int):
-            padding = ((padding, padding),) * ndim
-        else:
-            padding = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
-        return cls(per_axis(strides), padding, per_axis(input_dilation), per_axis(kernel_dilation))
-
-    def dimension_numbers(self) -> tuple[str, str, str]:
-        spatial = "DHW"[3 - len(self.strides):] if len(self.strides) <= 3 else None
-        if spatial is None:
-            raise ValueError("conv: at most 3 spatial dimensions are supported")
-        return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """A captured layer: its kind, its parameters (``jax.tree_util.keystr`` paths) and kernel shape.
-
-    ``output_ndim``: how many trailing kernel axes are output features (a dense kernel
-    ``(*in_shape, *out_shape)`` with several of either, as Flax's ``DenseGeneral`` has, is the matrix
-    ``(prod(in_shape), prod(out_shape))``; a conv's is always 1).
-    """
-
-    kind: str
-    kernel: str
-    bias: str | None
-    kernel_shape: tuple[int, ...]
-    output_ndim: int = 1
-
-    @property
-    def name(self) -> str:
-        return self.kernel
-
-    @property
-    def fan_in(self) -> int:
-        """The kernel's input size: ``prod(in_shape)`` for a dense layer, the patch size for a conv."""
-        return math.prod(self.kernel_shape[:-self.output_ndim])
-
-    @property
-    def input_dim(self) -> int:
-        """``d_in`` of ``A``: fan-in plus one for the bias."""
-        return self.fan_in + (self.bias is not None)
-
-    @property
-    def output_dim(self) -> int:
-        """``d_out`` of ``G``: the number of output features, ``prod(out_shape)``."""
-        return math.prod(self.kernel_shape[-self.output_ndim:])
-
-
-@dataclasses.dataclass(frozen=True)
-class Layers:
-    """What capture found: the layers K-FAC preconditions and the parameters that fall back."""
-
-    layers: tuple[Layer, ...]
-    fallback: tuple[str, ...]
-
-    def summary(self) -> str:
-        """A printable table of preconditioned layers and fallback parameters."""
-        lines = [f"K-FAC capture: {len(self.layers)} layers preconditioned, {len(self.fallback)} params fall back"]
-        for layer in self.layers:
-            bias = f" + {layer.bias}" if layer.bias else ""
-            lines.append(
-                f"  {layer.kind:5s} {layer.kernel}{bias}  A {layer.input_dim}x{layer.input_dim}, "
-                f"G {layer.output_dim}x{layer.output_dim}"
-            )
-        lines.extend(f"  diagonal {name}" for name in self.fallback)
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.summary()
+    outputs: jax.Array
+    rows: tuple[tuple[LayerRows, ...], ...]
+    fallback_grads: tuple[jax.Array, ...]
 
 
 class KroneckerStatistics(NamedTuple):
@@ -193,137 +126,6 @@ class KroneckerStatistics(NamedTuple):
     factors: dict[str, tuple[jax.Array, jax.Array]]
     fallback_grads: dict[str, jax.Array]
     scales: dict[str, jax.Array]
-
-
-@dataclasses.dataclass
-class _Call:
-    layer: Layer
-    output: jax.ShapeDtypeStruct
-    inputs: jax.Array | None
-
-
-class _Recorder:
-    """Collects the tagged calls of one trace of ``model_fn`` and perturbs their outputs."""
-
-    def __init__(self, perturbations: Sequence[jax.Array] | None = None):
-        self.perturbations = perturbations
-        self.names: dict[int, str] = {}
-        self.calls: list[_Call] = []
-
-    def watch(self, keys: Sequence[str], leaves: Sequence[Any]) -> None:
-        self.names = {id(leaf): key for key, leaf in zip(keys, leaves)}
-
-    def record(self, kind, outputs, inputs, kernel, bias, config, output_ndim):
-        kernel_name = self.names.get(id(kernel))
-        if kernel_name is None:
-            return outputs  # not a parameter leaf of this model_fn: cannot be preconditioned
-        bias_name = self.names.get(id(bias)) if bias is not None else None
-        layer = Layer(kind, kernel_name, bias_name, tuple(kernel.shape), output_ndim)
-        rows = None
-        if self.perturbations is not None:
-            rows = layer_inputs(layer, inputs, config)
-            outputs = outputs + self.perturbations[len(self.calls)].astype(outputs.dtype)
-        self.calls.append(_Call(layer, jax.ShapeDtypeStruct(outputs.shape, outputs.dtype), rows))
-        return outputs
-
-
-def register_capture_hook(hook: Callable[[], ContextManager]) -> None:
-    """Register ``hook() -> context manager`` entered around every capturing trace (Flax uses this)."""
-    if hook not in _CAPTURE_HOOKS:
-        _CAPTURE_HOOKS.append(hook)
-
-
-@contextlib.contextmanager
-def _recording(recorder: _Recorder):
-    with contextlib.ExitStack() as stack:
-        for hook in _CAPTURE_HOOKS:
-            stack.enter_context(hook())
-        _ACTIVE.append(recorder)
-        try:
-            yield recorder
-        finally:
-            _ACTIVE.pop()
-
-
-def tag_layer(
-    kind: str,
-    outputs: jax.Array,
-    inputs: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None = None,
-    config: ConvConfig | None = None,
-    output_ndim: int = 1,
-) -> jax.Array:
-    """Mark ``outputs = layer(inputs; kernel, bias)`` as a ``"dense"`` or ``"conv"`` layer for K-FAC.
-
-    A dense kernel ``(*in_shape, *out_shape)`` has ``output_ndim = len(out_shape)`` and maps the trailing
-    axes ``in_shape`` of ``inputs`` to the trailing axes ``out_shape`` of ``outputs`` (bias ``out_shape``).
-    Returns ``outputs`` unchanged unless a capture is running (then with a zero perturbation added).
-    """
-    if not _ACTIVE:
-        return outputs
-    if kind == "dense":
-        _check_dense_shapes(inputs.shape, outputs.shape, kernel.shape, output_ndim)
-    elif output_ndim != 1:
-        raise ValueError(f"tag_layer: a {kind!r} layer has output_ndim 1, got {output_ndim}")
-    return _ACTIVE[-1].record(kind, outputs, inputs, kernel, bias, config, output_ndim)
-
-
-def _check_dense_shapes(inputs, outputs, kernel, output_ndim: int) -> None:
-    in_ndim = len(kernel) - output_ndim
-    if not (
-        1 <= output_ndim < len(kernel)
-        and tuple(inputs[len(inputs) - in_ndim:]) == tuple(kernel[:in_ndim])
-        and tuple(outputs[len(outputs) - output_ndim:]) == tuple(kernel[in_ndim:])
-    ):
-        raise ValueError(
-            f"tag_layer: a dense kernel {tuple(kernel)} with output_ndim {output_ndim} must map inputs (..., "
-            f"*kernel[:-output_ndim]) to outputs (..., *kernel[-output_ndim:]), got inputs {tuple(inputs)} "
-            f"and outputs {tuple(outputs)}"
-        )
-
-
-def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, output_ndim: int = 1) -> jax.Array:
-    """Tagged dense layer ``x . kernel + bias`` over the trailing axes of ``x``, any leading axes.
-
-    Kernel ``(*in_shape, *out_shape)`` with ``output_ndim = len(out_shape)`` (``(d_in, d_out)`` by
-    default), ``x`` of shape ``(..., *in_shape)``, bias ``out_shape``: the contraction
-    ``jnp.tensordot(x, kernel, len(in_shape))``, as Flax's ``DenseGeneral`` on trailing axes computes it.
-    """
-    y = jnp.tensordot(x, kernel, kernel.ndim - output_ndim)
-    if bias is not None:
-        y = y + bias
-    return tag_layer("dense", y, x, kernel, bias, output_ndim=output_ndim)
-
-
-def conv(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None = None,
-    *,
-    strides: int | Sequence[int] = 1,
-    padding: str | int | Sequence = "SAME",
-    input_dilation: int | Sequence[int] = 1,
-    kernel_dilation: int | Sequence[int] = 1,
-) -> jax.Array:
-    """Tagged channels-last convolution: ``x (N, *spatial, C_in)``, kernel ``(*window, C_in, C_out)``.
-
-    Mixed dtypes are promoted as ``jnp.dot`` promotes them in :func:`dense` (and ``nn.Conv`` in Flax).
-    """
-    config = ConvConfig.make(kernel.ndim - 2, strides, padding, input_dilation, kernel_dilation)
-    dtype = jnp.result_type(x, kernel)
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype),
-        kernel.astype(dtype),
-        config.strides,
-        config.padding,
-        config.input_dilation,
-        config.kernel_dilation,
-        dimension_numbers=config.dimension_numbers(),
-    )
-    if bias is not None:
-        y = y + bias
-    return tag_layer("conv", y, x, kernel, bias, config)
 
 
 def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -> jax.Array:
@@ -377,50 +179,28 @@ def split_kernel_matrix(layer: Layer, w: jax.Array) -> tuple[jax.Array, jax.Arra
     return kernel, bias
 
 
-def _flatten(params: PyTree) -> tuple[list[str], list[Any], Any]:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    return [jax.tree_util.keystr(path) for path, _ in flat], [leaf for _, leaf in flat], treedef
-
-
-def _trace_calls(model_fn, params) -> list[_Call]:
-    """The tagged calls of ``model_fn(params)``, found by tracing it once (``jax.eval_shape``)."""
-    keys, leaves, treedef = _flatten(params)
-    recorder = _Recorder()
-
-    def run(leaves):
-        recorder.watch(keys, leaves)
-        with _recording(recorder):
-            return model_fn(jax.tree_util.tree_unflatten(treedef, leaves))
-
-    jax.eval_shape(run, leaves)
-    return recorder.calls
-
-
-def find_layers(model_fn: Callable[[PyTree], Any], params: PyTree) -> Layers:
-    """The layers ``model_fn(params)`` tags (or Flax capture finds), and the parameters that fall back.
-
-    Traces ``model_fn`` once without running it. Build this once, at construction, and pass it to
-    :func:`optax_second_order.scale_by_kfac`; print it to see what is preconditioned.
-    """
-    layers: dict[str, Layer] = {}
-    for call in _trace_calls(model_fn, params):
-        layers.setdefault(call.layer.name, call.layer)
-    covered = {p for layer in layers.values() for p in (layer.kernel, layer.bias) if p is not None}
-    keys, _, _ = _flatten(params)
-    return Layers(tuple(layers.values()), tuple(k for k in keys if k not in covered))
-
-
-def fisher_cotangent(loss: OutputLoss, key: jax.Array | None = None) -> Callable[[jax.Array], jax.Array]:
+def fisher_cotangent(
+    loss: OutputLoss, key: jax.Array | None = None, *, sign_key: jax.Array | None = None
+) -> Callable[[jax.Array], jax.Array]:
     """``outputs -> u`` with ``u_i = sqrt(w_i / sum_j w_j) d l(y_i, t_i) / d y_i`` for :func:`kronecker_factors`.
 
-    ``t_i ~ p(t | y_i)`` sampled with ``key`` gives the true Fisher (K-FAC's default); ``key=None`` uses
-    the data's targets bound to ``loss`` (the empirical Fisher).
+    ``t_i ~ p(t | y_i)`` sampled with ``key`` gives the true Fisher (K-FAC's default); ``key=None`` uses the
+    data's targets bound to ``loss`` (the empirical Fisher). ``sign_key`` multiplies each example's ``u_i`` by
+    an independent random sign ``eps_i = +-1``: the factors (and EK-FAC's scales) are unchanged, since they are
+    sums of per-example squares, but the squared *summed* gradient of a fallback parameter,
+    ``(sum_i eps_i u_i . d y_i / d theta)^2``, becomes an unbiased estimate of the per-example squares
+    ``sum_i (u_i . d y_i / d theta)^2`` (``E[eps_i eps_j] = 0`` for ``i != j``), the diagonal of the empirical
+    Fisher -- the argument that makes the sampled-target square unbiased for the true Fisher (Gauss-Newton-
+    Bartlett), without per-example gradients.
     """
 
     def cotangent(outputs):
         outputs = jax.lax.stop_gradient(outputs)
         bound = loss if key is None else loss.with_targets(loss.sample_targets(key, outputs))
         scale = jnp.sqrt(loss.example_scale(outputs))
+        if sign_key is not None:
+            signs = jax.random.rademacher(sign_key, loss.example_shape(outputs), scale.dtype)
+            scale = scale * jnp.expand_dims(signs, loss.event_axes(outputs))
         return (scale * bound.per_example_output_grad(outputs)).astype(outputs.dtype)
 
     return cotangent
@@ -432,28 +212,87 @@ def _num_examples(layer: Layer, output_shape: tuple[int, ...]) -> int:
     return output_shape[0] if len(output_shape) > example_ndim else 1
 
 
-def _factors(calls: Sequence[tuple[jax.Array, jax.Array, int]]) -> tuple[jax.Array, jax.Array]:
+def layer_rows(
+    model_fn: Callable[[PyTree], jax.Array],
+    params: PyTree,
+    layers: Layers,
+    output_cotangent: Callable[[jax.Array], jax.Array],
+) -> CapturedPass:
+    """One forward and backward pass of ``model_fn``: every captured layer's input and output-gradient rows.
+
+    The backward pass starts from ``output_cotangent(outputs)`` (``u``, shaped like the outputs): a layer's
+    output-gradient rows are then ``p = u^T d outputs / d s`` at its outputs ``s`` (for ``u = dL/dy``, the
+    loss's gradient ``dL/ds``), and the fallback parameters get ``u^T d outputs / d theta``. Rows are in float32
+    or better. K-FAC's factors are sums of their outer products (:func:`kronecker_factors`); K-BFGS uses their
+    means.
+    """
+    leaves = layers.check_params(params, "layer_rows")
+    treedef = jax.tree.structure(params)
+    shapes = _call_output_shapes(model_fn, params, layers)
+    recorded: list = []
+
+    def forward(fallback_leaves, perturbations):
+        all_leaves = list(leaves)
+        for i, leaf in zip(layers.fallback_indices, fallback_leaves):
+            all_leaves[i] = leaf
+        outputs, calls = trace_calls(model_fn, jax.tree.unflatten(treedef, all_leaves), perturbations, layers.capture)
+        recorded[:] = calls
+        return outputs, [call.inputs for call in calls]
+
+    perturbations = [jnp.zeros(s.shape, s.dtype) for s in shapes]
+    fallback_leaves = [leaves[i] for i in layers.fallback_indices]
+    outputs, vjp_fn, inputs = jax.vjp(forward, fallback_leaves, perturbations, has_aux=True)
+    fallback_grads, output_grads = vjp_fn(output_cotangent(outputs))
+
+    by_layer: dict[int, list[LayerRows]] = {}
+    for call, x, g in zip(recorded, inputs, output_grads):
+        a = layer_inputs(call.layer, x, call.config)
+        dtype = jnp.promote_types(a.dtype, jnp.float32)
+        p = g.reshape(-1, call.layer.output_dim).astype(dtype)
+        rows = LayerRows(a.astype(dtype), p, _num_examples(call.layer, call.output.shape))
+        by_layer.setdefault(call.layer.kernel_index, []).append(rows)
+    missing = [layer.name for layer in layers.layers if layer.kernel_index not in by_layer]
+    if missing:
+        raise ValueError(f"layer_rows: layers {missing} were not called by model_fn (is it the model find_layers traced?)")
+    rows = tuple(tuple(by_layer[layer.kernel_index]) for layer in layers.layers)
+    return CapturedPass(outputs, rows, tuple(fallback_grads))
+
+
+def _call_output_shapes(model_fn, params, layers: Layers) -> list[jax.ShapeDtypeStruct]:
+    """The output shape of every tagged call of ``model_fn(params)``, from one abstract trace."""
+    found: list = []
+
+    def trace(p):
+        outputs, calls = trace_calls(model_fn, p, capture=layers.capture)
+        found.extend(calls)
+        return outputs
+
+    jax.eval_shape(trace, params)
+    return [call.output for call in found]
+
+
+def _factors(calls: Sequence[LayerRows]) -> tuple[jax.Array, jax.Array]:
     """``A = sum a a^T / rows`` and ``G = sum p p^T`` over all the calls of one layer."""
     highest = jax.lax.Precision.HIGHEST
-    aa = sum(jnp.matmul(a.T, a, precision=highest) for a, _, _ in calls)
-    gg = sum(jnp.matmul(p.T, p, precision=highest) for _, p, _ in calls)
-    return aa / sum(a.shape[0] for a, _, _ in calls), gg
+    aa = sum(jnp.matmul(c.inputs.T, c.inputs, precision=highest) for c in calls)
+    gg = sum(jnp.matmul(c.output_grads.T, c.output_grads, precision=highest) for c in calls)
+    return aa / sum(c.inputs.shape[0] for c in calls), gg
 
 
-def _per_example_rows(calls: Sequence[tuple[jax.Array, jax.Array, int]], name: str) -> tuple[jax.Array, jax.Array]:
+def _per_example_rows(calls: Sequence[LayerRows], name: str) -> tuple[jax.Array, jax.Array]:
     """One layer's rows ``a`` and ``p`` grouped by example, ``(N, T, d_in)`` and ``(N, T, d_out)``.
 
     The calls of a shared layer become further locations ``t`` of the same examples.
     """
-    examples = {n for _, _, n in calls}
+    examples = {c.num_examples for c in calls}
     if len(examples) > 1:
         raise ValueError(
             f"kronecker_factors: eigenbasis scales need every call of layer {name} to have the same number of "
             f"examples (leading input axis), got {sorted(examples)}"
         )
     n = examples.pop()
-    a = jnp.concatenate([a.reshape(n, -1, a.shape[-1]) for a, _, _ in calls], axis=1)
-    p = jnp.concatenate([p.reshape(n, -1, p.shape[-1]) for _, p, _ in calls], axis=1)
+    a = jnp.concatenate([c.inputs.reshape(n, -1, c.inputs.shape[-1]) for c in calls], axis=1)
+    p = jnp.concatenate([c.output_grads.reshape(n, -1, c.output_grads.shape[-1]) for c in calls], axis=1)
     return a, p
 
 
@@ -497,10 +336,10 @@ def kronecker_factors(
 
     ``output_cotangent(outputs)`` must return ``u`` with ``u_i = sqrt(w_i / sum_j w_j) d l_i / d y_i``
     (per-example output gradients at sampled targets for the true Fisher, at the data's for the
-    empirical one), so the perturbation gradients are ``p_{i,t} = sqrt(w_i / W) g_{i,t}`` and
-    ``G = sum_{i,t} p p^T`` is the weighted mean over examples. The same pass returns the fallback
+    empirical one; :func:`fisher_cotangent`), so the perturbation gradients are ``p_{i,t} = sqrt(w_i / W) g_{i,t}``
+    and ``G = sum_{i,t} p p^T`` is the weighted mean over examples. The same pass returns the fallback
     parameters' gradients ``sum_i sqrt(w_i / W) d l_i / d theta``, whose square estimates the diagonal of
-    the Fisher (for sampled targets the cross terms vanish in expectation).
+    the Fisher (for sampled targets, or random signs, the cross terms vanish in expectation).
 
     ``eigenbases``, ``{layer name: (Q_A, Q_G)}`` with orthogonal ``(d_in, d_in)`` and ``(d_out, d_out)``
     matrices (the eigenvectors of that layer's ``A`` and ``G``), adds EK-FAC's ``scales`` for those layers:
@@ -516,39 +355,11 @@ def kronecker_factors(
     """
     eigenbases = {} if eigenbases is None else eigenbases
     _check_eigenbases(layers, eigenbases)
-    keys, leaves, treedef = _flatten(params)
-    shapes = [call.output for call in _trace_calls(model_fn, params)]
-    fallback_index = [keys.index(name) for name in layers.fallback]
-    calls: list[_Call] = []
-
-    def forward(fallback_leaves, perturbations):
-        all_leaves = list(leaves)
-        for i, leaf in zip(fallback_index, fallback_leaves):
-            all_leaves[i] = leaf
-        recorder = _Recorder(perturbations)
-        recorder.watch(keys, all_leaves)
-        with _recording(recorder):
-            outputs = model_fn(jax.tree_util.tree_unflatten(treedef, all_leaves))
-        calls[:] = recorder.calls
-        return outputs, [call.inputs for call in recorder.calls]
-
-    perturbations = [jnp.zeros(s.shape, s.dtype) for s in shapes]
-    fallback_leaves = [leaves[i] for i in fallback_index]
-    outputs, vjp_fn, inputs = jax.vjp(forward, fallback_leaves, perturbations, has_aux=True)
-    fallback_grads, output_grads = vjp_fn(output_cotangent(outputs))
-
-    rows: dict[str, list[tuple[jax.Array, jax.Array, int]]] = {}
-    for call, a, g in zip(calls, inputs, output_grads):
-        dtype = jnp.promote_types(a.dtype, jnp.float32)
-        p = g.reshape(-1, call.layer.output_dim).astype(dtype)
-        rows.setdefault(call.layer.name, []).append((a.astype(dtype), p, _num_examples(call.layer, call.output.shape)))
+    captured = layer_rows(model_fn, params, layers, output_cotangent)
     factors, scales = {}, {}
-    for layer in layers.layers:
-        if layer.name not in rows:
-            raise ValueError(f"kronecker_factors: layer {layer.name} was not called by model_fn")
-        factors[layer.name] = _factors(rows[layer.name])
+    for layer, calls in zip(layers.layers, captured.rows):
+        factors[layer.name] = _factors(calls)
         if layer.name in eigenbases:
-            a, p = _per_example_rows(rows[layer.name], layer.name)
+            a, p = _per_example_rows(calls, layer.name)
             scales[layer.name] = _eigenbasis_scales(a, p, *eigenbases[layer.name])
-    return KroneckerStatistics(factors, dict(zip(layers.fallback, fallback_grads)), scales)
-
+    return KroneckerStatistics(factors, dict(zip(layers.fallback, captured.fallback_grads)), scales)

@@ -1,17 +1,28 @@
-"""K-FAC layer capture for unmodified Flax models: linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv``, NNX
-``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv``.
+"""Layer capture for unmodified Flax models: linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` (and their
+subclasses), NNX ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` (and theirs).
 
-Importing this module registers two hooks with :func:`optax_second_order.kronecker.register_capture_hook`;
-they are active only while :func:`~optax_second_order.kronecker.find_layers` or
-:func:`~optax_second_order.kronecker.kronecker_factors` traces ``model_fn``, so a model runs untouched
-everywhere else.
+Nothing is patched process-wide, and nothing happens outside a capture
+(:func:`~optax_second_order.curvature.capture.find_layers` once, then each statistics pass of K-FAC), which
+runs in its own :class:`contextvars.ContextVar` context, so two models traced in two threads stay apart.
 
-* linen: ``flax.linen.intercept_methods`` intercepts ``__call__`` of every ``nn.Dense``, ``nn.DenseGeneral``
-  and ``nn.Conv``; the interceptor runs the layer unchanged and passes its input, output, ``kernel`` and ``bias``
-  (``module.get_variable("params", ...)``, the very arrays of the ``params`` given to ``apply``) to
-  :func:`~optax_second_order.kronecker.tag_layer`.
-* NNX has no method interception, so for the duration of the trace ``__call__`` of ``nnx.Linear``,
-  ``nnx.LinearGeneral`` and ``nnx.Conv`` is wrapped the same way (the class attributes are restored afterwards).
+* linen: :func:`find_layers` stores :func:`linen_capture` in the :class:`~optax_second_order.curvature.capture.Layers`
+  it returns, and every capturing trace enters it: ``flax.linen.intercept_methods`` (Flax's own, thread-local
+  method interception) sees each call of the original ``__call__`` of ``nn.Dense``, ``nn.DenseGeneral`` and
+  ``nn.Conv`` -- also when a subclass inherits it or calls it through ``super().__call__`` -- runs it unchanged
+  and tags it with its input, output, ``kernel`` and ``bias`` (``module.get_variable("params", ...)``, the very
+  arrays of the ``params`` given to ``apply``).
+* NNX has no method interception, so capture is opt-in per model copy: :func:`tag_layers` marks the layers of
+  the module that ``model_fn`` builds with ``nnx.merge`` (a copy of the model used once), by giving each
+  ``nnx.Linear`` / ``nnx.LinearGeneral`` its own ``dot_general`` and each ``nnx.Conv`` its own
+  ``conv_general_dilated`` that records the layer. Only the instances of that copy change, and only while a
+  capture runs: elsewhere :func:`tag_layers` returns the module untouched. :func:`~optax_second_order.flax.nnx_extra_args`
+  builds such a ``model_fn``; by hand::
+
+      def model_fn(params):
+          return oso.flax.tag_layers(nnx.merge(graphdef, params, rest))(x)
+
+  Since the product itself is intercepted, subclasses that call the base ``__call__`` are captured, and so are
+  convolutions with ``"CIRCULAR"``, ``"REFLECT"`` or ``"CAUSAL"`` padding (the base pads the input first).
 
 ``nn.DenseGeneral`` / ``nnx.LinearGeneral`` is captured where it is a matrix: no batch axes and contracted axes
 ``axis`` that are the trailing axes of the input, in order (``-1``, ``(-2, -1)``, ...). Its kernel
@@ -20,15 +31,15 @@ the flattened trailing input axes (:func:`~optax_second_order.kronecker.tag_laye
 ``output_ndim = len(features)``).
 
 A layer is captured when its kernel is a leaf of the parameters ``model_fn`` receives: in linen
-``model_fn = lambda p: module.apply(p, x)``, in NNX ``model_fn = lambda p: nnx.merge(graphdef, p, rest)(x)``
-(or ``nnx.call``). Not captured, so preconditioned by K-FAC's diagonal fallback: convolutions with
-``feature_group_count > 1``, a ``mask``, or ``"CIRCULAR"`` / ``"CAUSAL"`` padding; ``nn.DenseGeneral`` /
-``nnx.LinearGeneral`` with ``batch_dims`` / ``batch_axis`` or contracted axes that are not the trailing ones;
-``nn.Embed`` / ``nnx.Embed``, ``nn.Einsum`` / ``nnx.Einsum``, normalization layers and any other parameter.
+``model_fn = lambda p: module.apply({"params": p}, x)``, in NNX as above. Not captured, so preconditioned by the
+diagonal fallback: convolutions with ``feature_group_count > 1`` or a ``mask`` (and, in linen,
+``"CIRCULAR"`` / ``"CAUSAL"`` padding); ``DenseGeneral`` / ``LinearGeneral`` with batch axes or contracted axes
+that are not the trailing ones, or (NNX) a ``dot_general_cls``; embeddings, ``Einsum``, normalization layers and
+any other parameter.
 
 Usage::
 
-    layers = oso.flax.find_layers(lambda p: model.apply(p, x), params)
+    layers = oso.flax.find_layers(lambda p: model.apply({"params": p}, x), params)
     print(layers.summary())
     tx = oso.kfac(1e-2, layers)
 """
@@ -39,28 +50,34 @@ import contextlib
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 from flax import nnx
 
-from optax_second_order.curvature import kronecker
-from optax_second_order.curvature.kronecker import find_layers
+from optax_second_order.curvature import capture as _capture
+from optax_second_order.curvature.capture import ConvConfig, Layers
 
-__all__ = ["find_layers", "linen_capture", "nnx_capture"]
+__all__ = ["find_layers", "tag_layers", "linen_capture"]
+
+PyTree = Any
+
+_LINEN_CALLS = tuple(cls.__call__.__wrapped__ for cls in (nn.Dense, nn.DenseGeneral, nn.Conv))
 
 
-def _conv_config(module: Any) -> kronecker.ConvConfig | None:
-    """The layer's :class:`~optax_second_order.kronecker.ConvConfig`, or ``None`` if K-FAC cannot capture it."""
-    padding = module.padding
-    if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
-        return None
-    if module.feature_group_count != 1 or module.mask is not None:
-        return None
-    return kronecker.ConvConfig.make(
-        len(module.kernel_size),
-        module.strides or 1,
-        padding,
-        module.input_dilation or 1,
-        module.kernel_dilation or 1,
-    )
+def find_layers(model_fn: Callable[[PyTree], Any], params: PyTree) -> Layers:
+    """The Flax (or tagged) dense and conv layers ``model_fn(params)`` calls, and the parameters that fall back.
+
+    :func:`optax_second_order.kronecker.find_layers` with :func:`linen_capture`; an NNX ``model_fn`` marks its
+    model copy with :func:`tag_layers`. Raises a ``ValueError`` when no layer is found.
+    """
+    layers = _capture.find_layers(model_fn, params, capture=linen_capture)
+    if not layers.layers:
+        raise ValueError(
+            "find_layers: model_fn calls no dense or conv layer that can be captured. A linen model_fn is "
+            "`lambda p: module.apply({'params': p}, x)` with the same `p` the optimizer gets; an NNX model_fn must "
+            "mark its copy of the model: `lambda p: oso.flax.tag_layers(nnx.merge(graphdef, p, rest))(x)` (or use "
+            "oso.flax.nnx_extra_args); plain JAX code tags its layers with oso.kronecker.dense / conv."
+        )
+    return layers
 
 
 def _as_tuple(v: int | Sequence[int]) -> tuple[int, ...]:
@@ -85,51 +102,95 @@ def _dense_output_ndim(module: Any, x: Any) -> int | None:
     return len(_as_tuple(features)) if trailing and not batch else None
 
 
-def _tag(module: Any, call: Callable[[], Any], x: Any, kernel: Any, bias: Any) -> Any:
-    """Run the layer and tag it as dense or conv (or leave it untagged if unsupported)."""
-    y = call()
-    if isinstance(module, (nn.Conv, nnx.Conv)):
-        config = _conv_config(module)
-        return y if config is None else kronecker.tag_layer("conv", y, x, kernel, bias, config)
+def _tag_dense(module: Any, y, x, kernel, bias):
     output_ndim = _dense_output_ndim(module, x)
-    return y if output_ndim is None else kronecker.tag_layer("dense", y, x, kernel, bias, output_ndim=output_ndim)
+    return y if output_ndim is None else _capture.tag_layer("dense", y, x, kernel, bias, output_ndim=output_ndim)
+
+
+# --- linen: Flax's method interception -------------------------------------------------------------
+
+
+def _linen_conv_config(module: nn.Conv) -> ConvConfig | None:
+    """The conv's :class:`~optax_second_order.kronecker.ConvConfig`, or ``None`` if it cannot be captured."""
+    padding = module.padding
+    if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID"):
+        return None
+    if module.feature_group_count != 1 or module.mask is not None:
+        return None
+    return ConvConfig.make(
+        len(module.kernel_size), module.strides or 1, padding, module.input_dilation or 1, module.kernel_dilation or 1
+    )
 
 
 def _linen_interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != "__call__" or type(module) not in (nn.Dense, nn.DenseGeneral, nn.Conv):
+    if context.method_name != "__call__" or getattr(context.orig_method, "func", None) not in _LINEN_CALLS:
         return next_fun(*args, **kwargs)
+    module = context.module
     x = args[0] if args else kwargs["inputs"]
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None
-    return _tag(module, lambda: next_fun(*args, **kwargs), x, kernel, bias)
+    y = next_fun(*args, **kwargs)
+    if isinstance(module, nn.Conv):
+        config = _linen_conv_config(module)
+        return y if config is None else _capture.tag_layer("conv", y, x, kernel, bias, config)
+    return _tag_dense(module, y, x, kernel, bias)
 
 
 def linen_capture() -> contextlib.AbstractContextManager:
-    """Context in which linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` calls are tagged."""
+    """Context in which calls of linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` are tagged."""
     return nn.intercept_methods(_linen_interceptor)
 
 
-def _wrap_nnx_call(original: Callable) -> Callable:
-    def __call__(self, inputs, *args, **kwargs):
-        bias = self.bias.get_value() if self.bias is not None else None
-        return _tag(self, lambda: original(self, inputs, *args, **kwargs), inputs, self.kernel.get_value(), bias)
-
-    return __call__
+# --- NNX: per-instance products on the copy model_fn merges ---------------------------------------
 
 
-@contextlib.contextmanager
-def nnx_capture():
-    """Context in which ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` calls are tagged (``__call__`` wrapped)."""
-    originals = {cls: cls.__dict__["__call__"] for cls in (nnx.Linear, nnx.LinearGeneral, nnx.Conv)}
-    try:
-        for cls, original in originals.items():
-            cls.__call__ = _wrap_nnx_call(original)
-        yield
-    finally:
-        for cls, original in originals.items():
-            cls.__call__ = original
+def _variable(module: Any, name: str):
+    variable = getattr(module, name, None)
+    return None if variable is None else variable.get_value()
 
 
-kronecker.register_capture_hook(linen_capture)
-kronecker.register_capture_hook(nnx_capture)
+def _tagging_dot_general(module: nnx.Module, original: Callable) -> Callable:
+    def dot_general(inputs, kernel, *args, **kwargs):
+        y = original(inputs, kernel, *args, **kwargs)
+        return _tag_dense(module, y, inputs, _variable(module, "kernel"), _variable(module, "bias"))
+
+    dot_general.oso_original = original
+    return dot_general
+
+
+def _tagging_conv(module: nnx.Conv, original: Callable) -> Callable:
+    def conv_general_dilated(inputs, kernel, strides, padding, *args, **kwargs):
+        y = original(inputs, kernel, strides, padding, *args, **kwargs)
+        if kwargs.get("feature_group_count", 1) != 1 or module.mask is not None or args:
+            return y
+        ndim = kernel.ndim - 2
+        config = ConvConfig.make(
+            ndim, strides, padding, kwargs.get("lhs_dilation") or 1, kwargs.get("rhs_dilation") or 1
+        )
+        return _capture.tag_layer("conv", y, inputs, _variable(module, "kernel"), _variable(module, "bias"), config)
+
+    conv_general_dilated.oso_original = original
+    return conv_general_dilated
+
+
+def _tag_nnx_layer(module: Any) -> None:
+    if isinstance(module, nnx.Conv):
+        if not hasattr(module.conv_general_dilated, "oso_original"):
+            module.conv_general_dilated = _tagging_conv(module, module.conv_general_dilated)
+    elif isinstance(module, nnx.Linear) or (isinstance(module, nnx.LinearGeneral) and module.dot_general_cls is None):
+        current = module.dot_general or jax.lax.dot_general
+        if not hasattr(current, "oso_original"):
+            module.dot_general = _tagging_dot_general(module, current)
+
+
+def tag_layers(module: nnx.Module) -> nnx.Module:
+    """Mark the ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` layers of ``module`` for capture; return it.
+
+    Call it on the copy ``model_fn`` builds, ``tag_layers(nnx.merge(graphdef, params, rest))(x)``: while a capture
+    traces ``model_fn`` each such layer gets its own product function that records the call; at any other time
+    the module is returned untouched (so the copy runs exactly as the model does).
+    """
+    if _capture.capturing():
+        for _, node in nnx.iter_graph(module):
+            _tag_nnx_layer(node)
+    return module

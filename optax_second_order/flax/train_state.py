@@ -42,6 +42,7 @@ from flax import nnx
 from flax.training import train_state
 
 from optax_second_order.curvature.losses import OutputLoss
+from optax_second_order.flax.capture import tag_layers
 
 __all__ = ["TrainState", "nnx_extra_args"]
 
@@ -87,10 +88,12 @@ def nnx_extra_args(
 ) -> dict[str, Any]:
     """``model_fn`` (and ``value_fn``, ``loss`` when ``loss`` is given) over an NNX model's parameters.
 
-    ``model_fn(params) = apply(nnx.merge(graphdef, params, rest), inputs)`` with
+    ``model_fn(params) = apply(tag_layers(nnx.merge(graphdef, params, rest)), inputs)`` with
     ``graphdef, _, rest = nnx.split(model, wrt, ...)``, so ``params`` is the pure state that
-    ``nnx.Optimizer(model, tx, wrt=wrt).update`` passes to ``tx.update``. The merged copy is thrown
-    away: the model itself is not changed by curvature evaluations.
+    ``nnx.Optimizer(model, tx, wrt=wrt).update`` passes to ``tx.update``, and K-FAC's capture sees the
+    copy's layers (:func:`~optax_second_order.flax.tag_layers`). The merged copy is thrown away: the model
+    itself is not changed by curvature evaluations. K-FAC's ``layers`` come from the same ``model_fn``:
+    ``oso.flax.find_layers(extra["model_fn"], nnx.state(model, wrt))``.
 
     Args:
       model: the NNX model.
@@ -107,7 +110,7 @@ def nnx_extra_args(
     call = apply or (lambda module, x: module(x))
 
     def model_fn(params):
-        return call(nnx.merge(graphdef, params, rest), inputs)
+        return call(tag_layers(nnx.merge(graphdef, params, rest)), inputs)
 
     if loss is None:
         return {"model_fn": model_fn}

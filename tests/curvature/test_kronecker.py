@@ -1,6 +1,5 @@
 """Kronecker factors against dense references: exact Fisher blocks, explicit patches, analytic expectations."""
 
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +98,37 @@ def test_kernel_matrix_round_trip_and_fallback_grads():
     # empirical cotangent sqrt(1/N) s_i: the fallback gradient is sqrt(N) times the data gradient
     grad = jax.grad(lambda p: loss(_mlp(p, x)))(params)
     np.testing.assert_allclose(stats.fallback_grads["['scale']"], jnp.sqrt(5.0) * grad["scale"], rtol=1e-10)
+
+
+def test_random_signs_make_the_fallback_square_the_per_example_squares_and_leave_the_factors():
+    """``fisher_cotangent(loss, sign_key=k)``: E_k[fallback grad^2] = sum_i (w_i / W) (d l_i / d scale)^2 (the
+    empirical Fisher diagonal from per-example gradients, by ``jax.jacrev`` of the per-example losses), and the
+    factors unchanged."""
+    params = _mlp_params(jax.random.key(13))
+    n = 6
+    x = jax.random.normal(jax.random.key(14), (n, D_IN))
+    labels = jax.random.randint(jax.random.key(15), (n,), 0, D_OUT)
+    weights = jnp.array([1.0, 0.5, 2.0, 1.0, 0.0, 1.5])
+    loss = oso.losses.softmax_cross_entropy(labels, weights)
+    layers = kronecker.find_layers(lambda p: _mlp(p, x), params)
+
+    per_example = jax.jacrev(lambda p: loss.per_example(_mlp(p, x)))(params)["scale"]  # d l_i / d scale, (n,)
+    expected = float(jnp.sum(weights / jnp.sum(weights) * per_example**2))
+
+    @jax.jit
+    def statistics(key):
+        return kronecker.kronecker_factors(lambda p: _mlp(p, x), params, layers, kronecker.fisher_cotangent(loss, sign_key=key))
+
+    plain = kronecker.kronecker_factors(lambda p: _mlp(p, x), params, layers, kronecker.fisher_cotangent(loss))
+    draws = jax.vmap(statistics)(jax.random.split(jax.random.key(16), 4000))
+    for name in plain.factors:
+        for got, want in zip(draws.factors[name], plain.factors[name]):
+            np.testing.assert_allclose(got, jnp.broadcast_to(want, got.shape), rtol=1e-10, atol=1e-14)
+    samples = np.asarray(draws.fallback_grads["['scale']"]) ** 2
+    error = samples.std() / np.sqrt(len(samples))
+    assert abs(samples.mean() - expected) < 4 * error, (samples.mean(), expected, error)
+    # without signs the square is the squared batch gradient, which differs (the cross terms stay)
+    assert abs(float(plain.fallback_grads["['scale']"]) ** 2 - expected) > 10 * error
 
 
 def _patches_loop(x, window, strides, padding, dilation):

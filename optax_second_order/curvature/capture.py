@@ -1,0 +1,364 @@
+"""Layer capture: which dense and convolutional layers a forward function calls, and their inputs and outputs.
+
+Methods that keep curvature per layer (K-FAC, EK-FAC, K-BFGS) need, for every dense or convolutional layer
+``s = W^T a`` of ``model_fn(params)``, the layer's input ``a`` and the gradient of the loss with respect to its
+output ``s``. This module finds them without JAX internals:
+
+* A forward function marks a layer by calling :func:`dense` / :func:`conv` (or :func:`tag_layer` on a layer it
+  computed itself); :mod:`optax_second_order.flax` marks unmodified Flax layers. Outside a capture a tag does
+  nothing but return the layer's output.
+* A capture (:func:`find_layers` once, then :func:`trace_calls` inside each statistics pass) sets a recorder in a
+  :class:`contextvars.ContextVar` for the duration of one trace of ``model_fn``, so two models traced at the same
+  time in two threads (each thread has its own context) never see each other's layers. While it is set, a tag
+  records the call and adds a perturbation (zero) to the layer's output, so that ``d L / d perturbation = d L / d s``
+  comes out of the same backward pass.
+* A layer is identified by the parameter leaf its ``kernel`` is: its position in ``jax.tree.leaves(params)`` (and
+  its path, for display). The recorder knows the leaves of the ``params`` it traces ``model_fn`` with, and a tag
+  looks its kernel up among them by identity (the tracers of one trace are distinct objects, kept alive by the
+  recorder for the whole trace). So ``kernel`` must be that leaf itself, not a cast or reshaped copy; an array
+  that is no leaf (a constant) is not a layer. Positions, not path strings, are what optimizer states use: the
+  same parameters seen as an ``nnx.State`` of variables (paths ending in ``.value``) and as the pure dictionaries
+  ``nnx.Optimizer`` passes to ``update`` have the same leaves in the same order.
+
+Tags work under ``jit``, ``grad`` and ``vmap`` of the whole forward function, but not inside ``lax.scan`` /
+``lax.cond`` bodies (their tracers cannot leave the body).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+__all__ = [
+    "ConvConfig",
+    "Layer",
+    "Layers",
+    "LayerCall",
+    "dense",
+    "conv",
+    "tag_layer",
+    "capturing",
+    "find_layers",
+    "trace_calls",
+]
+
+PyTree = Any
+CaptureContext = Callable[[], ContextManager]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvConfig:
+    """A channels-last convolution: ``x (N, *spatial, C_in)``, kernel ``(*window, C_in, C_out)``."""
+
+    strides: tuple[int, ...]
+    padding: str | tuple[tuple[int, int], ...]
+    input_dilation: tuple[int, ...]
+    kernel_dilation: tuple[int, ...]
+
+    @classmethod
+    def make(cls, ndim: int, strides=1, padding="SAME", input_dilation=1, kernel_dilation=1) -> "ConvConfig":
+        """Canonical form: ints broadcast to every spatial axis, int padding to ``(p, p)`` pairs."""
+
+        def per_axis(v):
+            return (int(v),) * ndim if isinstance(v, int) else tuple(int(i) for i in v)
+
+        if isinstance(padding, str):
+            padding = padding.upper()
+        elif isinstance(padding, int):
+            padding = ((padding, padding),) * ndim
+        else:
+            padding = tuple((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in padding)
+        return cls(per_axis(strides), padding, per_axis(input_dilation), per_axis(kernel_dilation))
+
+    def dimension_numbers(self) -> tuple[str, str, str]:
+        spatial = "DHW"[3 - len(self.strides):] if len(self.strides) <= 3 else None
+        if spatial is None:
+            raise ValueError("conv: at most 3 spatial dimensions are supported")
+        return ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A captured layer: its kind, its parameters (paths for display, leaf positions for access) and kernel shape.
+
+    ``output_ndim``: how many trailing kernel axes are output features (a dense kernel
+    ``(*in_shape, *out_shape)`` with several of either, as Flax's ``DenseGeneral`` has, is the matrix
+    ``(prod(in_shape), prod(out_shape))``; a conv's is always 1). ``kernel_index`` / ``bias_index``: the positions
+    of the kernel and bias in ``jax.tree.leaves(params)``.
+    """
+
+    kind: str
+    kernel: str
+    bias: str | None
+    kernel_shape: tuple[int, ...]
+    output_ndim: int = 1
+    kernel_index: int = -1
+    bias_index: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.kernel
+
+    @property
+    def fan_in(self) -> int:
+        """The kernel's input size: ``prod(in_shape)`` for a dense layer, the patch size for a conv."""
+        return math.prod(self.kernel_shape[: -self.output_ndim])
+
+    @property
+    def input_dim(self) -> int:
+        """``d_in`` of ``A``: fan-in plus one for the bias."""
+        return self.fan_in + (self.bias is not None)
+
+    @property
+    def output_dim(self) -> int:
+        """``d_out`` of ``G``: the number of output features, ``prod(out_shape)``."""
+        return math.prod(self.kernel_shape[-self.output_ndim:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """What a capture found: the layers preconditioned per layer and the parameters that fall back.
+
+    Attributes:
+      layers: the captured layers, in the order of their first call.
+      fallback: paths of the parameters no layer covers (preconditioned by a diagonal method).
+      fallback_indices: their positions in ``jax.tree.leaves(params)``.
+      num_leaves: the number of leaves of the parameters ``find_layers`` traced.
+      capture: the context (e.g. Flax's method interception) entered around every capturing trace of
+        ``model_fn``; ``None`` for plain-JAX tags. Not part of equality.
+    """
+
+    layers: tuple[Layer, ...]
+    fallback: tuple[str, ...]
+    fallback_indices: tuple[int, ...] = ()
+    num_leaves: int = 0
+    capture: CaptureContext | None = dataclasses.field(default=None, compare=False)
+
+    def summary(self) -> str:
+        """A printable table of preconditioned layers and fallback parameters."""
+        lines = [f"capture: {len(self.layers)} layers preconditioned, {len(self.fallback)} params fall back"]
+        for layer in self.layers:
+            bias = f" + {layer.bias}" if layer.bias else ""
+            lines.append(
+                f"  {layer.kind:5s} {layer.kernel}{bias}  A {layer.input_dim}x{layer.input_dim}, "
+                f"G {layer.output_dim}x{layer.output_dim}"
+            )
+        lines.extend(f"  diagonal {name}" for name in self.fallback)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def check_params(self, params: PyTree, where: str) -> list[Any]:
+        """The leaves of ``params``, or a ``ValueError`` if they are not the parameters the layers were found on."""
+        leaves = jax.tree.leaves(params)
+        if len(leaves) != self.num_leaves:
+            raise ValueError(
+                f"{where}: params have {len(leaves)} leaves but the layers were found on parameters with "
+                f"{self.num_leaves}; find_layers and the optimizer must see the same parameters (for example both the "
+                "linen `params` collection, not one of them the {'params': ...} variables dict)"
+            )
+        for layer in self.layers:
+            shape = tuple(jnp.shape(leaves[layer.kernel_index]))
+            if shape != layer.kernel_shape:
+                raise ValueError(
+                    f"{where}: leaf {layer.kernel_index} of params has shape {shape}, but the layer found there "
+                    f"({layer.kernel}) has kernel shape {layer.kernel_shape}; find_layers and the optimizer must see "
+                    "the same parameters"
+                )
+        return leaves
+
+
+class LayerCall(NamedTuple):
+    """One recorded call of a layer: the layer, its input ``x`` as passed, its conv config and output shape."""
+
+    layer: Layer
+    inputs: jax.Array | None
+    config: ConvConfig | None
+    output: jax.ShapeDtypeStruct
+
+
+class _Recorder:
+    """Collects the tagged calls of one trace of ``model_fn`` (and perturbs their outputs, if given)."""
+
+    def __init__(self, paths: Sequence[str], leaves: Sequence[Any], perturbations: Sequence[jax.Array] | None):
+        self.paths = list(paths)
+        self.leaves = list(leaves)  # keeps the traced leaves alive, so their ids are unique for the whole trace
+        self.positions = {id(leaf): i for i, leaf in enumerate(self.leaves)}
+        self.perturbations = perturbations
+        self.calls: list[LayerCall] = []
+
+    def layer(self, kind, kernel, bias, output_ndim) -> Layer | None:
+        kernel_index = self.positions.get(id(kernel))
+        if kernel_index is None:
+            return None  # not a parameter leaf of this model_fn: cannot be preconditioned
+        bias_index = self.positions.get(id(bias)) if bias is not None else None
+        bias_path = self.paths[bias_index] if bias_index is not None else None
+        return Layer(kind, self.paths[kernel_index], bias_path, tuple(kernel.shape), output_ndim, kernel_index, bias_index)
+
+    def record(self, kind, outputs, inputs, kernel, bias, config, output_ndim):
+        layer = self.layer(kind, kernel, bias, output_ndim)
+        if layer is None:
+            return outputs
+        if self.perturbations is not None:
+            outputs = outputs + self.perturbations[len(self.calls)].astype(outputs.dtype)
+        self.calls.append(LayerCall(layer, inputs, config, jax.ShapeDtypeStruct(outputs.shape, outputs.dtype)))
+        return outputs
+
+
+_RECORDER: contextvars.ContextVar[_Recorder | None] = contextvars.ContextVar("oso_capture_recorder", default=None)
+
+
+def capturing() -> bool:
+    """Whether a capture is tracing ``model_fn`` in this context (layer wrappers use it to stay inert otherwise)."""
+    return _RECORDER.get() is not None
+
+
+@contextlib.contextmanager
+def _recording(recorder: _Recorder, capture: CaptureContext | None) -> Iterator[_Recorder]:
+    token = _RECORDER.set(recorder)
+    try:
+        with capture() if capture is not None else contextlib.nullcontext():
+            yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+def tag_layer(
+    kind: str,
+    outputs: jax.Array,
+    inputs: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    config: ConvConfig | None = None,
+    output_ndim: int = 1,
+) -> jax.Array:
+    """Mark ``outputs = layer(inputs; kernel, bias)`` as a ``"dense"`` or ``"conv"`` layer.
+
+    A dense kernel ``(*in_shape, *out_shape)`` has ``output_ndim = len(out_shape)`` and maps the trailing
+    axes ``in_shape`` of ``inputs`` to the trailing axes ``out_shape`` of ``outputs`` (bias ``out_shape``).
+    Returns ``outputs`` unchanged unless a capture is running (then with a zero perturbation added).
+    """
+    recorder = _RECORDER.get()
+    if recorder is None:
+        return outputs
+    if kind == "dense":
+        _check_dense_shapes(inputs.shape, outputs.shape, kernel.shape, output_ndim)
+    elif output_ndim != 1:
+        raise ValueError(f"tag_layer: a {kind!r} layer has output_ndim 1, got {output_ndim}")
+    return recorder.record(kind, outputs, inputs, kernel, bias, config, output_ndim)
+
+
+def _check_dense_shapes(inputs, outputs, kernel, output_ndim: int) -> None:
+    in_ndim = len(kernel) - output_ndim
+    if not (
+        1 <= output_ndim < len(kernel)
+        and tuple(inputs[len(inputs) - in_ndim:]) == tuple(kernel[:in_ndim])
+        and tuple(outputs[len(outputs) - output_ndim:]) == tuple(kernel[in_ndim:])
+    ):
+        raise ValueError(
+            f"tag_layer: a dense kernel {tuple(kernel)} with output_ndim {output_ndim} must map inputs (..., "
+            f"*kernel[:-output_ndim]) to outputs (..., *kernel[-output_ndim:]), got inputs {tuple(inputs)} "
+            f"and outputs {tuple(outputs)}"
+        )
+
+
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, output_ndim: int = 1) -> jax.Array:
+    """Tagged dense layer ``x . kernel + bias`` over the trailing axes of ``x``, any leading axes.
+
+    Kernel ``(*in_shape, *out_shape)`` with ``output_ndim = len(out_shape)`` (``(d_in, d_out)`` by
+    default), ``x`` of shape ``(..., *in_shape)``, bias ``out_shape``: the contraction
+    ``jnp.tensordot(x, kernel, len(in_shape))``, as Flax's ``DenseGeneral`` on trailing axes computes it.
+    """
+    y = jnp.tensordot(x, kernel, kernel.ndim - output_ndim)
+    if bias is not None:
+        y = y + bias
+    return tag_layer("dense", y, x, kernel, bias, output_ndim=output_ndim)
+
+
+def conv(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    strides: int | Sequence[int] = 1,
+    padding: str | int | Sequence = "SAME",
+    input_dilation: int | Sequence[int] = 1,
+    kernel_dilation: int | Sequence[int] = 1,
+) -> jax.Array:
+    """Tagged channels-last convolution: ``x (N, *spatial, C_in)``, kernel ``(*window, C_in, C_out)``.
+
+    Mixed dtypes are promoted as ``jnp.dot`` promotes them in :func:`dense` (and ``nn.Conv`` in Flax).
+    """
+    config = ConvConfig.make(kernel.ndim - 2, strides, padding, input_dilation, kernel_dilation)
+    dtype = jnp.result_type(x, kernel)
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype),
+        kernel.astype(dtype),
+        config.strides,
+        config.padding,
+        config.input_dilation,
+        config.kernel_dilation,
+        dimension_numbers=config.dimension_numbers(),
+    )
+    if bias is not None:
+        y = y + bias
+    return tag_layer("conv", y, x, kernel, bias, config)
+
+
+def _paths_and_leaves(params: PyTree) -> tuple[list[str], list[Any], Any]:
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return [jax.tree_util.keystr(path) for path, _ in flat], [leaf for _, leaf in flat], treedef
+
+
+def trace_calls(
+    model_fn: Callable[[PyTree], Any],
+    params: PyTree,
+    perturbations: Sequence[jax.Array] | None = None,
+    capture: CaptureContext | None = None,
+) -> tuple[Any, list[LayerCall]]:
+    """``model_fn(params)`` and the layer calls it made, in order.
+
+    With ``perturbations`` (one array per call, shaped like its output), each tagged output has its
+    perturbation added, so differentiating through them gives the layers' output gradients. ``capture`` is
+    entered around the call (:attr:`Layers.capture`). Call it inside the function being traced.
+    """
+    paths, leaves, treedef = _paths_and_leaves(params)
+    with _recording(_Recorder(paths, leaves, perturbations), capture) as recorder:
+        outputs = model_fn(jax.tree_util.tree_unflatten(treedef, leaves))
+    return outputs, recorder.calls
+
+
+def find_layers(
+    model_fn: Callable[[PyTree], Any], params: PyTree, capture: CaptureContext | None = None
+) -> Layers:
+    """The layers ``model_fn(params)`` tags, and the parameters that fall back.
+
+    Traces ``model_fn`` once without running it (``jax.eval_shape``). Build this once, at construction, and
+    pass it to the optimizer; print it to see what is preconditioned. ``capture``: a context entered around
+    the trace (and kept in the result for every later one), as :func:`optax_second_order.flax.find_layers`
+    does for Flax layers.
+    """
+    found: list[LayerCall] = []
+
+    def trace(p):
+        outputs, calls = trace_calls(model_fn, p, capture=capture)
+        found.extend(calls)
+        return outputs
+
+    jax.eval_shape(trace, params)
+    layers: dict[int, Layer] = {}
+    for call in found:
+        layers.setdefault(call.layer.kernel_index, call.layer)
+    covered = {i for layer in layers.values() for i in (layer.kernel_index, layer.bias_index) if i is not None}
+    paths, leaves, _ = _paths_and_leaves(params)
+    fallback = [i for i in range(len(leaves)) if i not in covered]
+    return Layers(
+        tuple(layers.values()), tuple(paths[i] for i in fallback), tuple(fallback), len(leaves), capture
+    )
