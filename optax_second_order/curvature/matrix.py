@@ -5,7 +5,8 @@ For ``M = Q diag(lambda) Q^T`` (``lambda`` clipped at 0, so round-off cannot mak
 * :func:`inverse_pth_root`: ``(M + delta I)^{-1/p} = Q diag((lambda + delta)^{-1/p}) Q^T`` for any real
   ``p > 0`` (Shampoo's ``p = 4`` or ``2``, SOAP/Adam-in-the-eigenbasis, ...), with damping
   ``delta = eps + relative_eps * lambda_max`` and an optional pseudo-inverse cutoff;
-* :func:`damped_inverse`: ``(M + damping I)^{-1}`` (K-FAC factors), the ``p = 1`` case;
+* :func:`damped_inverse`: ``(M + damping I)^{-1}`` (K-FAC's factors) by LU, not eigh: the ``p = 1`` root
+  without the eigendecomposition, several times faster on XLA:CPU and on accelerators;
 * :func:`eigh_psd`: the eigendecomposition itself (SOAP's eigenbases, EKFAC).
 
 Every function works on a batch of matrices (leading dimensions are blocks), symmetrizes its input
@@ -135,9 +136,25 @@ def inverse_pth_root(
 
 
 def damped_inverse(matrix: jax.Array, damping: float | jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(M + damping I)^{-1}`` of symmetric PSD matrices, and a success flag.
+    """``(M + damping I)^{-1}`` of symmetric PSD matrices by LU, and a success flag.
 
-    :func:`inverse_pth_root` with ``p = 1`` and ``eps = damping`` (scalar or one per block), e.g.
-    K-FAC's factor inverses ``(A + pi sqrt(lambda) I)^{-1}`` (Martens & Grosse 2015, section 6.3).
+    For ``damping > 0`` the damped matrix is positive definite, so the LU factorization (partial pivoting) of
+    ``jnp.linalg.inv`` is stable; it is several times faster than :func:`inverse_pth_root`'s ``eigh`` on
+    XLA:CPU (and faster than Cholesky there), the cost of K-FAC's factor inverses
+    ``(A + pi sqrt(lambda) I)^{-1}`` (Martens & Grosse 2015, section 6.3).
+
+    Args:
+      matrix: ``[..., n, n]`` symmetric PSD matrices (symmetrized here); leading dimensions are blocks.
+      damping: scalar or one per block, ``> 0``.
+
+    Returns:
+      ``(inverse, ok)``: the inverse in float32 or better and ``ok`` of shape ``[...]``, False where the input
+      or the inverse is not finite (callers keep their previous inverse there).
     """
-    return inverse_pth_root(matrix, 1, eps=damping)
+    _check_nonnegative("damping", damping, "damped_inverse")
+    dtype = _compute_dtype(matrix.dtype)
+    m = symmetrize(matrix.astype(dtype))
+    damping = jnp.asarray(damping, dtype)[..., None, None]
+    inverse = jnp.linalg.inv(m + damping * jnp.eye(m.shape[-1], dtype=dtype))
+    ok = _finite_per_matrix(m) & _finite_per_matrix(inverse)
+    return inverse, ok

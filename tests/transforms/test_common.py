@@ -1,0 +1,110 @@
+"""Shared pieces: extra-argument errors, hyperparameter checks, the finite guards, the damping rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_second_order as oso
+from optax_second_order.transforms import common, damping
+
+
+def test_a_plain_callable_as_loss_is_a_type_error_that_says_how_to_build_one():
+    with pytest.raises(TypeError, match="softmax_cross_entropy"):
+        common.extra_arg({"loss": lambda y: jnp.sum(y)}, "loss", "scale_by_x")
+    with pytest.raises(TypeError, match="got ndarray|got ArrayImpl"):
+        common.extra_arg({"loss": np.zeros(3)}, "loss", "scale_by_x")
+
+
+def test_a_non_scalar_value_fn_is_a_value_error():
+    value_fn = common.extra_arg({"value_fn": lambda p: p * 2}, "value_fn", "scale_by_x")
+    with pytest.raises(ValueError, match="scalar loss.*shape \\(3,\\)"):
+        jax.eval_shape(value_fn, jnp.zeros(3))
+    tx = oso.sophia(1e-3, estimator="hutchinson")
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(ValueError, match="sophia.*scalar"):
+        jax.eval_shape(lambda p: tx.update(p, tx.init(p), p, value_fn=lambda q: q["w"] ** 2), params)
+
+
+def test_a_linen_model_fn_returning_its_mutated_state_is_a_type_error():
+    tx = oso.sophia(1e-3, estimator="gnb")
+    params = {"w": jnp.ones((3, 2))}
+    loss = oso.losses.softmax_cross_entropy(jnp.zeros(4, jnp.int32))
+    model_fn = lambda p: (jnp.ones((4, 3)) @ p["w"], {"batch_stats": {}})  # noqa: E731
+    with pytest.raises(TypeError, match="mutable"):
+        jax.eval_shape(lambda p: tx.update(p, tx.init(p), p, model_fn=model_fn, loss=loss), params)
+
+
+def test_a_batch_mismatch_between_model_fn_and_loss_is_a_value_error():
+    tx = oso.sophia(1e-3, estimator="gnb")
+    params = {"w": jnp.ones((3, 2))}
+    loss = oso.losses.softmax_cross_entropy(jnp.zeros(5, jnp.int32))  # another batch than the model's 4
+    with pytest.raises(ValueError, match="do not match targets"):
+        jax.eval_shape(lambda p: tx.update(p, tx.init(p), p, model_fn=lambda q: jnp.ones((4, 3)) @ q["w"], loss=loss),
+                       params)
+
+
+def test_check_skips_arrays_and_names_python_numbers():
+    common.check("t", "b1", jnp.asarray(2.0), lambda x: x < 1, "< 1")  # an array (inject_hyperparams): unchecked
+    with pytest.raises(ValueError, match="t: b1 must be < 1, got 2.0"):
+        common.check("t", "b1", 2.0, lambda x: x < 1, "< 1")
+
+
+def test_static_int_accepts_concrete_values_and_explains_traced_ones():
+    assert common.static_int("t", "block_size", None, 1024) == 1024
+    assert common.static_int("t", "block_size", jnp.asarray(8), 1024) == 8
+    with pytest.raises(ValueError, match="block_size must be an integer >= 1, got 0"):
+        common.static_int("t", "block_size", 0, 1024)
+    with pytest.raises(TypeError, match="static_args"):
+        jax.jit(lambda b: common.static_int("t", "block_size", b, 1024))(8)
+
+
+def test_shape_arguments_under_inject_hyperparams_ask_for_static_args():
+    params = {"w": jnp.ones((4, 3))}
+    injected = optax.inject_hyperparams(oso.shampoo)(learning_rate=1e-2, block_size=2)
+    state = injected.init(params)
+    with pytest.raises(TypeError, match="static_args=\\('block_size',\\)"):
+        jax.jit(injected.update)(params, state, params)
+    fixed = optax.inject_hyperparams(oso.shampoo, static_args=("block_size",))(learning_rate=1e-2, block_size=2)
+    jax.jit(fixed.update)(params, fixed.init(params), params)
+
+
+def test_finite_ema_keeps_the_old_value_and_counts():
+    old = {"a": jnp.ones(2), "b": jnp.zeros(())}
+    new, bad = common.finite_ema(old, {"a": jnp.array([3.0, jnp.inf]), "b": jnp.ones(())}, 0.5)
+    assert int(bad) == 1
+    jax.tree.map(np.testing.assert_array_equal, new, old)
+    new, bad = common.finite_ema(old, {"a": jnp.array([3.0, 5.0]), "b": jnp.ones(())}, 0.5)
+    assert int(bad) == 0
+    np.testing.assert_array_equal(new["a"], [2.0, 3.0])
+
+
+def test_levenberg_marquardt_follows_the_rule_on_a_scripted_sequence():
+    """rho > 3/4: shrink; rho < 1/4 (or -inf): grow; else keep; never below the floor."""
+    rhos = [0.9, 0.5, 0.1, -2.0, 1.0, 0.8, 0.76, 0.24, 0.25, 0.75]
+    lam, floor, expected = 1.0, 0.5, []
+    for rho in rhos:
+        lam = max(lam * 2 / 3 if rho > 0.75 else lam * 1.5 if rho < 0.25 else lam, floor)
+        expected.append(lam)
+    lam, got = jnp.asarray(1.0), []
+    for rho in rhos:
+        lam = damping.levenberg_marquardt(lam, jnp.asarray(rho), 2 / 3, 1.5, floor)
+        got.append(float(lam))
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_reduction_ratio_fails_steps_the_model_does_not_predict_to_help():
+    assert float(damping.reduction_ratio(jnp.asarray(-1.0), jnp.asarray(-2.0))) == 0.5
+    for actual, predicted in [(-1.0, 0.0), (-1.0, 1.0), (jnp.nan, -1.0), (jnp.inf, -1.0), (-1.0, jnp.nan)]:
+        assert float(damping.reduction_ratio(jnp.asarray(actual), jnp.asarray(predicted))) == -np.inf
+
+
+def test_kl_clip_scale_bounds_the_quadratic_and_gives_no_step_for_garbage():
+    lr, kl = 0.1, 1e-3
+    for vg in [1e-6, 1.0, 1e6]:
+        nu = float(damping.kl_clip_scale(jnp.asarray(vg), lr, kl))
+        assert nu <= 1 and lr**2 * nu**2 * vg <= kl * (1 + 1e-6)
+        assert nu == 1 or np.isclose(lr**2 * nu**2 * vg, kl)
+    for garbage in [0.0, -1.0, jnp.nan, jnp.inf]:
+        assert float(damping.kl_clip_scale(jnp.asarray(garbage), lr, kl)) == 0.0
