@@ -1,17 +1,19 @@
 """optax_second_order: second-order optimizers as composable Optax gradient transformations.
 
 The public surface is flat: ``import optax_second_order as oso`` gives the curvature primitives
-(``oso.hvp``, ``oso.gnvp``, ...), the ``oso.losses`` module, the ``scale_by_*`` transformations and
-the ready optimizers (aliases).
+(``oso.hvp``, ``oso.gnvp``, ...), the ``oso.losses``, ``oso.capture`` and ``oso.kronecker`` modules, the
+``scale_by_*`` transformations, the ready optimizers (aliases) and the Flax integration ``oso.flax``.
 """
 
-from optax_second_order import curvature, transforms
+from optax_second_order import aliases, curvature, transforms
 from optax_second_order.curvature import *  # noqa: F401,F403
-from optax_second_order.curvature import losses
 from optax_second_order.transforms import *  # noqa: F401,F403
+
 # Last, so that the aliases (e.g. ``oso.shampoo``) win over same-named transforms submodules.
-from optax_second_order.aliases import *  # noqa: F401,F403
-# Registers K-FAC's capture of Flax layers (and makes ``oso.flax`` available).
-import optax_second_order.flax.capture  # noqa: E402,F401
+from optax_second_order.aliases import *  # noqa: F401,F403,E402
+from optax_second_order import flax  # noqa: E402
+
+__all__ = ["curvature", "transforms", "flax", *curvature.__all__, *transforms.__all__, *aliases.__all__]
+del aliases  # the aliases are exported by name; the module is not a namespace of its own
 
 __version__ = "0.1.0"

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-import jax
 import optax
+from jax.sharding import NamedSharding
 
-from optax_second_order.curvature.kronecker import Layers
+from optax_second_order.curvature.capture import Layers
 from optax_second_order.transforms import diagonal
 from optax_second_order.transforms import kfac as _kfac
 from optax_second_order.transforms import shampoo as _shampoo
 from optax_second_order.transforms import soap as _soap
+from optax_second_order.transforms.common import check
 
 __all__: list[str] = ["shampoo", "soap", "kfac", "adagrad", "adam", "adahessian", "sophia"]
+
+
+def _check_alias(name: str, learning_rate, weight_decay=0.0, momentum=None) -> None:
+    """The checks every alias shares: a positive learning rate, a non-negative weight decay, momentum in [0, 1)."""
+    check(name, "learning_rate", learning_rate, lambda x: x > 0, "> 0 (or a schedule)")
+    check(name, "weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
+    check(name, "momentum", momentum, lambda x: 0 <= x < 1, "in [0, 1)")
 
 
 # --- diagonal preconditioners (transforms/diagonal.py) -----------------------------------------
@@ -24,6 +32,9 @@ def adagrad(
 
     Equals ``optax.adagrad`` (same arguments and defaults) step for step.
     """
+    _check_alias("adagrad", learning_rate)
+    check("adagrad", "initial_accumulator_value", initial_accumulator_value, lambda x: x >= 0, ">= 0")
+    check("adagrad", "eps", eps, lambda x: x >= 0, ">= 0")
     return optax.chain(
         diagonal.scale_by_diagonal_curvature(
             "squared_gradient",
@@ -49,6 +60,7 @@ def adam(
 
     Equals ``optax.adam`` (same arguments and defaults) step for step.
     """
+    _check_alias("adam", learning_rate)
     return optax.chain(
         diagonal.scale_by_diagonal_curvature(
             "squared_gradient", b1=b1, b2=b2, eps=eps, eps_root=eps_root, name="adam"
@@ -64,7 +76,7 @@ def adahessian(
     eps: float = 1e-4,
     weight_decay: float = 0.0,
     hessian_power: float = 1.0,
-    refresh_every: int = 1,
+    statistics_frequency: int = 1,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """AdaHessian (Yao et al. 2021) with decoupled weight decay: ``-lr * (u + weight_decay * params)``.
@@ -75,7 +87,7 @@ def adahessian(
     """
     return optax.chain(
         diagonal.scale_by_adahessian(
-            b1=b1, b2=b2, eps=eps, hessian_power=hessian_power, refresh_every=refresh_every, seed=seed
+            b1=b1, b2=b2, eps=eps, hessian_power=hessian_power, statistics_frequency=statistics_frequency, seed=seed
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
@@ -90,8 +102,8 @@ def sophia(
     rho: float = 0.04,
     weight_decay: float = 0.1,
     eps: float = 1e-15,
-    refresh_every: int = 10,
-    bias_correction: bool = False,
+    statistics_frequency: int = 10,
+    bias_correction: str | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia-G (``estimator="gnb"``) or Sophia-H (``"hutchinson"``) with decoupled weight decay.
@@ -101,6 +113,7 @@ def sophia(
     eps 1e-15, k = 10). Sophia-G needs ``model_fn`` and ``loss``; Sophia-H needs ``value_fn``. See
     :func:`optax_second_order.scale_by_sophia`.
     """
+    _check_alias("sophia", learning_rate, weight_decay)
     return optax.chain(
         diagonal.scale_by_sophia(
             estimator,
@@ -108,7 +121,7 @@ def sophia(
             b2=b2,
             rho=rho,
             eps=eps,
-            refresh_every=refresh_every,
+            statistics_frequency=statistics_frequency,
             bias_correction=bias_correction,
             seed=seed,
         ),
@@ -122,25 +135,51 @@ def sophia(
 
 def shampoo(
     learning_rate: optax.ScalarOrSchedule,
-    beta1: float = 0.9,
+    b1: float = 0.9,
     nesterov: bool = False,
     weight_decay: float = 0.0,
-    **shampoo_kwargs,
+    b2: float = 1.0,
+    eps: float = 1e-12,
+    relative_eps: float = 1e-6,
+    exponent_override: float | None = None,
+    precondition_frequency: int = 10,
+    start_preconditioning_step: int | None = None,
+    statistics_frequency: int = 1,
+    block_size: int | None = None,
+    merge_dims: bool = True,
+    max_precond_dim: int | None = None,
+    grafting: str = "adam",
+    graft_b2: float = 0.999,
+    graft_eps: float = 1e-8,
+    precondition_sharding: NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo (Gupta et al. 2018; Anil et al. 2020) with momentum and decoupled weight decay.
 
-    ``u = scale_by_shampoo(**shampoo_kwargs)(g)`` (blocked, grafted; Adam grafting by default), then
-    momentum ``m <- beta1 m + u`` (Nesterov: ``u + beta1 m``) scaled by ``1 - beta1`` (SGD momentum with
-    dampening ``1 - beta1``, so the step keeps the graft's size), then
-    ``params <- params - lr * (m + weight_decay * params)``. See
+    ``u = scale_by_shampoo(...)(g)`` (blocked, grafted; Adam grafting by default), then momentum
+    ``m <- b1 m + u`` (Nesterov: ``u + b1 m``) scaled by ``1 - b1`` (SGD momentum with dampening ``1 - b1``, so
+    the step keeps the graft's size), then ``params <- params - lr * (m + weight_decay * params)``. See
     :func:`optax_second_order.scale_by_shampoo` for the other arguments and their defaults.
     """
-    momentum = (
-        [optax.trace(decay=beta1, nesterov=nesterov), optax.scale(1.0 - beta1)] if beta1 > 0 else []
-    )
+    _check_alias("shampoo", learning_rate, weight_decay, momentum=b1)
     return optax.chain(
-        _shampoo.scale_by_shampoo(**shampoo_kwargs),
-        *momentum,
+        _shampoo.scale_by_shampoo(
+            b2=b2,
+            eps=eps,
+            relative_eps=relative_eps,
+            exponent_override=exponent_override,
+            precondition_frequency=precondition_frequency,
+            start_preconditioning_step=start_preconditioning_step,
+            statistics_frequency=statistics_frequency,
+            block_size=block_size,
+            merge_dims=merge_dims,
+            max_precond_dim=max_precond_dim,
+            grafting=grafting,
+            graft_b2=graft_b2,
+            graft_eps=graft_eps,
+            precondition_sharding=precondition_sharding,
+        ),
+        optax.trace(decay=b1, nesterov=nesterov),
+        optax.scale(1.0 - b1),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -154,7 +193,7 @@ def soap(
     eps: float = 1e-8,
     weight_decay: float = 0.01,
     precondition_frequency: int = 10,
-    max_precond_dim: int = 10000,
+    max_precond_dim: int | None = None,
     normalize_grads: bool = False,
     correct_bias: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -165,6 +204,7 @@ def soap(
     the parameters before the step (optax's convention: ``-lr * (u + wd * params)``); the official code
     decays after the step, a difference of order ``lr^2 * wd``. See :func:`optax_second_order.scale_by_soap`.
     """
+    _check_alias("soap", learning_rate, weight_decay)
     return optax.chain(
         _soap.scale_by_soap(
             b1=b1,
@@ -196,10 +236,10 @@ def kfac(
     kl_clip: float | None = 1e-3,
     ema_decay: float = 0.95,
     statistics_frequency: int = 1,
-    inverse_frequency: int = 10,
+    precondition_frequency: int = 10,
     fisher: str = "true",
     seed: int = 0,
-    inverse_sharding: jax.sharding.Sharding | None = None,
+    precondition_sharding: NamedSharding | None = None,
     adaptive_damping: bool = False,
     damping_adaptation_interval: int = 5,
     damping_adaptation_decay: float = 0.95,
@@ -213,6 +253,7 @@ def kfac(
     ``approximation="eigenvalue_corrected"`` gives EK-FAC. See :func:`~optax_second_order.scale_by_kfac`
     for the other arguments.
     """
+    _check_alias("kfac", learning_rate, weight_decay, momentum)
     return optax.chain(
         _kfac.scale_by_kfac(
             layers,
@@ -221,12 +262,12 @@ def kfac(
             approximation=approximation,
             ema_decay=ema_decay,
             statistics_frequency=statistics_frequency,
-            inverse_frequency=inverse_frequency,
+            precondition_frequency=precondition_frequency,
             kl_clip=kl_clip,
             learning_rate=learning_rate,
             fisher=fisher,
             seed=seed,
-            inverse_sharding=inverse_sharding,
+            precondition_sharding=precondition_sharding,
             adaptive_damping=adaptive_damping,
             damping_adaptation_interval=damping_adaptation_interval,
             damping_adaptation_decay=damping_adaptation_decay,

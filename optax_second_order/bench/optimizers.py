@@ -111,15 +111,17 @@ OPTIMIZERS["soap"] = OptimizerSpec(
 
 
 def _kfac(learning_rate, task: "Task", **options):
-    """K-FAC on the task's linen module: its Dense/Conv layers captured once, the rest diagonal."""
+    """K-FAC on the task's linen module: its Dense/Conv layers captured once, the rest diagonal (all of it on a
+    task without a module, such as Rosenbrock's function)."""
     import jax
 
     inputs = task.eval_batch[0]
-    layers = oso.flax.find_layers(lambda p: task.apply(p, inputs), task.init(jax.random.key(0)))
+    find_layers = oso.flax.find_layers if task.module is not None else oso.kronecker.find_layers
+    layers = find_layers(lambda p: task.apply(p, inputs), task.init(jax.random.key(0)))
     return oso.kfac(learning_rate, layers, **options)
 
 
-_KFAC = dict(damping=0.1, kl_clip=1e-2, inverse_frequency=10)
+_KFAC = dict(damping=0.1, kl_clip=1e-2, precondition_frequency=10)
 """Shared by the K-FAC entries: damping 0.1 and KL clip 1e-2 (the library defaults 1e-3 / 1e-3 trained
 digits-mlp poorly), inverses every 10 steps (the step-time target of issue #5)."""
 

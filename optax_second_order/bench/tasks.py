@@ -308,12 +308,12 @@ def rosenbrock(n: int) -> Task:
     """Rosenbrock's function in ``n`` dimensions, float64, deterministic and full-batch.
 
     Params are ``{"x": x}`` from the classic start ``(-1.2, 1, -1.2, 1, ...)`` (every seed gives the same
-    start). The "model" maps params to the ``2 (n - 1)`` residuals of :func:`rosenbrock_residuals` and the
-    loss is ``squared_error`` against zero targets (one example), so ``value_fn`` is exactly Rosenbrock's
-    function and ``model_fn``/``loss`` give Gauss-Newton-type methods ``J^T J``.
+    start). The "model" maps params to the ``2 (n - 1)`` residuals of :func:`rosenbrock_residuals`, as one
+    example of shape ``(1, 2 (n - 1))``, and the loss is ``squared_error`` against zero targets, so ``value_fn``
+    is exactly Rosenbrock's function and ``model_fn``/``loss`` give Gauss-Newton-type methods ``J^T J``.
     """
     start = np.where(np.arange(n) % 2 == 0, -1.2, 1.0)
-    zeros = np.zeros(2 * (n - 1))
+    zeros = np.zeros((1, 2 * (n - 1)))
 
     def batches(seed):
         while True:
@@ -324,7 +324,7 @@ def rosenbrock(n: int) -> Task:
         description=f"Rosenbrock n={n}, float64, from (-1.2, 1, ...), as squared residuals",
         module=None,
         init=lambda key: {"x": jnp.asarray(start, jnp.float64)},
-        apply=lambda params, inputs: rosenbrock_residuals(params["x"]),
+        apply=lambda params, inputs: rosenbrock_residuals(params["x"])[None],
         loss=losses.squared_error,
         batches=batches,
         eval_batch=(None, zeros),

@@ -3,7 +3,7 @@ r"""Diagonal preconditioners: Adagrad, Adam, AdaHessian and Sophia as one transf
 An adaptive method preconditions the gradient by a diagonal estimate of the curvature raised to a
 power. :func:`scale_by_diagonal_curvature` is that one idea, with three choices:
 
-* the **estimator** ``e_t`` of the curvature diagonal, computed every ``refresh_every`` steps:
+* the **estimator** ``e_t`` of the curvature diagonal, computed every ``statistics_frequency`` steps:
 
   - ``"squared_gradient"``: ``g * g``, the diagonal of the rank-one empirical Fisher ``g g^T`` of
     the mini-batch gradient (Adagrad, Adam: "diagonal Fisher, square-rooted");
@@ -43,7 +43,15 @@ import jax.numpy as jnp
 import optax
 
 from optax_second_order.curvature.estimators import gnb_diagonal, hutchinson_diagonal
-from optax_second_order.transforms.common import extra_arg, is_refresh_step, require_params, stat_dtype
+from optax_second_order.transforms.common import (
+    all_finite,
+    check,
+    check_choice,
+    extra_arg,
+    is_refresh_step,
+    require_params,
+    stat_dtype,
+)
 
 __all__ = [
     "DiagonalCurvatureState",
@@ -52,6 +60,7 @@ __all__ = [
     "gnb_estimate",
     "adahessian_estimate",
     "conv_spatial_axes",
+    "spatially_reduced_shape",
     "scale_by_diagonal_curvature",
     "scale_by_adahessian",
     "scale_by_sophia",
@@ -119,7 +128,9 @@ def adahessian_estimate(grads, params, key, extra, name, spatial_axes=conv_spati
     """AdaHessian's ``D^2`` with ``D = |z * H z|`` averaged over the conv kernels' spatial axes.
 
     ``z`` is one Rademacher probe; ``|z * Hz| = |Hz|`` since ``z = +-1``. The average over a
-    kernel's spatial axes (Yao et al. 2021, section 3.2) is broadcast back to the kernel's shape.
+    kernel's spatial axes (Yao et al. 2021, section 3.2) keeps those axes with size 1
+    (:func:`spatially_reduced_shape`: a ``(3, 3, in, out)`` kernel's estimate is ``(1, 1, in, out)``), so the
+    statistic costs no more memory than the distinct values it holds; it broadcasts in the update.
     """
     estimate = hutchinson_estimate(grads, params, key, extra, name)
 
@@ -127,10 +138,16 @@ def adahessian_estimate(grads, params, key, extra, name, spatial_axes=conv_spati
         d = jnp.abs(d)
         axes = spatial_axes(d)
         if axes:
-            d = jnp.broadcast_to(jnp.mean(d, axis=axes, keepdims=True), d.shape)
+            d = jnp.mean(d, axis=axes, keepdims=True)
         return jnp.square(d)
 
     return jax.tree.map(squared_spatial_mean, estimate)
+
+
+def spatially_reduced_shape(leaf: jax.Array, spatial_axes=conv_spatial_axes) -> tuple[int, ...]:
+    """``leaf``'s shape with its spatial axes (``spatial_axes(leaf)``) of size 1: AdaHessian's statistic shape."""
+    axes = spatial_axes(leaf)
+    return tuple(1 if i in axes else d for i, d in enumerate(jnp.shape(leaf)))
 
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -145,27 +162,19 @@ ESTIMATORS: dict[str, Estimator] = {
 # The transformation.
 
 
-def _check(name: str, **conditions: bool) -> None:
-    """A ``ValueError`` naming the first hyperparameter whose condition fails."""
-    for argument, ok in conditions.items():
-        if not ok:
-            raise ValueError(f"{name}: invalid value for `{argument}`")
+def _bias_corrected(tree: PyTree, decay, n: jax.Array) -> PyTree:
+    """``tree / (1 - decay^n)`` (``optax.tree.bias_correction``); unchanged while ``n == 0`` (nothing accumulated)."""
+    corrected = optax.tree.bias_correction(tree, decay, jnp.maximum(n, 1))
+    return jax.tree.map(lambda c, t: jnp.where(n > 0, c, t).astype(t.dtype), corrected, tree)
 
 
-def _bias_corrected(tree: PyTree, decay: float, n: jax.Array) -> PyTree:
-    """``tree / (1 - decay^n)``; unchanged while ``n == 0`` (nothing accumulated yet)."""
-
-    def corrected(t):
-        return t / jnp.where(n > 0, 1 - decay ** n.astype(t.dtype), 1).astype(t.dtype)
-
-    return jax.tree.map(corrected, tree)
-
-
-def _power(x: jax.Array, p: float) -> jax.Array:
-    """``x^p``, with the exact square root and identity for ``p = 1/2`` and ``p = 1``."""
-    if p == 0.5:
+def _power(x: jax.Array, p) -> jax.Array:
+    """``x^p``, with the exact square root and identity for a Python ``p`` of ``1/2`` or ``1``."""
+    if isinstance(p, (int, float)) and p == 0.5:
         return jnp.sqrt(x)
-    return x if p == 1 else x**p
+    if isinstance(p, (int, float)) and p == 1:
+        return x
+    return x**p
 
 
 def scale_by_diagonal_curvature(
@@ -176,15 +185,17 @@ def scale_by_diagonal_curvature(
     averaging: str = "ema",
     momentum_bias_correction: bool = True,
     curvature_bias_correction: bool = True,
+    step_bias_correction: bool = False,
     power: float = 0.5,
     scale: float = 1.0,
     eps: float = 1e-8,
     eps_root: float = 0.0,
     clip: float | None = None,
     initial_curvature: float = 0.0,
-    refresh_every: int = 1,
+    statistics_frequency: int = 1,
     seed: int = 0,
     name: str = "scale_by_diagonal_curvature",
+    curvature_shape: Callable[[jax.Array], tuple[int, ...]] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Precondition by a diagonal curvature estimate raised to a power.
 
@@ -209,43 +220,47 @@ def scale_by_diagonal_curvature(
       averaging: ``"ema"`` or ``"sum"`` (a running sum, as Adagrad).
       momentum_bias_correction: divide the momentum by ``1 - b1^t``.
       curvature_bias_correction: divide the moving average by ``1 - b2^n`` (``"ema"`` only).
+      step_bias_correction: divide the (clipped) update by ``1 - b1^t`` (Sophia-H's original correction, outside
+        the clip; use it instead of ``momentum_bias_correction``).
       power: the exponent ``p`` of the denominator.
       scale: factor on the curvature inside the denominator (Sophia's ``rho``).
       eps: added to the denominator.
       eps_root: added inside the power.
       clip: clip the update elementwise to ``[-clip, clip]`` (``None``: no clipping).
       initial_curvature: initial value of ``s`` (Adagrad's initial accumulator).
-      refresh_every: compute a new estimate every this many steps, under ``jax.lax.cond``.
+      statistics_frequency: compute a new estimate every this many steps, under ``jax.lax.cond``.
       seed: seed of the PRNG key for probes and sampled labels.
       name: the name used in error messages.
+      curvature_shape: ``leaf -> shape`` of its curvature statistic, if the estimator's is smaller than the leaf
+        (it must broadcast against the leaf); default the leaf's shape.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`DiagonalCurvatureState`.
     """
     estimate_fn = ESTIMATORS.get(estimator) if isinstance(estimator, str) else estimator
-    _check(
-        name,
-        estimator=callable(estimate_fn),
-        b1=0 <= b1 < 1,
-        b2=0 <= b2 < 1,
-        averaging=averaging in ("ema", "sum"),
-        power=power > 0,
-        scale=scale > 0,
-        eps=eps >= 0,
-        eps_root=eps_root >= 0,
-        clip=clip is None or clip > 0,
-        initial_curvature=initial_curvature >= 0,
-        refresh_every=isinstance(refresh_every, int) and refresh_every >= 1,
-    )
+    if not callable(estimate_fn):
+        raise ValueError(f"{name}: estimator must be one of {tuple(ESTIMATORS)} or a callable, got {estimator!r}")
+    check(name, "b1", b1, lambda x: 0 <= x < 1, "in [0, 1)")
+    check(name, "b2", b2, lambda x: 0 <= x < 1, "in [0, 1)")
+    check_choice(name, "averaging", averaging, ("ema", "sum"))
+    check(name, "power", power, lambda x: x > 0, "> 0")
+    check(name, "scale", scale, lambda x: x > 0, "> 0")
+    check(name, "eps", eps, lambda x: x >= 0, ">= 0")
+    check(name, "eps_root", eps_root, lambda x: x >= 0, ">= 0")
+    check(name, "clip", clip, lambda x: x > 0, "None or > 0")
+    check(name, "initial_curvature", initial_curvature, lambda x: x >= 0, ">= 0")
+    check(name, "statistics_frequency", statistics_frequency, lambda x: x >= 1 and float(x).is_integer(), "an integer >= 1")
+
+    statistic_shape = curvature_shape or jnp.shape
 
     def init_fn(params):
-        def zeros(p, value=0.0):
-            return jnp.full(jnp.shape(p), value, stat_dtype(jnp.result_type(p)))
+        def full(p, shape, value):
+            return jnp.full(shape, value, stat_dtype(jnp.result_type(p)))
 
         return DiagonalCurvatureState(
             count=jnp.zeros([], jnp.int32),
-            momentum=jax.tree.map(zeros, params),
-            curvature=jax.tree.map(lambda p: zeros(p, initial_curvature), params),
+            momentum=jax.tree.map(lambda p: full(p, jnp.shape(p), 0.0), params),
+            curvature=jax.tree.map(lambda p: full(p, statistic_shape(p), initial_curvature), params),
             estimates=jnp.zeros([], jnp.int32),
             nonfinite=jnp.zeros([], jnp.int32),
             key=jax.random.PRNGKey(seed),
@@ -261,7 +276,7 @@ def scale_by_diagonal_curvature(
         key, subkey = jax.random.split(state.key)
         estimate = estimate_fn(grads, params, subkey, extra, name)
         estimate = jax.tree.map(lambda e, s: e.astype(s.dtype), estimate, state.curvature)
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(e)) for e in jax.tree.leaves(estimate)]))
+        finite = all_finite(estimate)
         curvature = jax.tree.map(
             lambda new, old: jnp.where(finite, new, old), accumulate(state.curvature, estimate), state.curvature
         )
@@ -272,18 +287,18 @@ def scale_by_diagonal_curvature(
 
     def update_fn(updates, state, params=None, **extra):
         grads = updates
-        if refresh_every == 1:
+        if isinstance(statistics_frequency, int) and statistics_frequency == 1:
             curvature, estimates, nonfinite, key = refresh(state, grads, params, extra)
         else:
             curvature, estimates, nonfinite, key = jax.lax.cond(
-                is_refresh_step(state.count, refresh_every),
+                is_refresh_step(state.count, statistics_frequency),
                 lambda: refresh(state, grads, params, extra),
                 lambda: keep(state),
             )
         count = optax.safe_int32_increment(state.count)
-        momentum = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * g.astype(m.dtype), grads, state.momentum)
-
-        m_hat = _bias_corrected(momentum, b1, count) if momentum_bias_correction else momentum
+        momentum = optax.tree.update_moment(jax.tree.map(lambda g, m: g.astype(m.dtype), grads, state.momentum),
+                                            state.momentum, b1, 1)
+        m_hat = optax.tree.bias_correction(momentum, b1, count) if momentum_bias_correction else momentum
         debias = curvature_bias_correction and averaging == "ema"
         s_hat = _bias_corrected(curvature, b2, estimates) if debias else curvature
 
@@ -291,6 +306,8 @@ def scale_by_diagonal_curvature(
             u = m / (_power(scale * jnp.maximum(s, 0) + eps_root, power) + eps)
             if clip is not None:
                 u = jnp.clip(u, -clip, clip)
+            if step_bias_correction:
+                u = u / (1 - b1**count).astype(u.dtype)
             return u.astype(g.dtype)
 
         updates = jax.tree.map(precondition, grads, m_hat, s_hat)
@@ -304,7 +321,7 @@ def scale_by_adahessian(
     b2: float = 0.999,
     eps: float = 1e-4,
     hessian_power: float = 1.0,
-    refresh_every: int = 1,
+    statistics_frequency: int = 1,
     spatial_axes: Callable[[jax.Array], tuple[int, ...]] = conv_spatial_axes,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -317,7 +334,7 @@ def scale_by_adahessian(
         u_t = \frac{m_t / (1 - b_1^t)}{\big(\sqrt{v_t / (1 - b_2^n)}\big)^k + \epsilon}
 
     with one Rademacher probe ``z``, ``k`` the Hessian power and ``n`` the number of Hessian
-    estimates so far (``n = t`` when ``refresh_every = 1``). Defaults are the official code's
+    estimates so far (``n = t`` when ``statistics_frequency = 1``). Defaults are the official code's
     (``optim_adahessian.py``): betas ``(0.9, 0.999)``, ``eps = 1e-4``, ``hessian_power = 1``; its
     learning rate 0.15 is the default of :func:`optax_second_order.adahessian`.
 
@@ -326,7 +343,7 @@ def scale_by_adahessian(
       b2: decay of the moving average of ``D^2``.
       eps: added to the denominator.
       hessian_power: ``k`` in ``(0, 1]``.
-      refresh_every: estimate the Hessian diagonal every this many steps ("delayed Hessian
+      statistics_frequency: estimate the Hessian diagonal every this many steps ("delayed Hessian
         update"; between refreshes ``v`` is reused).
       spatial_axes: ``leaf -> axes`` to average ``|z * Hz|`` over (default: the two spatial axes of
         rank-4 conv kernels in Flax's ``(h, w, in, out)`` layout).
@@ -334,10 +351,13 @@ def scale_by_adahessian(
 
     Needs the extra argument ``value_fn`` (params -> scalar loss of the batch).
     """
-    _check("scale_by_adahessian", hessian_power=0 < hessian_power <= 1)
+    check("scale_by_adahessian", "hessian_power", hessian_power, lambda x: 0 < x <= 1, "in (0, 1]")
 
     def estimator(grads, params, key, extra, name):
         return adahessian_estimate(grads, params, key, extra, name, spatial_axes)
+
+    def curvature_shape(leaf):
+        return spatially_reduced_shape(leaf, spatial_axes)
 
     return scale_by_diagonal_curvature(
         estimator,
@@ -345,9 +365,10 @@ def scale_by_adahessian(
         b2=b2,
         power=hessian_power / 2,
         eps=eps,
-        refresh_every=refresh_every,
+        statistics_frequency=statistics_frequency,
         seed=seed,
         name="scale_by_adahessian",
+        curvature_shape=curvature_shape,
     )
 
 
@@ -358,8 +379,8 @@ def scale_by_sophia(
     rho: float = 0.04,
     eps: float = 1e-15,
     clip: float = 1.0,
-    refresh_every: int = 10,
-    bias_correction: bool = False,
+    statistics_frequency: int = 10,
+    bias_correction: str | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Sophia (Liu et al. 2023): momentum over a clipped, EMA'd diagonal Hessian estimate.
@@ -381,9 +402,10 @@ def scale_by_sophia(
     ``rho = 0.04``, ``eps = 1e-15``, and its training script's ``interval = 10``. The estimate is
     refreshed at steps ``0, k, 2k, ...`` and used from that step on (the paper's Algorithm 3; the
     official training loop first refreshes after ``k`` steps, so its first ``k`` steps divide by
-    ``eps``, i.e. are clipped sign-momentum steps). Like the official Sophia-G, the momentum is not
-    bias-corrected unless ``bias_correction=True`` (as in the official Sophia-H and
-    ``optax.contrib.sophia``).
+    ``eps``, i.e. are clipped sign-momentum steps). Like the official Sophia-G, nothing is bias-corrected
+    by default; ``bias_correction="momentum"`` divides ``m_t`` by ``1 - b1^t`` inside the clip (as
+    ``optax.contrib.sophia``), ``bias_correction="step"`` divides the clipped update by ``1 - b1^t`` (the learning
+    rate ``lr / (1 - b1^t)`` of the original Sophia-H code).
 
     Args:
       estimator: ``"gnb"`` (Sophia-G; needs ``model_fn`` and ``loss``) or ``"hutchinson"``
@@ -393,22 +415,25 @@ def scale_by_sophia(
       rho: the clipping scale ``rho``.
       eps: added to the denominator.
       clip: the elementwise bound on the update (before the learning rate).
-      refresh_every: ``k``, steps between Hessian estimates.
-      bias_correction: divide the momentum by ``1 - b1^t``.
+      statistics_frequency: ``k``, steps between Hessian estimates.
+      bias_correction: ``None``, ``"momentum"`` or ``"step"`` (above).
       seed: seed of the PRNG key for sampled labels or probes.
     """
-    _check("scale_by_sophia", estimator=estimator in ("gnb", "hutchinson"), rho=rho > 0)
+    check_choice("scale_by_sophia", "estimator", estimator, ("gnb", "hutchinson"))
+    check_choice("scale_by_sophia", "bias_correction", bias_correction, (None, "momentum", "step"))
+    check("scale_by_sophia", "rho", rho, lambda x: x > 0, "> 0")
     return scale_by_diagonal_curvature(
         estimator,
         b1=b1,
         b2=b2,
-        momentum_bias_correction=bias_correction,
+        momentum_bias_correction=bias_correction == "momentum",
         curvature_bias_correction=False,
+        step_bias_correction=bias_correction == "step",
         power=1.0,
         scale=rho,
         eps=eps,
         clip=clip,
-        refresh_every=refresh_every,
+        statistics_frequency=statistics_frequency,
         seed=seed,
         name=f"scale_by_sophia(estimator={estimator!r})",
     )

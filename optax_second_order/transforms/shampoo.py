@@ -5,7 +5,7 @@ For a gradient ``G`` of order ``k`` (after merging small dimensions and cutting 
 :mod:`~optax_second_order.transforms.blocking`), Gupta, Koren & Singer (2018, Alg. 2) keep
 per mode ``i`` the statistic
 
-    H_i <- beta2 H_i + (1 - beta2) G_(i) G_(i)^T       (beta2 < 1; beta2 = 1: H_i <- H_i + G_(i) G_(i)^T, the paper)
+    H_i <- b2 H_i + (1 - b2) G_(i) G_(i)^T       (b2 < 1; b2 = 1: H_i <- H_i + G_(i) G_(i)^T, the paper)
 
 and step along
 
@@ -24,19 +24,20 @@ the AlgoPerf external-tuning track):
   method ``D`` (``"sgd"``: ``D = G``; ``"adagrad"``, ``"rmsprop"``, ``"adam"``: ``D = G / (sqrt(v) + eps)``
   with ``v`` the sum / EMA / bias-corrected EMA of ``G^2``): ``P ||D||_F / ||P||_F``; before the first
   root the step is ``D`` itself;
-* scalars, vectors and tensors with a (merged) dimension above ``max_preconditioned_dim`` use the
+* scalars, vectors and tensors with a (merged) dimension above ``max_precond_dim`` use the
   diagonal method: the graft's, or for ``"sgd"``/``"none"`` the diagonal of Shampoo's own statistic
-  (Adagrad with ``beta2``).
+  (Adagrad with ``b2``).
 
-Sharding. All factors of the same size and exponent are stacked into one ``[n, d, d]`` array, and with
-``mesh`` given the roots of a stack are computed under :func:`jax.shard_map` with the stack laid out
-along ``mesh_axes`` (padded with identities to a multiple of the device count): each device computes
-``n / devices`` roots, and XLA gathers them where the preconditioned gradient needs them.
+Sharding. All factors of the same size and tensor order are stacked into one ``[n, d, d]`` array, and with
+``precondition_sharding = NamedSharding(mesh, PartitionSpec(axes))`` the roots of a stack are computed under
+:func:`jax.shard_map` with the stack split over those mesh axes
+(:func:`~optax_second_order.transforms.common.map_over_devices`): each device computes ``n / devices`` roots,
+and XLA gathers them where the preconditioned gradient needs them.
 
-Defaults: ``beta2 = 1`` (the paper), ``eps = 1e-12`` (Distributed Shampoo's epsilon),
+Defaults: ``b2 = 1`` (the paper), ``eps = 1e-12`` (Distributed Shampoo's epsilon),
 ``relative_eps = 1e-6`` (Anil et al.'s ``matrix_epsilon``, relative to ``lambda_max``), ``block_size =
-1024`` (Distributed Shampoo's ``max_preconditioner_dim``), ``max_preconditioned_dim = 4096`` (Anil et
-al.'s ``skip_preconditioning_dim_size_gt``), Adam grafting with ``graft_beta2 = 0.999``, ``graft_eps =
+1024`` (Distributed Shampoo's ``max_preconditioner_dim``), ``max_precond_dim = 4096`` (Anil et
+al.'s ``skip_preconditioning_dim_size_gt``), Adam grafting with ``graft_b2 = 0.999``, ``graft_eps =
 1e-8`` (the AlgoPerf submission grafts Adam), start at ``precondition_frequency`` (Distributed Shampoo).
 """
 
@@ -49,14 +50,22 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import NamedSharding
 
 from optax_second_order.curvature.matrix import inverse_pth_root
 from optax_second_order.transforms import blocking
-from optax_second_order.transforms.common import is_refresh_step, stat_dtype
+from optax_second_order.transforms.common import (
+    check,
+    check_choice,
+    is_refresh_step,
+    map_over_devices,
+    stat_dtype,
+    static_int,
+)
 
 __all__ = ["ShampooState", "scale_by_shampoo", "GRAFTING_TYPES"]
 
+NAME = "scale_by_shampoo"
 GRAFTING_TYPES = ("none", "sgd", "adagrad", "rmsprop", "adam")
 _ADAPTIVE_GRAFTS = ("adagrad", "rmsprop", "adam")
 
@@ -66,7 +75,7 @@ class ShampooState(NamedTuple):
 
     Attributes:
       count: number of updates done (int32).
-      stats: one ``[n, d, d]`` stack of factors ``H`` per (size, exponent) group.
+      stats: one ``[n, d, d]`` stack of factors ``H`` per (size, tensor order) group.
       roots: the matching stacks of ``(H + delta I)^{-1/p}`` (identity until the first root).
       diagonal: per leaf (in ``jax.tree.leaves`` order) the graft's or the diagonal fallback's ``v``,
         a scalar placeholder where neither is needed.
@@ -93,13 +102,13 @@ class _LeafPlan(NamedTuple):
 
 class _Plan(NamedTuple):
     leaves: tuple[_LeafPlan | None, ...]  # None: diagonal fallback
-    groups: tuple[tuple[int, float], ...]  # (d, p) of each stack
+    groups: tuple[tuple[int, int], ...]  # (d, tensor order k) of each stack; its root is p = 2k or the override
     sizes: tuple[int, ...]  # number of factors in each stack
 
 
-def _make_plan(shapes, block_size, merge_dims, max_dim, exponent_override) -> _Plan:
+def _make_plan(shapes, block_size, merge_dims, max_dim) -> _Plan:
     """Which leaves are preconditioned, their blocks, and where each block's factors live in the stacks."""
-    group_ids: dict[tuple[int, float], int] = {}
+    group_ids: dict[tuple[int, int], int] = {}
     sizes: list[int] = []
     leaves = []
     for shape in shapes:
@@ -107,12 +116,11 @@ def _make_plan(shapes, block_size, merge_dims, max_dim, exponent_override) -> _P
         if len(shape) <= 1 or not merged or max(merged) > max_dim:
             leaves.append(None)
             continue
-        p = float(exponent_override or 2 * len(merged))
         counts, block_shape = blocking.block_layout(merged, block_size)
         num_blocks = math.prod(counts)
         factors = []
         for d in block_shape:
-            gid = group_ids.setdefault((d, p), len(group_ids))
+            gid = group_ids.setdefault((d, len(merged)), len(group_ids))
             if gid == len(sizes):
                 sizes.append(0)
             factors.append(_Factor(gid, sizes[gid]))
@@ -137,20 +145,6 @@ def _factor_statistics(grads, plan: _Plan, block_size: int) -> tuple[jax.Array, 
     return tuple(jnp.concatenate(c) for c in per_group)
 
 
-def _sharded(fn, stack: jax.Array, mesh: Mesh | None, axes: tuple[str, ...]):
-    """``fn(stack)`` with the stack's leading axis spread over ``axes`` of ``mesh`` (identity padding)."""
-    if mesh is None:
-        return fn(stack)
-    n, d = stack.shape[0], stack.shape[-1]
-    devices = math.prod(mesh.shape[a] for a in axes)
-    pad = -n % devices
-    if pad:
-        stack = jnp.concatenate([stack, jnp.broadcast_to(jnp.eye(d, dtype=stack.dtype), (pad, d, d))])
-    spec = PartitionSpec(axes)
-    root, ok = jax.shard_map(fn, mesh=mesh, in_specs=spec, out_specs=(spec, spec))(stack)
-    return root[:n], ok[:n]
-
-
 def _graft(direction: jax.Array, graft: jax.Array) -> jax.Array:
     """Each block of ``direction`` rescaled to the Frobenius norm of the same block of ``graft``
     (Anil et al. 2020, sec. 4.1); blocks along the leading axis."""
@@ -159,50 +153,55 @@ def _graft(direction: jax.Array, graft: jax.Array) -> jax.Array:
     return direction * (norm(graft) / (norm(direction) + 1e-16))
 
 
+def _sum_weight(decay):
+    """The weight of a new statistic in ``decay * old + weight * new``: ``1 - decay``, or 1 for ``decay = 1`` (a sum)."""
+    return jnp.where(decay == 1.0, 1.0, 1.0 - decay)
+
+
 def scale_by_shampoo(
-    beta2: float = 1.0,
+    b2: float = 1.0,
     eps: float = 1e-12,
     relative_eps: float = 1e-6,
     exponent_override: float | None = None,
     precondition_frequency: int = 10,
     start_preconditioning_step: int | None = None,
     statistics_frequency: int = 1,
-    block_size: int = 1024,
+    block_size: int | None = None,
     merge_dims: bool = True,
-    max_preconditioned_dim: int = 4096,
+    max_precond_dim: int | None = None,
     grafting: str = "adam",
-    graft_beta2: float = 0.999,
+    graft_b2: float = 0.999,
     graft_eps: float = 1e-8,
-    mesh: Mesh | None = None,
-    mesh_axes: str | tuple[str, ...] | None = None,
+    precondition_sharding: NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo preconditioning with blocking, grafting and sharded roots (see the module docstring).
 
     Args:
-      beta2: factor decay; 1 sums ``G G^T`` (Gupta et al.), below 1 an EMA ``beta2 H + (1 - beta2) G G^T``.
+      b2: factor decay; 1 sums ``G G^T`` (Gupta et al.), below 1 an EMA ``b2 H + (1 - b2) G G^T``.
       eps, relative_eps: root damping ``delta = eps + relative_eps * lambda_max(H)``.
       exponent_override: use ``H^{-1/exponent_override}`` for every factor instead of ``H^{-1/(2k)}``.
       precondition_frequency: steps between root computations.
       start_preconditioning_step: first step using Shampoo's direction (default ``precondition_frequency``).
       statistics_frequency: steps between statistics updates.
-      block_size: dimensions above it are cut into blocks; small dimensions are merged up to it.
+      block_size: dimensions above it are cut into blocks; small dimensions are merged up to it (``None``: 1024).
       merge_dims: merge consecutive small dimensions (Anil et al.'s best-effort shape interpretation).
-      max_preconditioned_dim: leaves with a (merged) dimension above it use the diagonal fallback.
+      max_precond_dim: leaves with a (merged) dimension above it use the diagonal fallback (``None``: 4096).
       grafting: one of ``"none", "sgd", "adagrad", "rmsprop", "adam"``.
-      graft_beta2, graft_eps: the RMSprop/Adam graft's decay and every adaptive graft's epsilon.
-      mesh, mesh_axes: spread the root computations over these mesh axes (default: all of ``mesh``'s).
+      graft_b2, graft_eps: the RMSprop/Adam graft's decay and every adaptive graft's epsilon.
+      precondition_sharding: ``NamedSharding(mesh, PartitionSpec(axes))``: spread the roots over those mesh axes.
+
+    ``block_size`` and ``max_precond_dim`` set shapes: under ``optax.inject_hyperparams`` leave them ``None`` or
+    list them in ``static_args``.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra arguments are ignored.
     """
-    _check(beta2, eps, relative_eps, exponent_override, precondition_frequency, start_preconditioning_step,
-           statistics_frequency, block_size, max_preconditioned_dim, grafting, graft_beta2, graft_eps)
+    _validate(b2, eps, relative_eps, exponent_override, precondition_frequency, start_preconditioning_step,
+              statistics_frequency, grafting, graft_b2, graft_eps)
+    block_size = static_int(NAME, "block_size", block_size, 1024)
+    max_precond_dim = static_int(NAME, "max_precond_dim", max_precond_dim, 4096)
     start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
-    axes = _mesh_axes(mesh, mesh_axes)
-    plan_of = functools.partial(
-        _make_plan, block_size=block_size, merge_dims=merge_dims, max_dim=max_preconditioned_dim,
-        exponent_override=exponent_override,
-    )
+    plan_of = functools.partial(_make_plan, block_size=block_size, merge_dims=merge_dims, max_dim=max_precond_dim)
 
     def diagonal_rule(leaf: _LeafPlan | None) -> str:
         if grafting in _ADAPTIVE_GRAFTS:
@@ -222,31 +221,30 @@ def scale_by_shampoo(
 
     def accumulate(stats, grads, plan):
         new = _factor_statistics(grads, plan, block_size)
-        if beta2 == 1.0:
-            return tuple(h + c for h, c in zip(stats, new))
-        return tuple(beta2 * h + (1.0 - beta2) * c for h, c in zip(stats, new))
+        return tuple(b2 * h + _sum_weight(b2) * c for h, c in zip(stats, new))
 
     def inverse_roots(stats, roots, plan):
         new_roots, failures = [], jnp.zeros((), jnp.int32)
-        for (_, p), h, old in zip(plan.groups, stats, roots):
+        for (_, order), h, old in zip(plan.groups, stats, roots):
+            p = 2.0 * order if exponent_override is None else exponent_override
             fn = functools.partial(inverse_pth_root, p=p, eps=eps, relative_eps=relative_eps)
-            root, ok = _sharded(fn, h, mesh, axes)
+            root, ok = map_over_devices(fn, (h,), precondition_sharding)
             new_roots.append(jnp.where(ok[:, None, None], root, old))
             failures += jnp.sum(~ok, dtype=jnp.int32)
         return tuple(new_roots), failures
 
     def update_diagonal(v, g, rule):
-        if rule == "adagrad" or (rule == "diagonal" and beta2 == 1.0):
+        if rule == "adagrad":
             return v + g * g
         if rule == "diagonal":
-            return beta2 * v + (1.0 - beta2) * g * g
+            return b2 * v + _sum_weight(b2) * g * g
         if rule in ("rmsprop", "adam"):
-            return graft_beta2 * v + (1.0 - graft_beta2) * g * g
+            return graft_b2 * v + (1.0 - graft_b2) * g * g
         return v
 
     def diagonal_direction(v, g, rule, t):
         if rule == "adam":
-            v = v / (1.0 - graft_beta2**t)
+            v = v / (1.0 - graft_b2**t)
         if rule in ("adagrad", "rmsprop", "adam", "diagonal"):
             return g / (jnp.sqrt(v) + graft_eps)
         return g if rule == "sgd" else None
@@ -267,7 +265,7 @@ def scale_by_shampoo(
         grads = [g.astype(dtype) for g in leaves]
         count = state.count
 
-        if statistics_frequency == 1:
+        if isinstance(statistics_frequency, int) and statistics_frequency == 1:
             stats = accumulate(state.stats, grads, plan)
         else:
             stats = jax.lax.cond(
@@ -296,38 +294,14 @@ def scale_by_shampoo(
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _mesh_axes(mesh: Mesh | None, mesh_axes) -> tuple[str, ...]:
-    if mesh is None:
-        if mesh_axes is not None:
-            raise ValueError("scale_by_shampoo: mesh_axes needs a mesh")
-        return ()
-    axes = tuple(mesh.axis_names) if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-    unknown = [a for a in axes if a not in mesh.axis_names]
-    if unknown:
-        raise ValueError(f"scale_by_shampoo: mesh_axes {unknown} are not axes of the mesh {mesh.axis_names}")
-    return axes
-
-
-def _check(beta2, eps, relative_eps, exponent_override, precondition_frequency, start, statistics_frequency,
-           block_size, max_dim, grafting, graft_beta2, graft_eps) -> None:
-    def fail(name, value, want):
-        raise ValueError(f"scale_by_shampoo: {name} must be {want}, got {value!r}")
-
-    if not 0.0 < beta2 <= 1.0:
-        fail("beta2", beta2, "in (0, 1]")
+def _validate(b2, eps, relative_eps, exponent_override, precondition_frequency, start, statistics_frequency,
+              grafting, graft_b2, graft_eps) -> None:
+    check(NAME, "b2", b2, lambda x: 0 < x <= 1, "in (0, 1]")
     for name, value in (("eps", eps), ("relative_eps", relative_eps), ("graft_eps", graft_eps)):
-        if not value >= 0.0:
-            fail(name, value, ">= 0")
-    if exponent_override is not None and not exponent_override > 0:
-        fail("exponent_override", exponent_override, "> 0")
-    for name, value in (("precondition_frequency", precondition_frequency),
-                        ("statistics_frequency", statistics_frequency), ("block_size", block_size),
-                        ("max_preconditioned_dim", max_dim)):
-        if not (isinstance(value, int) and value >= 1):
-            fail(name, value, "an integer >= 1")
-    if start is not None and not (isinstance(start, int) and start >= 0):
-        fail("start_preconditioning_step", start, "an integer >= 0")
-    if grafting not in GRAFTING_TYPES:
-        fail("grafting", grafting, f"one of {GRAFTING_TYPES}")
-    if not 0.0 <= graft_beta2 < 1.0:
-        fail("graft_beta2", graft_beta2, "in [0, 1)")
+        check(NAME, name, value, lambda x: x >= 0, ">= 0")
+    check(NAME, "exponent_override", exponent_override, lambda x: x > 0, "None or > 0")
+    for name, value in (("precondition_frequency", precondition_frequency), ("statistics_frequency", statistics_frequency)):
+        check(NAME, name, value, lambda x: x >= 1 and float(x).is_integer(), "an integer >= 1")
+    check(NAME, "start_preconditioning_step", start, lambda x: x >= 0 and float(x).is_integer(), "None or an integer >= 0")
+    check_choice(NAME, "grafting", grafting, GRAFTING_TYPES)
+    check(NAME, "graft_b2", graft_b2, lambda x: 0 <= x < 1, "in [0, 1)")

@@ -37,7 +37,7 @@ import optax
 
 from optax_second_order.curvature.matrix import eigh_psd
 from optax_second_order.transforms import blocking
-from optax_second_order.transforms.common import stat_dtype
+from optax_second_order.transforms.common import all_finite, check, stat_dtype, static_int
 
 __all__ = ["SoapState", "scale_by_soap"]
 
@@ -77,10 +77,6 @@ def rotate(x: jax.Array, modes, bases, back: bool = False) -> jax.Array:
     return x
 
 
-def _all_finite(matrices) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(m)) for m in matrices])) if matrices else jnp.array(True)
-
-
 def _eigenbasis(factor: jax.Array) -> jax.Array:
     """Eigenvectors of ``L`` as columns, eigenvalues descending."""
     return eigh_psd(factor)[1][:, ::-1]
@@ -101,7 +97,7 @@ def scale_by_soap(
     shampoo_beta: float | None = None,
     eps: float = 1e-8,
     precondition_frequency: int = 10,
-    max_precond_dim: int = 10000,
+    max_precond_dim: int | None = None,
     normalize_grads: bool = False,
     correct_bias: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
@@ -112,19 +108,18 @@ def scale_by_soap(
       shampoo_beta: the factors' decay; ``None`` uses ``b2`` (official ``shampoo_beta=-1``).
       eps: Adam's epsilon, added to ``sqrt(v)``.
       precondition_frequency: Adam steps between eigenbasis refreshes.
-      max_precond_dim: modes larger than this are not rotated.
+      max_precond_dim: modes larger than this are not rotated (``None``: 10000; a shape, so under
+        ``optax.inject_hyperparams`` leave it ``None`` or list it in ``static_args``).
       normalize_grads: divide each leaf's direction by its RMS (official option, helps at frequency ~100).
       correct_bias: Adam's bias correction.
     """
+    name = "scale_by_soap"
     shampoo_beta = b2 if shampoo_beta is None else shampoo_beta
-    for name, value in (("b1", b1), ("b2", b2), ("shampoo_beta", shampoo_beta)):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"scale_by_soap: {name} must be in [0, 1), got {value!r}")
-    if not eps >= 0.0:
-        raise ValueError(f"scale_by_soap: eps must be >= 0, got {eps!r}")
-    for name, value in (("precondition_frequency", precondition_frequency), ("max_precond_dim", max_precond_dim)):
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"scale_by_soap: {name} must be an integer >= 1, got {value!r}")
+    for argument, value in (("b1", b1), ("b2", b2), ("shampoo_beta", shampoo_beta)):
+        check(name, argument, value, lambda x: 0 <= x < 1, "in [0, 1)")
+    check(name, "eps", eps, lambda x: x >= 0, ">= 0")
+    check(name, "precondition_frequency", precondition_frequency, lambda x: x >= 1 and float(x).is_integer(), "an integer >= 1")
+    max_precond_dim = static_int(name, "max_precond_dim", max_precond_dim, 10000)
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
@@ -155,7 +150,7 @@ def scale_by_soap(
         )
 
         # LAPACK's result on non-finite input is undefined: such factors are replaced by I and flagged.
-        finite = _all_finite(factors)
+        finite = all_finite(factors)
         safe = tuple(jnp.where(finite, f, jnp.eye(f.shape[0], dtype=f.dtype)) for f in factors)
 
         def first_basis(bases, nu):
@@ -170,7 +165,7 @@ def scale_by_soap(
 
         branch = jnp.where(count == 0, 0, jnp.where(count % precondition_frequency == 0, 1, 2))
         new_bases, new_nu = jax.lax.switch(branch, (first_basis, refresh, lambda b, v: (b, v)), bases, nu)
-        ok = finite & _all_finite(new_bases)
+        ok = finite & all_finite(new_bases)
         bases = tuple(jnp.where(ok, q, old) for q, old in zip(new_bases, bases))
         nu = jnp.where(ok, new_nu, nu)
         return direction, mu, nu, factors, bases, ((branch != 2) & ~ok).astype(jnp.int32)

@@ -104,7 +104,7 @@ def conv_problem():
     return params, value_fn
 
 
-def _official_adahessian(params, value_fn, steps, lr, b1, b2, eps, wd, k, refresh_every, seed):
+def _official_adahessian(params, value_fn, steps, lr, b1, b2, eps, wd, k, statistics_frequency, seed):
     """NumPy loop of the official ``Adahessian.step`` (+ a refresh-every-N Hessian, bias-corrected per refresh).
 
     ``D = |Hv|`` (``= |v * Hv|``) with the 4-D kernel's ``|Hv|`` averaged over its spatial axes;
@@ -121,7 +121,7 @@ def _official_adahessian(params, value_fn, steps, lr, b1, b2, eps, wd, k, refres
     trajectory = []
     for t in range(1, steps + 1):
         g = {name: np.asarray(x) for name, x in grad(p).items()}
-        if (t - 1) % refresh_every == 0:
+        if (t - 1) % statistics_frequency == 0:
             key, subkey = jax.random.split(key)
             z = _rademacher_probe(subkey, p)
             flat_z = np.asarray(ravel_pytree(z)[0])
@@ -140,21 +140,23 @@ def _official_adahessian(params, value_fn, steps, lr, b1, b2, eps, wd, k, refres
     return trajectory
 
 
-@pytest.mark.parametrize("hessian_power, refresh_every", [(1.0, 1), (0.5, 3)])
-def test_adahessian_matches_official_loop(conv_problem, hessian_power, refresh_every):
+@pytest.mark.parametrize("hessian_power, statistics_frequency", [(1.0, 1), (0.5, 3)])
+def test_adahessian_matches_official_loop(conv_problem, hessian_power, statistics_frequency):
     params, value_fn = conv_problem
     hyper = dict(lr=0.05, b1=0.9, b2=0.999, eps=1e-4, wd=1e-2)
     tx = oso.adahessian(hyper["lr"], b1=hyper["b1"], b2=hyper["b2"], eps=hyper["eps"], weight_decay=hyper["wd"],
-                        hessian_power=hessian_power, refresh_every=refresh_every, seed=3)
+                        hessian_power=hessian_power, statistics_frequency=statistics_frequency, seed=3)
     step = jax.jit(lambda p, s: tx.update(jax.grad(value_fn)(p), s, p, value_fn=value_fn))
-    expected = _official_adahessian(params, value_fn, 8, k=hessian_power, refresh_every=refresh_every, seed=3,
+    expected = _official_adahessian(params, value_fn, 8, k=hessian_power, statistics_frequency=statistics_frequency, seed=3,
                                     **hyper)
     state, p = tx.init(params), params
     for want in expected:
         updates, state = step(p, state)
         p = optax.apply_updates(p, updates)
         _tree_allclose(p, want)
-    assert int(state[0].estimates) == len(range(0, 8, refresh_every))
+    assert int(state[0].estimates) == len(range(0, 8, statistics_frequency))
+    # the conv kernel's statistic holds one value per (in, out) pair, not one per kernel entry
+    assert state[0].curvature["kernel"].shape == (1, 1) + params["kernel"].shape[2:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,13 +191,15 @@ def _mlp_mean_ce_grad(p, x, labels):
     return {"w1": x.T @ dz, "b1": dz.sum(0), "w2": a.T @ delta, "b2": delta.sum(0)}
 
 
-def _official_sophia_g(params, x, y, steps, lr, b1, b2, rho, wd, k, seed):
+def _official_sophia_g(params, x, y, steps, lr, b1, b2, rho, wd, k, seed, bias_correction=None):
     """NumPy loop of the official SophiaG: every ``k`` steps ``h <- b2 h + (1 - b2) g_hat^2`` (``g_hat``:
     mean-loss gradient at labels sampled from the model); each step ``p <- p (1 - lr wd)``,
     ``m <- b1 m + (1 - b1) g``, ``p <- p - lr sign(m) min(|m| / (rho bs h + 1e-15), 1)``, ``bs`` = batch size.
 
     One deliberate change from the official training loop: the first estimate is taken at step 1
-    (the paper's Algorithm 3, ``t mod k = 1``), not after step ``k``.
+    (the paper's Algorithm 3, ``t mod k = 1``), not after step ``k``. ``bias_correction="momentum"`` uses
+    ``m / (1 - b1^t)`` inside the clip (optax.contrib), ``"step"`` divides the clipped step by ``1 - b1^t``
+    (the original Sophia-H code's ``lr / bias_correction1``).
     """
     p = {n: v.copy() for n, v in params.items()}
     m = {n: np.zeros_like(v) for n, v in p.items()}
@@ -209,19 +213,23 @@ def _official_sophia_g(params, x, y, steps, lr, b1, b2, rho, wd, k, seed):
             sampled = np.asarray(jax.random.categorical(subkey, jnp.asarray(_mlp_logits(p, x)), axis=-1))
             g_hat = _mlp_mean_ce_grad(p, x, sampled)
             h = {n: b2 * h[n] + (1 - b2) * g_hat[n] ** 2 for n in p}
+        correction = 1 - b1 ** (t + 1)
         for n in p:
             p[n] = p[n] * (1 - lr * wd)
             m[n] = b1 * m[n] + (1 - b1) * g[n]
-            ratio = np.minimum(np.abs(m[n]) / (rho * bs * h[n] + 1e-15), 1)
-            p[n] = p[n] - lr * np.sign(m[n]) * ratio
+            m_used = m[n] / correction if bias_correction == "momentum" else m[n]
+            ratio = np.minimum(np.abs(m_used) / (rho * bs * h[n] + 1e-15), 1)
+            step_size = lr / correction if bias_correction == "step" else lr
+            p[n] = p[n] - step_size * np.sign(m_used) * ratio
         trajectory.append({n: v.copy() for n, v in p.items()})
     return trajectory
 
 
-def test_sophia_g_matches_official_loop(mlp_problem):
+@pytest.mark.parametrize("bias_correction", [None, "momentum", "step"])
+def test_sophia_g_matches_official_loop(mlp_problem, bias_correction):
     params, x, y = mlp_problem
     hyper = dict(lr=0.05, b1=0.965, b2=0.99, rho=0.04, wd=0.1, k=3)
-    expected = _official_sophia_g(params, x, y, 10, seed=5, **hyper)
+    expected = _official_sophia_g(params, x, y, 10, seed=5, bias_correction=bias_correction, **hyper)
 
     loss = oso.losses.softmax_cross_entropy(jnp.asarray(y))
     xj = jnp.asarray(x)
@@ -230,7 +238,7 @@ def test_sophia_g_matches_official_loop(mlp_problem):
         return jnp.tanh(xj @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
 
     tx = oso.sophia(hyper["lr"], estimator="gnb", b1=hyper["b1"], b2=hyper["b2"], rho=hyper["rho"],
-                    weight_decay=hyper["wd"], refresh_every=hyper["k"], seed=5)
+                    weight_decay=hyper["wd"], statistics_frequency=hyper["k"], seed=5, bias_correction=bias_correction)
     step = jax.jit(lambda p, s: tx.update(jax.grad(lambda q: loss(model_fn(q)))(p), s, p,
                                           model_fn=model_fn, loss=loss))
     p = jax.tree.map(jnp.asarray, params)
@@ -250,7 +258,7 @@ def test_sophia_g_matches_official_loop(mlp_problem):
 
 def test_sophia_h_equals_optax_contrib_once_aligned(conv_problem):
     """Ours and ``optax.contrib.scale_by_sophia`` with mapped hyperparameters (``gamma = rho``,
-    ``update_interval = refresh_every``, momentum bias correction on, the same probes).
+    ``update_interval = statistics_frequency``, momentum bias correction on, the same probes).
 
     The one intended difference: on a refresh step ours uses the new estimate in that step's update
     (the paper's Algorithm 3); optax computes the update with the previous estimate and refreshes
@@ -272,8 +280,8 @@ def test_sophia_h_equals_optax_contrib_once_aligned(conv_problem):
 
         return optax.GradientTransformationExtraArgs(lambda p: HutchinsonState(jax.random.PRNGKey(0)), update)
 
-    ours = oso.scale_by_sophia("hutchinson", b1=b1, b2=b2, rho=rho, eps=eps, refresh_every=k,
-                               bias_correction=True, seed=7)
+    ours = oso.scale_by_sophia("hutchinson", b1=b1, b2=b2, rho=rho, eps=eps, statistics_frequency=k,
+                               bias_correction="momentum", seed=7)
     theirs = scale_by_sophia(b1=b1, b2=b2, eps=eps, gamma=rho, clip_threshold=1.0,
                              update_interval=k, hessian_diagonal_fn=same_probe_hutchinson())
 
@@ -312,7 +320,7 @@ def test_negative_curvature_never_exceeds_the_clip():
     def value_fn(p):
         return 0.5 * jnp.sum(a * p["x"] ** 2)
 
-    tx = oso.sophia(0.1, estimator="hutchinson", rho=0.5, weight_decay=0.0, refresh_every=2)
+    tx = oso.sophia(0.1, estimator="hutchinson", rho=0.5, weight_decay=0.0, statistics_frequency=2)
     step = jax.jit(lambda p, s: tx.update(jax.grad(value_fn)(p), s, p, value_fn=value_fn))
     p = {"x": jnp.array([0.3, 0.2, -0.1, 0.05])}
     state = tx.init(p)
@@ -359,10 +367,10 @@ def test_nonfinite_estimate_is_skipped_and_counted():
         (lambda: oso.scale_by_sophia(estimator="exact"), "estimator"),
         (lambda: oso.scale_by_adahessian(hessian_power=2.0), "hessian_power"),
         (lambda: oso.scale_by_diagonal_curvature(averaging="median"), "averaging"),
-        (lambda: oso.scale_by_diagonal_curvature(refresh_every=0), "refresh_every"),
+        (lambda: oso.scale_by_diagonal_curvature(statistics_frequency=0), "statistics_frequency"),
         (lambda: oso.adam(1e-3, b1=1.0), "b1"),
     ],
 )
 def test_bad_hyperparameters_name_the_argument(make, argument):
-    with pytest.raises(ValueError, match=f"`{argument}`"):
+    with pytest.raises(ValueError, match=f"{argument} must be .*got"):
         make()

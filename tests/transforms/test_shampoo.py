@@ -16,7 +16,6 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import scipy.linalg
 
@@ -150,7 +149,7 @@ def test_matches_numpy_loop(block_size, grafting):
     grads = gradient_sequence(6, shapes=EVEN_SHAPES)
     tx = oso.scale_by_shampoo(
         eps=EPS, relative_eps=RELATIVE_EPS, precondition_frequency=2, start_preconditioning_step=2,
-        block_size=block_size or 1024, merge_dims=False, grafting=grafting, graft_beta2=GRAFT_BETA2,
+        block_size=block_size or 1024, merge_dims=False, grafting=grafting, graft_b2=GRAFT_BETA2,
         graft_eps=GRAFT_EPS,
     )
     outs, state = run_library(tx, grads)
@@ -161,13 +160,13 @@ def test_matches_numpy_loop(block_size, grafting):
 
 
 def test_ema_exponent_frequencies_and_nesterov_momentum():
-    """Uneven blocks, beta2 < 1, exponent override, statistics every 2 steps, roots every 3 from step 1, momentum."""
+    """Uneven blocks, b2 < 1, exponent override, statistics every 2 steps, roots every 3 from step 1, momentum."""
     grads = gradient_sequence(7, seed=1)
     lr, beta1 = 0.1, 0.8
     tx = oso.shampoo(
-        lr, beta1=beta1, nesterov=True, beta2=0.9, exponent_override=2, statistics_frequency=2,
+        lr, b1=beta1, nesterov=True, b2=0.9, exponent_override=2, statistics_frequency=2,
         precondition_frequency=3, start_preconditioning_step=1, eps=EPS, relative_eps=RELATIVE_EPS,
-        block_size=3, merge_dims=False, grafting="rmsprop", graft_beta2=GRAFT_BETA2, graft_eps=GRAFT_EPS,
+        block_size=3, merge_dims=False, grafting="rmsprop", graft_b2=GRAFT_BETA2, graft_eps=GRAFT_EPS,
     )
     outs, _ = run_library(tx, grads)
     loops = {k: NumpyShampoo(s, 3, "rmsprop", beta2=0.9, exponent=2, pf=3, start=1, stat_every=2)
@@ -253,9 +252,9 @@ def test_rank_deficient_statistics_stay_finite():
 
 @pytest.mark.parametrize(
     "kwargs,name",
-    [({"beta2": 0.0}, "beta2"), ({"grafting": "lamb"}, "grafting"), ({"block_size": 0}, "block_size"),
+    [({"b2": 0.0}, "b2"), ({"grafting": "lamb"}, "grafting"), ({"block_size": 0}, "block_size"),
      ({"precondition_frequency": 0}, "precondition_frequency"), ({"eps": -1.0}, "eps"),
-     ({"exponent_override": 0}, "exponent_override"), ({"mesh_axes": "data"}, "mesh_axes")],
+     ({"exponent_override": 0}, "exponent_override"), ({"max_precond_dim": 0}, "max_precond_dim")],
 )
 def test_bad_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -299,7 +298,7 @@ DISTRIBUTED = textwrap.dedent(
 
     kwargs = dict(block_size=4, merge_dims=False, precondition_frequency=2, start_preconditioning_step=1)
     single, _ = run(oso.shampoo(0.05, **kwargs), shard=False)
-    sharded, hlo = run(oso.shampoo(0.05, mesh=mesh, **kwargs), shard=True)
+    sharded, hlo = run(oso.shampoo(0.05, precondition_sharding=NamedSharding(mesh, P("data")), **kwargs), shard=True)
     for k in single:
         np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12)
     # w1 (8 x 12) has 2 x 3 blocks of 4 x 4 and w2 (12 x 3) 3 blocks of 4 x 3: 6 + 6 + 3 = 15 factors of size 4,
