@@ -6,17 +6,15 @@ import optax_second_order as oso
 from contract import ContractCase
 
 CASES = [
-    ContractCase("adam_alias", lambda learning_rate: oso.adam(learning_rate)),
-    ContractCase("adagrad_alias", lambda learning_rate: oso.adagrad(learning_rate)),
-    ContractCase("adahessian", lambda learning_rate: oso.adahessian(learning_rate), needs=("value_fn",)),
+    ContractCase("adam_alias", oso.adam, inject="b1"),
+    ContractCase("adagrad_alias", oso.adagrad, inject="eps"),
+    ContractCase("adahessian", oso.adahessian, needs=("value_fn",), inject="b1"),
     ContractCase(
-        "sophia-g",
-        lambda learning_rate: oso.sophia(learning_rate, estimator="gnb", refresh_every=2),
-        needs=("model_fn", "loss"),
+        "sophia-g", oso.sophia, dict(estimator="gnb", statistics_frequency=2), needs=("model_fn", "loss"), inject="rho",
+        injected_value=4.0,
     ),
     ContractCase(
-        "sophia-h",
-        lambda learning_rate: oso.sophia(learning_rate, estimator="hutchinson", refresh_every=2),
-        needs=("value_fn",),
+        "sophia-h", oso.sophia, dict(estimator="hutchinson", statistics_frequency=2), needs=("value_fn",), inject="rho",
+        injected_value=4.0,
     ),
 ]

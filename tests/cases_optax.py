@@ -54,17 +54,17 @@ def gnb_fixture(decay: float = 0.9, damping: float = 0.1, seed: int = 0) -> opta
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+def polyak(learning_rate, max_step: float = 1.0) -> optax.GradientTransformationExtraArgs:
+    return optax.chain(polyak_fixture(max_step), optax.scale_by_learning_rate(learning_rate))
+
+
+def gnb(learning_rate, decay: float = 0.9, damping: float = 0.1, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+    return optax.chain(gnb_fixture(decay, damping, seed), optax.scale_by_learning_rate(learning_rate))
+
+
 CASES = [
-    ContractCase("adam", lambda learning_rate: optax.adam(learning_rate)),
-    ContractCase("lbfgs", lambda learning_rate: optax.lbfgs(learning_rate, memory_size=3, linesearch=None)),
-    ContractCase(
-        "polyak_fixture",
-        lambda learning_rate: optax.chain(polyak_fixture(), optax.scale_by_learning_rate(learning_rate)),
-        needs=("value_fn",),
-    ),
-    ContractCase(
-        "gnb_fixture",
-        lambda learning_rate: optax.chain(gnb_fixture(), optax.scale_by_learning_rate(learning_rate)),
-        needs=("model_fn", "loss"),
-    ),
+    ContractCase("adam", optax.adam, inject="b1"),
+    ContractCase("lbfgs", optax.lbfgs, dict(memory_size=3, linesearch=None), static_args=("memory_size",)),
+    ContractCase("polyak_fixture", polyak, needs=("value_fn",), inject="max_step", injected_value=1e-3),
+    ContractCase("gnb_fixture", gnb, needs=("model_fn", "loss"), inject="damping"),
 ]

@@ -9,10 +9,7 @@ CASES = [
     # Frequent roots, so that the root branch runs within the contract's 3 steps (blocking is tested in
     # tests/transforms/test_shampoo.py; the default block size keeps the number of root groups to compile small).
     ContractCase(
-        "shampoo",
-        lambda learning_rate: oso.shampoo(
-            learning_rate, precondition_frequency=1, start_preconditioning_step=1, nesterov=True
-        ),
+        "shampoo", oso.shampoo, dict(precondition_frequency=1, start_preconditioning_step=1, nesterov=True), inject="b1"
     ),
-    ContractCase("soap", lambda learning_rate: oso.soap(learning_rate, precondition_frequency=2)),
+    ContractCase("soap", oso.soap, dict(precondition_frequency=2), inject="b1"),
 ]

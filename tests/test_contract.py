@@ -19,8 +19,11 @@ import optax
 import pytest
 
 import contract
-from contract import CHECKS, LEARNING_RATE, ContractCase
+import contract_flax
+from contract import LEARNING_RATE, ContractCase
 from optax_second_order.transforms.common import extra_arg
+
+CHECKS = {**contract.CHECKS, **contract_flax.FLAX_CHECKS}
 
 
 def _collect():
@@ -117,14 +120,68 @@ def _shares_a_buffer(learning_rate):
     return optax.chain(optax.GradientTransformation(init, update), optax.sgd(learning_rate))
 
 
+def _validates_eagerly(learning_rate, momentum=0.5):
+    """Checks a hyperparameter with a Python comparison: a traced momentum cannot be compared."""
+    if not 0 <= momentum < 1:
+        raise ValueError("momentum must be in [0, 1)")
+    return optax.sgd(learning_rate, momentum=momentum)
+
+
+def _hides_arguments(learning_rate, **sgd_kwargs):
+    """Passes hyperparameters through ``**kwargs``: inject_hyperparams cannot see or inject them."""
+    return optax.sgd(learning_rate, **sgd_kwargs)
+
+
+def _keyed_by_path(learning_rate):
+    """Keeps a per-leaf state keyed by path strings: nnx.Optimizer's init and update trees have different paths."""
+    def paths(tree):
+        return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+    def init(params):
+        return {path: jnp.zeros([], jnp.int32) for path in paths(params)}
+
+    def update(updates, state, params=None):
+        return updates, {path: state[path] + 1 for path in paths(updates)}
+
+    return optax.chain(optax.GradientTransformation(init, update), optax.sgd(learning_rate))
+
+
+def _needs_flat_params(learning_rate):
+    """Reads ``params["kernel"]``: works on the toy's flat dict, not on a linen module's nested params."""
+    def update(updates, state, params=None):
+        scale = 1.0 + 0.0 * jnp.sum(params["kernel"])
+        return jax.tree.map(lambda u: u * scale, updates), state
+
+    return optax.chain(optax.GradientTransformation(lambda p: optax.EmptyState(), update), optax.sgd(learning_rate))
+
+
+_GLOBAL_CAPTURE: dict = {}
+
+
+def _global_capture(learning_rate):
+    """Keeps what it traces in a module-global dict, as a process-global recorder would."""
+    def update(updates, state, params=None, **extra):
+        _GLOBAL_CAPTURE["params"] = params
+        extra["model_fn"](params)  # meets the other thread's trace here
+        scale = 1.0 + 0.0 * _GLOBAL_CAPTURE["params"]["scale"]
+        return jax.tree.map(lambda u: u * scale, updates), state
+
+    return optax.chain(optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update), optax.sgd(learning_rate))
+
+
 BROKEN = [
     ("missing_extra", ContractCase("unnamed_error", _unnamed_error, needs=("value_fn",))),
     ("missing_extra", ContractCase("undeclared", _named_error_for_value_fn, needs=())),
     ("missing_extra", ContractCase("misnamed", _named_error_for_value_fn, needs=("value_fn",))),
     ("inject_hyperparams", ContractCase("ignores_lr", _ignores_learning_rate)),
+    ("inject_hyperparams", ContractCase("validates_eagerly", _validates_eagerly, inject="momentum")),
+    ("inject_hyperparams", ContractCase("hides_arguments", _hides_arguments, dict(momentum=0.5), inject="momentum")),
     ("bf16", ContractCase("float32_updates", _float32_updates)),
     ("leaves", ContractCase("skips_scalars", _skips_scalars)),
     ("donate", ContractCase("shares_a_buffer", _shares_a_buffer)),
+    ("nnx", ContractCase("keyed_by_path", _keyed_by_path)),
+    ("linen", ContractCase("needs_flat_params", _needs_flat_params)),
+    ("threads", ContractCase("global_capture", _global_capture, needs=("model_fn",))),
 ]
 
 
@@ -132,3 +189,11 @@ BROKEN = [
 def test_check_rejects_broken_transformation(check, case):
     with pytest.raises(AssertionError):
         CHECKS[check](case)
+
+
+@pytest.mark.parametrize("check, case", BROKEN, ids=[case.name for _, case in BROKEN])
+def test_broken_transformation_passes_the_plain_run(check, case):
+    """Each broken transformation runs plainly (jit), so the check above fails for its own clause."""
+    if check in ("missing_extra", "bf16", "leaves", "inject_hyperparams"):
+        pytest.skip("this clause is about the plain run itself")
+    contract.check_jit(case)
