@@ -23,11 +23,13 @@ the new matrix is not finite (so NaN or overflowing gradients never poison the s
 written so that NaN fails them):
 
 * BFGS, DFP and L-BFGS take a pair only if ``s^T y > min_cosine ||s|| ||y||`` (the curvature
-  condition, N&W eq. 6.7, with a relative margin); ``min_cosine = 1e-8`` as scipy's default
-  ``min_curvature`` for ``exception_strategy='skip_update'``. The test does not involve the current
-  matrix, so the ``B``, ``H`` and Cholesky forms skip exactly the same pairs; scipy instead skips
-  when ``s^T y <= 1e-8 s^T B s`` (``'hess'``) or ``<= 1e-8 y^T H y`` (``'inv_hess'``). Both skip
-  every pair with ``s^T y <= 0``.
+  condition, N&W eq. 6.7, with a relative margin: the cosine of the angle between ``s`` and ``y``);
+  ``min_cosine = 1e-8``, the value of scipy's ``min_curvature`` for ``exception_strategy='skip_update'``.
+  The test does not involve the current matrix, so the ``B``, ``H`` and Cholesky forms skip exactly
+  the same pairs; scipy instead skips when ``s^T y <= 1e-8 s^T B s`` (``'hess'``) or
+  ``<= 1e-8 y^T H y`` (``'inv_hess'``). Both skip every pair with ``s^T y <= 0``. In float32 the
+  rounding error of ``s^T y`` is about ``sqrt(n) 6e-8 ||s|| ||y||``, so callers working in float32
+  may want ``min_cosine`` near ``1e-6`` or above.
 * ``damp=True`` first replaces the pair by Powell's damped pair (N&W Procedure 18.2,
   :func:`powell_damping` on ``B``; its dual :func:`powell_damping_inverse` on ``H``), which is
   scipy's ``exception_strategy='damp_update'`` with ``min_curvature=0.2``.
@@ -163,15 +165,15 @@ def initial_inverse_scale(s: jax.Array, y: jax.Array) -> jax.Array:
     """``gamma = |s^T y| / y^T y`` for ``H_0 = gamma I`` (and ``B_0 = I / gamma``), or 1 if undefined.
 
     N&W eq. 6.20 (``s^T y / y^T y``, applied before the first update), with scipy's conventions
-    (``init_scale='auto'``): the absolute value of ``s^T y``, and ``gamma = 1`` when ``s^T y``,
-    ``y^T y`` or ``s^T s`` is 0 (here also when ``gamma`` is not finite). So it equals eq. 6.20 whenever
-    ``s^T y > 0``. Works on flat vectors; for pytrees use :func:`lbfgs_two_loop`'s scaling.
+    (``init_scale='auto'``): the absolute value of ``s^T y``, and ``gamma = 1`` when ``s^T y = 0``
+    (which covers ``s = 0`` or ``y = 0``; here also when ``gamma`` is not finite). So it equals
+    eq. 6.20 whenever ``s^T y > 0``. On flat vectors; :func:`lbfgs_two_loop` scales pytrees itself.
     """
     _check_vectors("initial_inverse_scale", s=s, y=y)
     s, y = _compute(s, y)
-    sy, yy, ss = jnp.abs(_dot(s, y)), _dot(y, y), _dot(s, s)
-    gamma = sy / jnp.where(yy > 0, yy, 1.0)
-    return jnp.where((sy > 0) & (yy > 0) & (ss > 0) & jnp.isfinite(gamma), gamma, 1.0)
+    sy = jnp.abs(_dot(s, y))
+    gamma = sy / _dot(y, y)
+    return jnp.where((sy > 0) & jnp.isfinite(gamma), gamma, 1.0)
 
 
 def powell_damping(s: jax.Array, y: jax.Array, bs: jax.Array, min_curvature: float | jax.Array = 0.2):
@@ -223,14 +225,15 @@ def powell_damping_inverse(
 
 
 def levenberg_marquardt_pair_damping(s: jax.Array, y: jax.Array, damping: float | jax.Array):
-    """K-BFGS's Levenberg-Marquardt damping of a pair: ``y~ = theta y + (1 - theta) s``, ``s^T y~ >= damping s^T s``.
+    """K-BFGS's Levenberg-Marquardt damping: ``y~ = theta y + (1 - theta) s`` with ``s^T y~ >= damping s^T s``.
 
     ``theta = 1`` if ``s^T y >= mu_2 s^T s``, else ``theta = (1 - mu_2) s^T s / (s^T s - s^T y)``, which
-    makes ``s^T y~ = mu_2 s^T s``: the curvature of ``B = H^{-1}`` along ``s`` is kept at least
-    ``mu_2``, as adding ``mu_2 I`` to ``B`` would (Goldfarb, Ren & Bahamou 2020, second half of the
-    double damping procedure; the authors' code, ``get_BFGS_ModifiedDamping``, sets
-    ``mu_2 = sqrt(lambda)`` for the overall damping ``lambda``). For ``mu_2 > 1`` ``theta`` may exceed 1
-    (extrapolation); the identity ``s^T y~ = mu_2 s^T s`` still holds.
+    makes ``s^T y~ = mu_2 s^T s``: a floor ``mu_2`` on the curvature ``s^T y / s^T s`` that the BFGS
+    update builds into ``B = H^{-1}``, in the spirit of Levenberg-Marquardt's ``B + mu_2 I`` (Goldfarb,
+    Ren & Bahamou 2020, second half of the double damping procedure; the authors' code,
+    ``get_BFGS_ModifiedDamping``, sets ``mu_2 = sqrt(lambda)`` for the overall damping ``lambda``).
+    For ``mu_2 > 1``, ``theta`` leaves ``[0, 1]`` (extrapolation) and the identity still holds, except
+    at ``s^T y = s^T s`` exactly, where ``y~`` is not finite and a following update skips the pair.
 
     Args:
       s, y: the pair (flat vectors).
@@ -429,7 +432,7 @@ def _triangular_plus_rank_one_qr(r: jax.Array, u: jax.Array, v: jax.Array) -> ja
 
     Golub & Van Loan (2013), section 6.5.1: rotations in planes ``(k, k+1)``, ``k = n-2, ..., 0``,
     reduce ``u`` to ``||u|| e_1`` and make ``R`` upper Hessenberg; add ``||u|| e_1 v^T``; rotations
-    ``k = 0, ..., n-2`` make it triangular again (Dennis & Schnabel 1983, Algorithm A3.4.1).
+    ``k = 0, ..., n-2`` make it triangular again (Dennis & Schnabel 1983, Appendix A, ``QRUPDATE``).
     """
     n = r.shape[0]
 
@@ -437,12 +440,12 @@ def _triangular_plus_rank_one_qr(r: jax.Array, u: jax.Array, v: jax.Array) -> ja
         r, u = carry
         k = n - 2 - i
         c, s = _givens(u[k], u[k + 1])
-        u = u.at[k].set(jnp.hypot(u[k], u[k + 1])).at[k + 1].set(0.0)
+        u = u.at[k].set(jnp.hypot(u[k], u[k + 1]))  # u[k + 1] is now 0 and not read again
         return _rotate_rows(r, k, c, s), u
 
     def retriangularize(k, r):
         c, s = _givens(r[k, k], r[k + 1, k])
-        return _rotate_rows(r, k, c, s)
+        return _rotate_rows(r, k, c, s).at[k + 1, k].set(0.0)  # exactly, not to round-off
 
     r, u = jax.lax.fori_loop(0, n - 1, reduce_u, (r, u))
     r = r.at[0].add(u[0] * v)
@@ -458,13 +461,15 @@ def bfgs_cholesky_update(
 ):
     """BFGS on the Cholesky factor: ``L+`` lower triangular with ``L+ L+^T`` = :func:`bfgs_update`'s ``B+``.
 
-    Dennis & Schnabel (1983), section 9.2 (eq. 9.2.9, Algorithm A9.4.2): with ``v = L^T s`` and
+    Dennis & Schnabel (1983), section 9.2 and Appendix A (``BFGSFAC``): with ``v = L^T s`` and
     ``a = sqrt(s^T y / v^T v)``, ``J = L + (y - a L v) v^T / (a v^T v)`` satisfies ``J J^T = B+``
     (``J^T s = a v``, ``J v = y / a``); ``L+`` comes from the QR factorization of ``J^T``, an upper
     triangular matrix plus a rank-one term, by ``2 (n - 1)`` Givens rotations (``O(n^2)``,
-    orthogonal transformations only, so no downdate and no loss of positive definiteness). The
-    diagonal of ``L+`` is made positive, so ``L+`` is *the* Cholesky factor of ``B+``. Same skip test
-    and ``damp`` option as :func:`bfgs_update`. Solves with ``B`` are then two triangular solves.
+    orthogonal transformations only, so no downdate and no loss of positive definiteness). ``L+``
+    is *the* Cholesky factor of ``B+`` (positive diagonal): each rotation that zeroes an entry puts
+    ``hypot >= 0`` on the diagonal, so the first ``n - 1`` diagonal entries are ``>= 0``, and the
+    last is positive because the rotations have determinant 1 and ``det J = a det L > 0``. Same skip
+    test and ``damp`` option as :func:`bfgs_update`. Solves with ``B`` are two triangular solves.
 
     The rotations run as a sequential ``fori_loop`` of ``2 (n - 1)`` row operations of length ``n``:
     ``O(n^2)`` work but ``O(n)`` latency, which on accelerators can cost more than
@@ -483,8 +488,7 @@ def bfgs_cholesky_update(
     sy, vv = _dot(s, y), _dot(v, v)
     a = jnp.sqrt(sy / vv)
     r = _triangular_plus_rank_one_qr(l.T, v, (y - a * bs) / (a * vv))
-    signs = jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(r.dtype)
-    return _keep_if(_curvature_ok(s, y, sy, min_cosine), (signs[:, None] * r).T, l)
+    return _keep_if(_curvature_ok(s, y, sy, min_cosine), r.T, l)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -562,7 +566,9 @@ def lbfgs_update_memory(
     sy = otu.tree_vdot(s, y)
     norms = otu.tree_norm(s) * otu.tree_norm(y)
     rho = 1.0 / sy
-    used = (sy > min_cosine * norms) & jnp.isfinite(norms) & jnp.isfinite(rho)
+    # NaN or infinite entries fail the comparison; rho overflows for a subnormal s^T y where the
+    # backend does not flush subnormals to zero.
+    used = (sy > min_cosine * norms) & jnp.isfinite(rho)
     slot = memory.count % memory.rho.shape[0]
 
     def write(buffer, new):
