@@ -4,6 +4,7 @@ from optax_second_order.curvature import capture, estimators, kronecker, losses,
 from optax_second_order.curvature.estimators import *  # noqa: F401,F403
 from optax_second_order.curvature.matrix import *  # noqa: F401,F403
 from optax_second_order.curvature.products import *  # noqa: F401,F403
+from optax_second_order.curvature.secant import *  # noqa: F401,F403
 from optax_second_order.curvature.solvers import *  # noqa: F401,F403
 from optax_second_order.curvature.spectrum import *  # noqa: F401,F403
 
