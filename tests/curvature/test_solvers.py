@@ -1,8 +1,13 @@
-"""Conjugate gradient against dense solves (``jnp.linalg.solve``) and a NumPy loop of the textbook algorithm.
+"""Solvers against dense references and NumPy loops of the published algorithms.
 
-Systems are pytrees (a vector and a matrix leaf) whose flattened operator is an explicit SPD matrix,
-plus a damped Gauss-Newton system of an MLP built from ``gnvp_operator`` against the explicit
-``J^T H_L J + lambda I`` of ``curvature_models.dense_ggn``.
+* conjugate gradient: ``jnp.linalg.solve`` and a NumPy loop of textbook PCG on explicit SPD pytree systems;
+  the negative-curvature stop against a NumPy loop of Newton-CG (Nocedal & Wright, Algorithm 7.1) on
+  diag(1, -1, 2, 3) and diag(1, -1); Martens' (2010) stopping rule and saved iterates against a NumPy loop of
+  his CG; the quadratic model value against ``1/2 x^T A x - b^T x``;
+* dense (Cholesky / eigh, saddle-free), row-space (Woodbury) and CG solves of an MLP's damped Hessian, GGN,
+  sampled Fisher and empirical Fisher against ``np.linalg.solve`` of the explicitly built matrices
+  (``jax.hessian``, ``J^T H_L J``, per-example gradients at the same sampled targets);
+* the Newton decrement against ``sqrt(g^T (M + lambda I)^{-1} g)``.
 """
 
 import math
