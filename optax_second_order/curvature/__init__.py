@@ -1,6 +1,16 @@
 """Layer 1: pure, jittable curvature primitives over parameter pytrees (no optimizer state)."""
 
-from optax_second_order.curvature import capture, estimators, kronecker, losses, matrix, products, solvers, spectrum
+from optax_second_order.curvature import (
+    capture,
+    estimators,
+    kronecker,
+    losses,
+    matrix,
+    products,
+    secant,
+    solvers,
+    spectrum,
+)
 from optax_second_order.curvature.estimators import *  # noqa: F401,F403
 from optax_second_order.curvature.matrix import *  # noqa: F401,F403
 from optax_second_order.curvature.products import *  # noqa: F401,F403
@@ -15,6 +25,7 @@ __all__ = [
     *estimators.__all__,
     *matrix.__all__,
     *products.__all__,
+    *secant.__all__,
     *solvers.__all__,
     *spectrum.__all__,
 ]

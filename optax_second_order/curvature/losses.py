@@ -16,6 +16,8 @@ Every loss provides
 * ``loss(outputs)`` -- the weighted mean above;
 * ``loss.per_example(outputs)`` -- the unweighted per-example losses ``l_i``;
 * ``loss.output_hvp(outputs, v)`` -- ``H_L v`` with ``H_L = d^2 L / dy^2`` (closed form);
+* ``loss.output_hessian_sqrt_vp(outputs, v)`` and ``loss.output_hessian_sqrt_transpose_vp(outputs, v)`` --
+  ``S v`` and ``S^T v`` for a factor ``H_L = S S^T``, block diagonal over examples (for row-space solves);
 * ``loss.sample_targets(key, outputs)`` -- targets drawn from the model's predictive distribution
   ``p(t | y)`` for which ``l = -log p(t | y)`` (up to a constant);
 * ``loss.with_targets(t)`` -- the same loss bound to other targets (for example sampled ones).
@@ -56,7 +58,8 @@ def _compute_dtype(x: jax.Array) -> jnp.dtype:
 class OutputLoss:
     """Base class: a per-example loss ``l(y_i, t_i)`` averaged with weights ``w_i``.
 
-    Subclasses implement ``_per_example``, ``_output_hvp_per_example`` and ``_sample``.
+    Subclasses implement ``_per_example``, ``_output_hvp_per_example``, ``_output_hessian_sqrt_per_example``,
+    ``_output_hessian_sqrt_transpose_per_example`` and ``_sample``.
     ``event_ndim`` is the number of trailing output axes that form one example's output; the leading
     axis is always a batch axis (see :meth:`event_axes`).
     """
@@ -124,6 +127,23 @@ class OutputLoss:
         scale = self.example_scale(outputs)
         return (scale * self._output_hvp_per_example(y, v.astype(y.dtype))).astype(v.dtype)
 
+    def output_hessian_sqrt_vp(self, outputs: jax.Array, v: jax.Array) -> jax.Array:
+        """``S v`` for a square root ``S S^T = H_L`` of the output Hessian of the weighted mean loss.
+
+        ``S`` is block diagonal over examples, ``S_i = sqrt(w_i / sum_j w_j) R_i`` with ``R_i R_i^T`` the Hessian
+        of ``l_i`` (see the subclasses), so ``J^T S`` factors the GGN, ``J^T H_L J = (J^T S)(J^T S)^T``,
+        without inverting ``H_L`` (the row-space solve of :func:`~.solvers.low_rank_damped_solve`).
+        """
+        y = self._checked(outputs)
+        scale = jnp.sqrt(self.example_scale(outputs))
+        return (scale * self._output_hessian_sqrt_per_example(y, v.astype(y.dtype))).astype(v.dtype)
+
+    def output_hessian_sqrt_transpose_vp(self, outputs: jax.Array, v: jax.Array) -> jax.Array:
+        """``S^T v`` for the square root of :meth:`output_hessian_sqrt_vp` (``||S^T J v||^2 = v^T G v``)."""
+        y = self._checked(outputs)
+        scale = jnp.sqrt(self.example_scale(outputs))
+        return (scale * self._output_hessian_sqrt_transpose_per_example(y, v.astype(y.dtype))).astype(v.dtype)
+
     def per_example_output_grad(self, outputs: jax.Array) -> jax.Array:
         """``s_i = d l_i / d y_i`` for every example (unweighted)."""
         y = self._checked(outputs)
@@ -153,18 +173,30 @@ class OutputLoss:
     def _output_hvp_per_example(self, y: jax.Array, v: jax.Array) -> jax.Array:
         raise NotImplementedError
 
+    def _output_hessian_sqrt_per_example(self, y: jax.Array, v: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def _output_hessian_sqrt_transpose_per_example(self, y: jax.Array, v: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
     def _sample(self, key: jax.Array, y: jax.Array) -> jax.Array:
         raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
 class SquaredError(OutputLoss):
-    """``l = 1/2 ||y - t||^2`` summed over the event axes; ``H_L = I``; ``t ~ N(y, I)``."""
+    """``l = 1/2 ||y - t||^2`` summed over the event axes; ``H_L = I = S S^T`` with ``S = I``; ``t ~ N(y, I)``."""
 
     def _per_example(self, y):
         return 0.5 * jnp.sum(jnp.square(y - self.targets), axis=self.event_axes(y))
 
     def _output_hvp_per_example(self, y, v):
+        return v
+
+    def _output_hessian_sqrt_per_example(self, y, v):
+        return v
+
+    def _output_hessian_sqrt_transpose_per_example(self, y, v):
         return v
 
     def _sample(self, key, y):
@@ -175,7 +207,7 @@ class SquaredError(OutputLoss):
 class SigmoidBinaryCrossEntropy(OutputLoss):
     """``l = sum softplus(y) - t y`` over the event axes (logits ``y``, targets in [0, 1]).
 
-    ``H_L = diag(s (1 - s))`` with ``s = sigmoid(y)``; ``t ~ Bernoulli(s)``.
+    ``H_L = diag(s (1 - s))`` with ``s = sigmoid(y)``, ``S = diag(sqrt(s (1 - s)))``; ``t ~ Bernoulli(s)``.
     """
 
     def _per_example(self, y):
@@ -186,6 +218,13 @@ class SigmoidBinaryCrossEntropy(OutputLoss):
         s = jax.nn.sigmoid(y)
         return s * (1 - s) * v
 
+    def _output_hessian_sqrt_per_example(self, y, v):
+        # s (1 - s) = sigmoid(y) sigmoid(-y): no cancellation in 1 - s for large logits.
+        return jnp.sqrt(jax.nn.sigmoid(y) * jax.nn.sigmoid(-y)) * v
+
+    def _output_hessian_sqrt_transpose_per_example(self, y, v):
+        return self._output_hessian_sqrt_per_example(y, v)
+
     def _sample(self, key, y):
         return jax.random.bernoulli(key, jax.nn.sigmoid(y)).astype(self.targets.dtype)
 
@@ -194,7 +233,9 @@ class SigmoidBinaryCrossEntropy(OutputLoss):
 class SoftmaxCrossEntropy(OutputLoss):
     """``l = logsumexp(y) - y[t]`` over the last (class) axis, with integer or one-hot targets.
 
-    ``H_L = diag(p) - p p^T`` with ``p = softmax(y)``; ``t ~ Categorical(p)``.
+    ``H_L = diag(p) - p p^T`` with ``p = softmax(y)``; ``t ~ Categorical(p)``. Its square root
+    ``S = (I - p 1^T) diag(sqrt(p))`` (``S S^T = diag(p) - 2 p p^T + p (1^T p) p^T = H_L``) needs no
+    factorization: ``S v = sqrt(p) v - p (sqrt(p) . v)`` and ``S^T v = sqrt(p) (v - p . v)``.
     """
 
     def _is_one_hot(self, y) -> bool:
@@ -218,6 +259,15 @@ class SoftmaxCrossEntropy(OutputLoss):
     def _output_hvp_per_example(self, y, v):
         p = jax.nn.softmax(y, axis=-1)
         return p * v - p * jnp.sum(p * v, axis=-1, keepdims=True)
+
+    def _output_hessian_sqrt_per_example(self, y, v):
+        log_p = jax.nn.log_softmax(y, axis=-1)
+        sqrt_p_v = jnp.exp(0.5 * log_p) * v
+        return sqrt_p_v - jnp.exp(log_p) * jnp.sum(sqrt_p_v, axis=-1, keepdims=True)
+
+    def _output_hessian_sqrt_transpose_per_example(self, y, v):
+        log_p = jax.nn.log_softmax(y, axis=-1)
+        return jnp.exp(0.5 * log_p) * (v - jnp.sum(jnp.exp(log_p) * v, axis=-1, keepdims=True))
 
     def _sample(self, key, y):
         labels = jax.random.categorical(key, y, axis=-1)

@@ -10,6 +10,10 @@
 Each product has an *operator* form that linearizes the function once and returns a linear map
 ``v -> C v`` that is cheap to apply many times (conjugate gradient, Lanczos): ``jax.linearize``
 keeps the primal residuals, and ``jax.linear_transpose`` of the linearized model gives its ``vjp``.
+
+The GGN and the two Fishers also have a *factor* form, ``C = U U^T`` with ``U`` of ``m`` columns (one per
+output coordinate, sampled output gradient or example), for the row-space solve
+:func:`~optax_second_order.curvature.solvers.low_rank_damped_solve` when ``m`` is below the parameter count.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_second_order.curvature.losses import OutputLoss
 
@@ -28,8 +33,13 @@ __all__ = [
     "gnvp_operator",
     "gnvp_quadratic_form",
     "fisher_vp",
+    "fisher_operator",
     "empirical_fisher_vp",
+    "empirical_fisher_operator",
     "empirical_fisher_diagonal",
+    "ggn_factor",
+    "fisher_factor",
+    "empirical_fisher_factor",
 ]
 
 PyTree = Any
@@ -75,18 +85,42 @@ def gnvp_quadratic_form(model_fn: Callable[[PyTree], jax.Array], loss: OutputLos
     return jnp.vdot(jv, loss.output_hvp(outputs, jv))
 
 
-def _sampled_output_fisher_vp(loss: OutputLoss, outputs, u, key, num_samples):
-    """``(w_i / W) mean_s s_i^{(s)} (s_i^{(s)} . u_i)`` with ``s`` the output gradients at sampled targets."""
-    axes = loss.event_axes(outputs)
-    scale = loss.example_scale(outputs)
-    u = u.astype(scale.dtype)
+def _check_num_samples(num_samples, fn: str) -> None:
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise ValueError(f"{fn}: num_samples must be a Python int >= 1, got {num_samples}")
+
+
+def _sampled_output_grads(loss: OutputLoss, outputs: jax.Array, key: jax.Array, num_samples: int) -> jax.Array:
+    """``s^(k) = d l / d y`` at targets ``t^(k) ~ p(t | y)``, ``k = 1..num_samples``, each draw from its own key
+    of ``jax.random.split(key, num_samples)``: shape ``(num_samples, *outputs.shape)``, float32 or better."""
 
     def one_sample(key):
-        s = loss.with_targets(loss.sample_targets(key, outputs)).per_example_output_grad(outputs)
-        return s * jnp.sum(s * u, axis=axes, keepdims=True)
+        return loss.with_targets(loss.sample_targets(key, outputs)).per_example_output_grad(outputs)
 
-    mean = jnp.mean(jax.vmap(one_sample)(jax.random.split(key, num_samples)), axis=0)
-    return (scale * mean).astype(outputs.dtype)
+    return jax.vmap(one_sample)(jax.random.split(key, num_samples))
+
+
+def fisher_operator(
+    model_fn: Callable[[PyTree], jax.Array], loss: OutputLoss, params: PyTree, key: jax.Array, num_samples: int = 1
+) -> LinearOperator:
+    """``v -> F v`` for the sampled true Fisher of :func:`fisher_vp`, linearized and sampled once.
+
+    The targets are drawn once, so every product applies the same matrix
+    ``J^T (1/W sum_i w_i (1/S) sum_k s_ik s_ik^T) J``: one fixed linear map for conjugate gradient or
+    Lanczos, equal to :func:`fisher_vp` with the same ``key``.
+    """
+    _check_num_samples(num_samples, "fisher_operator")
+    outputs, jvp_fn, vjp_fn = _linearize_model(model_fn, params)
+    grads = _sampled_output_grads(loss, outputs, key, num_samples)
+    scale = loss.example_scale(outputs) / num_samples
+    event_axes = tuple(axis + 1 for axis in loss.event_axes(outputs))
+
+    def output_fisher_vp(u):
+        """``(w_i / W) (1/S) sum_k s_ik (s_ik . u_i)`` per example."""
+        projections = jnp.sum(grads * u.astype(grads.dtype), axis=event_axes, keepdims=True)
+        return (scale * jnp.sum(grads * projections, axis=0)).astype(outputs.dtype)
+
+    return lambda v: vjp_fn(output_fisher_vp(jvp_fn(v)))
 
 
 def fisher_vp(
@@ -104,8 +138,14 @@ def fisher_vp(
     draws is the true Fisher, which equals the GGN ``J^T H_L J`` for the losses of :mod:`.losses`
     (natural-parameter exponential families); use :func:`gnvp` for the exact expectation.
     """
-    outputs, jvp_fn, vjp_fn = _linearize_model(model_fn, params)
-    return vjp_fn(_sampled_output_fisher_vp(loss, outputs, jvp_fn(v), key, num_samples))
+    return fisher_operator(model_fn, loss, params, key, num_samples)(v)
+
+
+def empirical_fisher_operator(per_example_value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> LinearOperator:
+    """``v -> F_emp v = J_l^T (J_l v) / N`` (see :func:`empirical_fisher_vp`), linearized once at ``params``."""
+    values, jvp_fn = jax.linearize(per_example_value_fn, params)
+    transpose = jax.linear_transpose(jvp_fn, params)
+    return lambda v: transpose(jvp_fn(v) / values.size)[0]
 
 
 def empirical_fisher_vp(
@@ -118,9 +158,7 @@ def empirical_fisher_vp(
     per-example losses, ``F_emp v = J_l^T (J_l v) / N``: one ``jvp`` and one ``vjp``, no per-example
     gradients materialized.
     """
-    values, jvp_fn = jax.linearize(per_example_value_fn, params)
-    transpose = jax.linear_transpose(jvp_fn, params)
-    return transpose(jvp_fn(v) / values.size)[0]
+    return empirical_fisher_operator(per_example_value_fn, params)(v)
 
 
 def empirical_fisher_diagonal(per_example_value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> PyTree:
@@ -128,3 +166,56 @@ def empirical_fisher_diagonal(per_example_value_fn: Callable[[PyTree], jax.Array
     jac = jax.jacrev(per_example_value_fn)(params)
     values_ndim = jax.eval_shape(per_example_value_fn, params).ndim
     return jax.tree.map(lambda j: jnp.mean(jnp.square(j), axis=tuple(range(values_ndim))), jac)
+
+
+def _transpose_columns(vjp_fn, columns: jax.Array) -> PyTree:
+    """``J^T c_j`` for every output-space column ``c_j`` (leading axis): a pytree with a leading axis ``m``."""
+    return jax.vmap(lambda c: vjp_fn(c)[0])(columns)
+
+
+def _basis(shape: tuple[int, ...], dtype) -> jax.Array:
+    """The ``prod(shape)`` unit arrays of ``shape``, stacked: shape ``(prod(shape), *shape)``."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return jnp.eye(size, dtype=dtype).reshape((size,) + tuple(shape))
+
+
+def ggn_factor(model_fn: Callable[[PyTree], jax.Array], loss: OutputLoss, params: PyTree) -> PyTree:
+    """``U = J^T S`` with ``G = J^T H_L J = U U^T``: one column per output coordinate (``m = outputs.size``).
+
+    ``S S^T = H_L`` is the loss's output-Hessian square root (:meth:`~.losses.OutputLoss.output_hessian_sqrt_vp`,
+    example weights included), so no inverse of ``H_L`` appears in the row-space solve
+    :func:`~.solvers.low_rank_damped_solve`. Returned as a pytree shaped like ``params`` with a leading axis
+    ``m``; one ``vjp`` per column (batched), memory ``m x #params``.
+    """
+    outputs, vjp_fn = jax.vjp(model_fn, params)
+    roots = jax.vmap(lambda e: loss.output_hessian_sqrt_vp(outputs, e))(_basis(outputs.shape, outputs.dtype))
+    return _transpose_columns(vjp_fn, roots)
+
+
+def fisher_factor(
+    model_fn: Callable[[PyTree], jax.Array], loss: OutputLoss, params: PyTree, key: jax.Array, num_samples: int = 1
+) -> PyTree:
+    """``U`` with ``U U^T`` the sampled true Fisher of :func:`fisher_vp` / :func:`fisher_operator` (same ``key``,
+    same draws): column ``(k, i)`` is ``sqrt(w_i / (W S)) J^T s_ik``, with ``s_ik`` placed at example ``i``.
+
+    ``m = num_samples x`` examples columns (sample-major), a pytree shaped like ``params`` with a leading
+    axis ``m``, for :func:`~.solvers.low_rank_damped_solve`.
+    """
+    _check_num_samples(num_samples, "fisher_factor")
+    outputs, vjp_fn = jax.vjp(model_fn, params)
+    grads = _sampled_output_grads(loss, outputs, key, num_samples)
+    grads = grads * jnp.sqrt(loss.example_scale(outputs) / num_samples)
+    example_shape = loss.example_shape(outputs)
+    indicators = jnp.expand_dims(_basis(example_shape, grads.dtype), tuple(a + 1 for a in loss.event_axes(outputs)))
+    columns = (grads[:, None] * indicators[None]).reshape((-1,) + outputs.shape).astype(outputs.dtype)
+    return _transpose_columns(vjp_fn, columns)
+
+
+def empirical_fisher_factor(per_example_value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> PyTree:
+    """``U = J_l^T / sqrt(N)`` with ``F_emp = U U^T``: column ``i`` is the per-example gradient ``g_i / sqrt(N)``.
+
+    ``N`` counts every per-example loss (as :func:`empirical_fisher_vp`); a pytree shaped like ``params``
+    with a leading axis ``N``, for :func:`~.solvers.low_rank_damped_solve`.
+    """
+    values, vjp_fn = jax.vjp(per_example_value_fn, params)
+    return _transpose_columns(vjp_fn, _basis(values.shape, values.dtype) / np.sqrt(values.size))

@@ -112,6 +112,16 @@ def mlp_squared() -> Case:
     return Case("mlp-squared", params, lambda p: mlp(p, x), loss, mask)
 
 
+def mlp_sigmoid() -> Case:
+    """8 examples, 3 independent binary labels each (sigmoid cross-entropy), weights with a zero (masked) example."""
+    rng = np.random.default_rng(4)
+    params, x = _mlp_params(rng, 5, 3), _normal(rng, (8, 5))
+    targets = jnp.asarray(rng.integers(0, 2, (8, 3)), F64)
+    weights = jnp.asarray(rng.uniform(0.5, 2.0, 8), F64).at[5].set(0.0)
+    loss = oso.losses.sigmoid_binary_cross_entropy(targets, weights)
+    return Case("mlp-sigmoid", params, lambda p: mlp(p, x), loss, weights)
+
+
 def cnn_sigmoid() -> Case:
     """4 images 6x6x1, 2 independent binary labels each (sigmoid cross-entropy), no weights."""
     rng = np.random.default_rng(2)
@@ -141,7 +151,9 @@ def attention_softmax() -> Case:
     return Case("attention-softmax", params, lambda p: attention(p, tokens), loss, mask)
 
 
-CASES = {c.__name__.replace("_", "-"): c for c in (mlp_softmax, mlp_squared, cnn_sigmoid, attention_softmax)}
+CASES = {
+    c.__name__.replace("_", "-"): c for c in (mlp_softmax, mlp_squared, mlp_sigmoid, cnn_sigmoid, attention_softmax)
+}
 
 
 def dense_hessian(case: Case) -> jax.Array:
@@ -174,3 +186,22 @@ def per_example_gradients(case: Case, targets: jax.Array) -> jax.Array:
 
     batched = targets.ndim > case.loss.targets.ndim
     return jax.jit(jax.vmap(gradients) if batched else gradients)(targets)
+
+
+def sampled_targets(case: Case, key: jax.Array, num_samples: int) -> jax.Array:
+    """Targets drawn as ``fisher_vp`` draws them: ``sample_targets(k, outputs)`` for ``k in split(key, num_samples)``."""
+    draw = jax.vmap(case.loss.sample_targets, in_axes=(0, None))
+    return jax.jit(lambda p: draw(jax.random.split(key, num_samples), case.model_fn(p)))(case.params)
+
+
+def dense_sampled_fisher(case: Case, key: jax.Array, num_samples: int) -> np.ndarray:
+    """Explicit ``(1/W) sum_i w_i (1/S) sum_k g_ik g_ik^T`` from per-example gradients at the sampled targets."""
+    grads = np.asarray(per_example_gradients(case, sampled_targets(case, key, num_samples)))  # (draws, examples, params)
+    w = np.asarray(case.example_weights).reshape(-1)
+    return np.einsum("kip,i,kiq->pq", grads, w, grads) / (num_samples * np.sum(w))
+
+
+def dense_empirical_fisher(case: Case) -> np.ndarray:
+    """Explicit ``(1/N) sum_i g_i g_i^T`` from per-example gradients at the data's targets (weights unused)."""
+    grads = np.asarray(per_example_gradients(case, case.loss.targets))
+    return grads.T @ grads / grads.shape[0]

@@ -15,7 +15,14 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from curvature_models import CASES, dense_ggn, dense_hessian, per_example_gradients  # noqa: E402
+from curvature_models import (  # noqa: E402
+    CASES,
+    dense_empirical_fisher,
+    dense_ggn,
+    dense_hessian,
+    dense_sampled_fisher,
+    per_example_gradients,
+)
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import optax_second_order as oso  # noqa: E402
@@ -149,3 +156,100 @@ def test_empirical_fisher_matches_per_example_gradients(case, vectors):
         assert_relative_close(flat(result), empirical_fisher @ flat(v))
     assert jax.tree.structure(diagonal) == jax.tree.structure(case.params)
     assert_relative_close(flat(diagonal), np.mean(np.square(grads), axis=0))
+
+
+# --- Square roots of the output Hessian, factor forms and the new operator forms -------------------------
+
+
+def columns(factor):
+    """A factor pytree with a leading axis ``m`` as the ``(#params, m)`` matrix ``U``."""
+    return np.asarray(jax.vmap(lambda column: ravel_pytree(column)[0])(factor)).T
+
+
+@pytest.mark.parametrize("name", ["mlp-softmax", "mlp-squared", "mlp-sigmoid", "cnn-sigmoid", "attention-softmax"])
+def test_output_hessian_square_root(name):
+    """``S S^T = H_L`` (jax.hessian of the weighted mean loss w.r.t. the flattened outputs) and
+    ``output_hessian_sqrt_transpose_vp`` is the transpose of ``output_hessian_sqrt_vp``, with weights and masks."""
+    case = CASES[name]()
+    outputs = case.model_fn(case.params)
+    size = outputs.size
+    basis = jnp.eye(size, dtype=outputs.dtype).reshape((size,) + outputs.shape)
+
+    @jax.jit
+    def explicit(outputs):
+        root = jax.vmap(lambda e: case.loss.output_hessian_sqrt_vp(outputs, e).reshape(-1))(basis).T
+        root_t = jax.vmap(lambda e: case.loss.output_hessian_sqrt_transpose_vp(outputs, e).reshape(-1))(basis).T
+        hessian = jax.hessian(lambda y: case.loss(y.reshape(outputs.shape)))(outputs.reshape(-1))
+        return root, root_t, hessian
+
+    root, root_t, hessian = map(np.asarray, explicit(outputs))
+    np.testing.assert_allclose(root @ root.T, hessian, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(root_t, root.T, rtol=1e-12, atol=1e-15)
+    masked = np.asarray(case.example_weights).reshape(-1) == 0  # masked examples get a zero block
+    if masked.any():
+        assert np.all(root.reshape(len(masked), -1, size)[masked] == 0)
+
+
+def test_ggn_factor_matches_explicit_ggn(case, ggn):
+    factor = jax.jit(lambda p: oso.ggn_factor(case.model_fn, case.loss, p))(case.params)
+    u = columns(factor)
+    assert u.shape == (case.flat.size, case.model_fn(case.params).size)
+    np.testing.assert_allclose(u @ u.T, ggn, rtol=1e-10, atol=1e-13)
+
+
+FACTOR_CASES = ["mlp-softmax", "mlp-sigmoid", "attention-softmax"]  # weights, a zero weight, tokens with a mask
+
+
+def random_vectors(case):
+    rng = np.random.default_rng(42)
+    return [case.unravel(jnp.asarray(rng.standard_normal(case.flat.shape))) for _ in range(2)]
+
+
+@pytest.mark.parametrize("name", FACTOR_CASES)
+def test_fisher_factor_and_operator_match_explicit_sampled_fisher(name):
+    """Same key, same draws: ``U U^T`` of ``fisher_factor``, every product of ``fisher_operator`` (one fixed
+    matrix) and ``fisher_vp`` all equal the sampled Fisher built from per-example gradients."""
+    case = CASES[name]()
+    vectors = random_vectors(case)
+    key, num_samples = jax.random.key(5), 2
+    fisher = dense_sampled_fisher(case, key, num_samples)
+
+    @jax.jit
+    def compute(params, v0, v1, key):
+        operator = oso.fisher_operator(case.model_fn, case.loss, params, key, num_samples)
+        factor = oso.fisher_factor(case.model_fn, case.loss, params, key, num_samples)
+        direct = oso.fisher_vp(case.model_fn, case.loss, params, v0, key, num_samples)
+        return factor, operator(v0), operator(v1), direct
+
+    factor, *products, direct = compute(case.params, *vectors, key)
+    u = columns(factor)
+    examples = np.asarray(case.example_weights).size
+    assert u.shape == (case.flat.size, num_samples * examples)
+    np.testing.assert_allclose(u @ u.T, fisher, rtol=1e-10, atol=1e-13)
+    for result, v in zip(products, vectors):
+        assert_relative_close(flat(result), fisher @ flat(v))
+    assert_relative_close(flat(direct), flat(products[0]), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", FACTOR_CASES)
+def test_empirical_fisher_factor_and_operator_match_per_example_gradients(name):
+    case = CASES[name]()
+    vectors = random_vectors(case)
+    empirical = dense_empirical_fisher(case)
+
+    @jax.jit
+    def compute(params, v0, v1):
+        operator = oso.empirical_fisher_operator(case.per_example_value_fn, params)
+        return oso.empirical_fisher_factor(case.per_example_value_fn, params), operator(v0), operator(v1)
+
+    factor, *products = compute(case.params, *vectors)
+    u = columns(factor)
+    np.testing.assert_allclose(u @ u.T, empirical, rtol=1e-10, atol=1e-13)
+    for result, v in zip(products, vectors):
+        assert_relative_close(flat(result), empirical @ flat(v))
+
+
+def test_num_samples_must_be_positive():
+    case = CASES["mlp-softmax"]()
+    with pytest.raises(ValueError, match="num_samples"):
+        oso.fisher_operator(case.model_fn, case.loss, case.params, jax.random.key(0), num_samples=0)
