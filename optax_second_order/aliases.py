@@ -15,11 +15,11 @@ from optax_second_order.transforms.common import check
 __all__: list[str] = ["shampoo", "soap", "kfac", "adagrad", "adam", "adahessian", "sophia"]
 
 
-def _check_alias(name: str, learning_rate, weight_decay=0.0, momentum=None) -> None:
+def _check_alias(name: str, learning_rate, weight_decay=0.0, momentum=None, momentum_name: str = "momentum") -> None:
     """The checks every alias shares: a positive learning rate, a non-negative weight decay, momentum in [0, 1)."""
     check(name, "learning_rate", learning_rate, lambda x: x > 0, "> 0 (or a schedule)")
     check(name, "weight_decay", weight_decay, lambda x: x >= 0, ">= 0")
-    check(name, "momentum", momentum, lambda x: 0 <= x < 1, "in [0, 1)")
+    check(name, momentum_name, momentum, lambda x: 0 <= x < 1, "in [0, 1)")
 
 
 # --- diagonal preconditioners (transforms/diagonal.py) -----------------------------------------
@@ -30,7 +30,9 @@ def adagrad(
 ) -> optax.GradientTransformationExtraArgs:
     """Adagrad as a diagonal-Fisher preconditioner: ``g / sqrt(initial + sum g^2 + eps)``.
 
-    Equals ``optax.adagrad`` (same arguments and defaults) step for step.
+    Equals ``optax.adagrad`` (same arguments and defaults) step for step while gradients and their squares are
+    finite; a step whose gradient or square is not (an overflow in float32) is rejected -- zero update, state
+    kept -- where ``optax.adagrad``'s accumulator becomes ``inf`` and it never moves again.
     """
     _check_alias("adagrad", learning_rate)
     check("adagrad", "initial_accumulator_value", initial_accumulator_value, lambda x: x >= 0, ">= 0")
@@ -58,7 +60,9 @@ def adam(
 ) -> optax.GradientTransformationExtraArgs:
     """Adam as a bias-corrected EMA of the diagonal empirical Fisher ``g * g``, square-rooted.
 
-    Equals ``optax.adam`` (same arguments and defaults) step for step.
+    Equals ``optax.adam`` (same arguments and defaults) step for step while gradients and their squares are
+    finite; a step whose gradient or square is not (an overflow in float32) is rejected -- zero update, moments
+    kept -- where ``optax.adam``'s second moment becomes ``inf`` and it never moves again.
     """
     _check_alias("adam", learning_rate)
     return optax.chain(
@@ -85,6 +89,7 @@ def adahessian(
     Hessian power 1). Needs the extra argument ``value_fn``. See
     :func:`optax_second_order.scale_by_adahessian`.
     """
+    _check_alias("adahessian", learning_rate, weight_decay)
     return optax.chain(
         diagonal.scale_by_adahessian(
             b1=b1, b2=b2, eps=eps, hessian_power=hessian_power, statistics_frequency=statistics_frequency, seed=seed
@@ -160,7 +165,7 @@ def shampoo(
     the step keeps the graft's size), then ``params <- params - lr * (m + weight_decay * params)``. See
     :func:`optax_second_order.scale_by_shampoo` for the other arguments and their defaults.
     """
-    _check_alias("shampoo", learning_rate, weight_decay, momentum=b1)
+    _check_alias("shampoo", learning_rate, weight_decay, momentum=b1, momentum_name="b1")
     return optax.chain(
         _shampoo.scale_by_shampoo(
             b2=b2,

@@ -1,4 +1,5 @@
-"""Contract cases that prove the contract on optax's own transformations and two small fixtures.
+"""Contract cases that prove the contract on optax's own transformations and two small fixtures (``library=False``:
+the library's own policies for non-finite numbers and masking are not asked of them).
 
 The fixtures are not optimizers of this library: they are the smallest transformations that use
 the extra-argument protocol (``value_fn``; ``model_fn`` and ``loss`` with a PRNG key in the state),
@@ -63,8 +64,8 @@ def gnb(learning_rate, decay: float = 0.9, damping: float = 0.1, seed: int = 0) 
 
 
 CASES = [
-    ContractCase("adam", optax.adam, inject="b1"),
-    ContractCase("lbfgs", optax.lbfgs, dict(memory_size=3, linesearch=None), static_args=("memory_size",)),
-    ContractCase("polyak_fixture", polyak, needs=("value_fn",), inject="max_step", injected_value=1e-3),
-    ContractCase("gnb_fixture", gnb, needs=("model_fn", "loss"), inject="damping"),
+    ContractCase("adam", optax.adam, inject="b1", library=False),
+    ContractCase("lbfgs", optax.lbfgs, dict(memory_size=3, linesearch=None), static_args=("memory_size",), library=False),
+    ContractCase("polyak_fixture", polyak, needs=("value_fn",), inject="max_step", injected_value=1e-3, library=False),
+    ContractCase("gnb_fixture", gnb, needs=("model_fn", "loss"), inject="damping", library=False),
 ]

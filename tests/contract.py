@@ -31,6 +31,13 @@ it) and the keyword arguments it is built with; ``uses_layers`` adds ``layers=``
   stay finite and give bit-for-bit the results of the same step jitted without donation -- so no two
   leaves of params and state may share a buffer (e.g. one ``jnp.zeros`` in two fields, or ``params``
   itself kept in the state);
+* ``nonfinite`` (this library's cases): a step with NaN/Inf gradients and a step with the loss scaled by
+  ``1e20`` (its float32 gradient is finite, squares are not) give finite, bounded updates and a finite state; the
+  NaN/Inf step is counted in a ``nonfinite`` field of the state; the run then continues with finite steps;
+* ``masked`` (this library's cases): ``optax.masked(tx, mask)`` with one leaf masked out, ``value_fn`` /
+  ``model_fn`` on the whole tree and ``full_params=params``, updates the other leaves exactly as the
+  transformation does on the problem where the masked leaf is a constant, and passes the masked leaf's gradient
+  through;
 * ``missing_extra``: for each name in ``needs``, an update without it raises a ``TypeError`` or
   ``ValueError`` whose message names the argument and the transformation, and an update given
   only the names in ``needs`` works;
@@ -94,6 +101,8 @@ class ContractCase:
         state (besides the learning rate), and ``injected_value``, the value it is changed to.
       uses_layers: pass ``layers=`` (the dense and conv layers Flax capture finds on the problem's model).
       static_args: ``static_args`` for ``optax.inject_hyperparams`` (structural arguments of a peer's alias).
+      library: whether the case is one of this library's transformations, which the ``nonfinite`` and ``masked``
+        checks hold to the library's policies (optax's own transformations propagate NaN by design).
     """
 
     name: str
@@ -104,6 +113,7 @@ class ContractCase:
     injected_value: float = 0.5
     uses_layers: bool = False
     static_args: tuple[str, ...] = ()
+    library: bool = True
 
 
 def toy_params(rng: np.random.Generator) -> dict[str, jax.Array]:
@@ -190,6 +200,11 @@ def _value_and_grad(dtype: str = "native"):
     return jax.jit(jax.value_and_grad(_problem(dtype).extra["value_fn"]))
 
 
+@functools.cache
+def _reduced_value_and_grad():
+    return jax.jit(jax.value_and_grad(_problem_without(MASKED_LEAF).extra["value_fn"]))
+
+
 class _Stepper(NamedTuple):
     """A transformation with its jitted ``init`` and ``step(grads, state, params) -> (updates, state, params)``."""
 
@@ -214,8 +229,11 @@ def _plain(case: ContractCase, dtype: str = "native") -> _Stepper:
 
 
 def _run(stepper, params, state, num_steps, dtype="native"):
-    """``num_steps`` steps from ``(params, state)``: the list of ``(loss, updates, params, state)``."""
-    value_and_grad = _value_and_grad(dtype)
+    """``num_steps`` steps from ``(params, state)``: the list of ``(loss, updates, params, state)``.
+
+    ``dtype`` names the problem whose gradients are taken (``"reduced"``: the masked check's problem).
+    """
+    value_and_grad = _reduced_value_and_grad() if dtype == "reduced" else _value_and_grad(dtype)
     trajectory = []
     for _ in range(num_steps):
         value, grads = value_and_grad(params)
@@ -563,6 +581,101 @@ def check_missing_extra(case: ContractCase) -> None:
         )
 
 
+def _nonfinite_count(state) -> int:
+    """The sum of every ``nonfinite`` field of the (possibly chained and wrapped) state."""
+    total = 0
+    if hasattr(state, "_fields"):
+        if "nonfinite" in state._fields:
+            total += int(np.asarray(state.nonfinite))
+        return total + sum(_nonfinite_count(getattr(state, f)) for f in state._fields if f != "nonfinite")
+    if isinstance(state, (tuple, list)):
+        return sum(_nonfinite_count(x) for x in state)
+    if isinstance(state, dict):
+        return sum(_nonfinite_count(x) for x in state.values())
+    return 0
+
+
+def check_nonfinite(case: ContractCase) -> None:
+    """NaN/Inf and overflowing gradients: finite, bounded updates, a finite state, the bad step counted, and the
+    run goes on."""
+    if not case.library:
+        return
+    problem, plain = _problem(), _plain(case)
+    _, _, params, state = _run(plain, problem.params, plain.init(problem.params), 1)[-1]
+    grads = _value_and_grad()(params)[1]
+    bound = 1e3 * (_norm(plain.step(grads, state, params)[0]) + LEARNING_RATE)
+    # the loss scaled by 1e20: its gradient (and value_fn) in float32 are finite, their squares are not
+    value_fn = problem.extra["value_fn"]
+    scaled = _stepper(plain.tx, dict(problem.extra, value_fn=lambda p: 1e20 * value_fn(p)))
+    overflowing = jax.tree.map(lambda g: (np.asarray(g, np.float64) * 1e20).astype(g.dtype), grads)
+    for what, bad, stepper in (("NaN/Inf gradients", _poisoned(grads), plain),
+                               ("the loss scaled by 1e20", overflowing, scaled)):
+        with failure_as_assertion(f"{case.name} with {what}"):
+            updates, new_state, new_params = stepper.step(bad, state, params)
+        assert_like_params(updates, params, f"{case.name} with {what}")
+        assert _norm(updates) <= bound, f"{case.name} with {what}: update of norm {_norm(updates)} > {bound}"
+        for path, x in zip(_paths(new_state), _arrays(new_state)):
+            assert _is_finite(x), f"{case.name} with {what}: state leaf {path} is not finite"
+        if what.startswith("NaN"):
+            assert _nonfinite_count(new_state) > _nonfinite_count(state), f"{case.name}: the NaN step was not counted"
+        for step, (value, updates, _, _) in enumerate(_run(plain, new_params, new_state, 2)):
+            assert _is_finite(np.asarray(value)), f"{case.name}: loss {value} {step + 1} steps after {what}"
+            assert_like_params(updates, params, f"{case.name}: {step + 1} steps after {what}")
+
+
+MASKED_LEAF = "dense"
+
+
+@functools.cache
+def _problem_without(name: str) -> Problem:
+    """The float64 toy problem with the leaf ``name`` held constant (not a parameter)."""
+    problem = _problem("float64")
+    fixed = problem.params[name]
+    params = {k: v for k, v in problem.params.items() if k != name}
+
+    def model_fn(p):
+        return problem.extra["model_fn"]({**p, name: fixed})
+
+    loss = problem.extra["loss"]
+    return Problem(params, {"value_fn": lambda p: loss(model_fn(p)), "model_fn": model_fn, "loss": loss}, problem.inputs)
+
+
+def check_masked(case: ContractCase) -> None:
+    """``optax.masked`` with one leaf masked out: the others' steps are those of the problem without it."""
+    if not case.library:
+        return
+    problem, reduced = _problem("float64"), _problem_without(MASKED_LEAF)
+    mask = {k: k != MASKED_LEAF for k in problem.params}
+    masked = optax.masked(make(case, LEARNING_RATE, problem), mask)
+    value_and_grad = _value_and_grad("float64")
+
+    @jax.jit
+    def masked_step(grads, state, params):
+        updates, state = masked.update(grads, state, params, full_params=params, **problem.extra)
+        # the masked leaf is left to another transformation; here it stays put, as in the reference
+        applied = {k: jnp.zeros_like(u) if k == MASKED_LEAF else u for k, u in updates.items()}
+        return updates, state, optax.apply_updates(params, applied)
+
+    reference = _plain_reduced(case)
+    expected = _run(reference, reduced.params, reference.init(reduced.params), 2, "reduced")
+    params, state = problem.params, None
+    with failure_as_assertion(f"{case.name} in optax.masked"):
+        state = masked.init(params)
+        for step, (_, want, _, _) in enumerate(expected):
+            grads = value_and_grad(params)[1]
+            updates, state, params = masked_step(grads, state, params)
+            np.testing.assert_array_equal(updates[MASKED_LEAF], grads[MASKED_LEAF], f"{case.name}: masked leaf, step {step}")
+            visible = {k: v for k, v in updates.items() if k != MASKED_LEAF}
+            assert_trees_close(visible, want, f"{case.name} in optax.masked vs without the leaf, step {step}", rtol=1e-8)
+
+
+@functools.cache
+def _plain_reduced(case: ContractCase) -> _Stepper:
+    """The case on the problem without the masked leaf."""
+    problem = _problem_without(MASKED_LEAF)
+    return _stepper(make(case, LEARNING_RATE, problem), problem.extra)
+
+
 CHECKS = {
     "jit": check_jit,
     "leaves": check_leaves,
@@ -573,4 +686,6 @@ CHECKS = {
     "bf16": check_bf16,
     "donate": check_donate,
     "missing_extra": check_missing_extra,
+    "nonfinite": check_nonfinite,
+    "masked": check_masked,
 }

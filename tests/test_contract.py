@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
+import cases_optax as contract_cases_optax
 import contract
 import contract_flax
 from contract import LEARNING_RATE, ContractCase
@@ -182,6 +183,8 @@ BROKEN = [
     ("nnx", ContractCase("keyed_by_path", _keyed_by_path)),
     ("linen", ContractCase("needs_flat_params", _needs_flat_params)),
     ("threads", ContractCase("global_capture", _global_capture, needs=("model_fn",))),
+    ("nonfinite", ContractCase("propagates_nan", optax.adam)),
+    ("masked", ContractCase("masked_value_fn", contract_cases_optax.polyak, needs=("value_fn",))),
 ]
 
 
@@ -194,6 +197,6 @@ def test_check_rejects_broken_transformation(check, case):
 @pytest.mark.parametrize("check, case", BROKEN, ids=[case.name for _, case in BROKEN])
 def test_broken_transformation_passes_the_plain_run(check, case):
     """Each broken transformation runs plainly (jit), so the check above fails for its own clause."""
-    if check in ("missing_extra", "bf16", "leaves", "inject_hyperparams"):
+    if check in ("missing_extra", "bf16", "leaves", "inject_hyperparams", "nonfinite"):
         pytest.skip("this clause is about the plain run itself")
     contract.check_jit(case)

@@ -130,6 +130,8 @@ class Layers:
       fallback: paths of the parameters no layer covers (preconditioned by a diagonal method).
       fallback_indices: their positions in ``jax.tree.leaves(params)``.
       num_leaves: the number of leaves of the parameters ``find_layers`` traced.
+      leaves: their shapes and dtypes (what an optimizer needs to build its state when it is handed a masked
+        tree, as ``optax.masked`` does).
       capture: the context (e.g. Flax's method interception) entered around every capturing trace of
         ``model_fn``; ``None`` for plain-JAX tags. Not part of equality.
     """
@@ -138,6 +140,7 @@ class Layers:
     fallback: tuple[str, ...]
     fallback_indices: tuple[int, ...] = ()
     num_leaves: int = 0
+    leaves: tuple[jax.ShapeDtypeStruct, ...] = dataclasses.field(default=(), compare=False)
     capture: CaptureContext | None = dataclasses.field(default=None, compare=False)
 
     def summary(self) -> str:
@@ -359,6 +362,5 @@ def find_layers(
     covered = {i for layer in layers.values() for i in (layer.kernel_index, layer.bias_index) if i is not None}
     paths, leaves, _ = _paths_and_leaves(params)
     fallback = [i for i in range(len(leaves)) if i not in covered]
-    return Layers(
-        tuple(layers.values()), tuple(paths[i] for i in fallback), tuple(fallback), len(leaves), capture
-    )
+    abstract = tuple(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves)
+    return Layers(tuple(layers.values()), tuple(paths[i] for i in fallback), tuple(fallback), len(leaves), abstract, capture)

@@ -7,7 +7,10 @@ same keywords to every child, so every transformation uses the same names):
 * ``value_fn``: params -> scalar loss on the current batch (the name ``optax.lbfgs`` uses);
 * ``model_fn``: params -> model outputs (logits, predictions) on the current batch;
 * ``loss``: an output-space loss from :mod:`optax_second_order.curvature.losses`, bound to the
-  batch's targets.
+  batch's targets;
+* ``full_params``: the whole parameter tree, needed only inside ``optax.masked`` / ``multi_transform`` /
+  ``partition``, which hand the inner transformation the *masked* params while ``value_fn`` and ``model_fn``
+  are functions of the whole tree (:func:`masked_extras`).
 
 Hyperparameters. ``optax.inject_hyperparams(alias)`` calls the alias with every numeric argument (defaults
 included) as an array, traced inside ``update``; so a hyperparameter is checked only when it is a concrete
@@ -23,6 +26,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from optax_second_order.curvature.losses import OutputLoss
@@ -41,8 +45,15 @@ __all__ = [
     "all_finite",
     "keep_if_nonfinite",
     "finite_ema",
+    "discard_nonfinite",
     "value_at",
     "map_over_devices",
+    "is_masked",
+    "has_masked_leaves",
+    "MaskedView",
+    "masked_view",
+    "masked_extras",
+    "check_float_leaves",
 ]
 
 PyTree = Any
@@ -51,6 +62,7 @@ EXTRA_ARGS = {
     "value_fn": "params -> scalar loss on the current batch",
     "model_fn": "params -> model outputs (logits, predictions) on the current batch",
     "loss": "an output-space loss from optax_second_order.losses bound to the batch's targets",
+    "full_params": "the whole parameter tree, when the transformation runs inside optax.masked / multi_transform",
 }
 
 
@@ -183,10 +195,31 @@ def keep_if_nonfinite(old: PyTree, new: PyTree) -> tuple[PyTree, jax.Array]:
 def finite_ema(old: PyTree, new: PyTree, decay: Any) -> tuple[PyTree, jax.Array]:
     """The moving average ``decay * old + (1 - decay) * new``, unless it is not finite: then ``old`` is kept.
 
-    Returns the average and ``1`` (int32) when ``new`` was discarded, for the state's non-finite counter.
+    An ``old`` that is itself not finite (a state corrupted before it reached this transformation) is discarded:
+    the average restarts from ``new``. Returns the average and ``1`` (int32) when ``new`` was discarded, for the
+    state's non-finite counter.
     """
-    average = jax.tree.map(lambda o, n: (decay * o + (1 - decay) * n.astype(o.dtype)).astype(o.dtype), old, new)
-    return keep_if_nonfinite(old, average)
+    old = discard_nonfinite(old, like=new)
+
+    def average(o, n):
+        return (decay * o + (1 - decay) * n.astype(o.dtype)).astype(o.dtype)
+
+    return keep_if_nonfinite(old, jax.tree.map(average, old, new))
+
+
+def discard_nonfinite(tree: PyTree, like: PyTree | None = None, batch_ndim: int = 0) -> PyTree:
+    """``tree`` with every leaf (or, with ``batch_ndim``, every slice along its leading ``batch_ndim`` axes) that
+    holds a non-finite number replaced by the same part of ``like`` (default zeros): a corrupt statistic restarts."""
+    like = jax.tree.map(jnp.zeros_like, tree) if like is None else like
+
+    def clean(x, replacement):
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            return x
+        axes = tuple(range(batch_ndim, x.ndim))
+        finite = jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
+        return jnp.where(finite, x, replacement.astype(x.dtype))
+
+    return jax.tree.map(clean, tree, like)
 
 
 # --- devices ---------------------------------------------------------------------------------------
@@ -213,3 +246,85 @@ def map_over_devices(fn: Callable, stacks: tuple[jax.Array, ...], sharding: Name
     spec = PartitionSpec(axes)
     out = jax.shard_map(fn, mesh=sharding.mesh, in_specs=spec, out_specs=spec)(*padded)
     return jax.tree.map(lambda x: x[:n], out)
+
+
+# --- masked parameter trees (optax.masked, multi_transform, partition) ----------------------------
+
+
+def is_masked(x: Any) -> bool:
+    """Whether ``x`` is an ``optax.MaskedNode``, the placeholder ``optax.masked`` puts where the mask is False."""
+    return isinstance(x, optax.MaskedNode)
+
+
+def has_masked_leaves(tree: PyTree) -> bool:
+    return any(is_masked(x) for x in jax.tree.leaves(tree, is_leaf=is_masked))
+
+
+class MaskedView:
+    """A masked tree (``optax.MaskedNode`` where the mask is False, possibly for whole subtrees) and the whole tree.
+
+    ``embed(p)`` puts a masked-structured tree ``p`` into the whole one (the masked parts taken from
+    ``fill``, by default the whole tree's own values); ``restrict(t)`` cuts a whole tree back to the masked
+    structure. Both work under tracing; positions come from the masked tree's structure with ``MaskedNode``
+    as a leaf, so a mask that is a prefix of the params (one ``False`` for a whole subtree) works too.
+    """
+
+    def __init__(self, template: PyTree, full: PyTree):
+        self.treedef = jax.tree.structure(template, is_leaf=is_masked)
+        self.masked = [is_masked(x) for x in self.treedef.flatten_up_to(template)]
+        self.full = self.treedef.flatten_up_to(full)
+
+    def embed(self, tree: PyTree, fill: list | None = None) -> PyTree:
+        parts = self.treedef.flatten_up_to(tree)
+        fill = self.full if fill is None else fill
+        return self.treedef.unflatten([f if m else x for x, f, m in zip(parts, fill, self.masked)])
+
+    def embed_zeros(self, tree: PyTree) -> PyTree:
+        """``tree`` in the whole tree's structure with zeros (like the whole tree's parts) where masked."""
+        return self.embed(tree, [jax.tree.map(jnp.zeros_like, f) for f in self.full])
+
+    def restrict(self, tree: PyTree) -> PyTree:
+        parts = self.treedef.flatten_up_to(tree)
+        return self.treedef.unflatten([optax.MaskedNode() if m else x for x, m in zip(parts, self.masked)])
+
+
+def masked_view(params: PyTree, extra: dict[str, Any], transform: str) -> MaskedView:
+    """The :class:`MaskedView` of masked ``params`` and the extra argument ``full_params``, or a ``TypeError``."""
+    full = extra.get("full_params")
+    if full is None:
+        raise TypeError(
+            f"{transform}: inside optax.masked / multi_transform / partition the transformation sees masked params, "
+            "but value_fn and model_fn take the whole tree: pass it as the extra argument `full_params` too, "
+            "tx.update(grads, state, params, full_params=params, ...)"
+        )
+    return MaskedView(params, full)
+
+
+def masked_extras(params: PyTree, extra: dict[str, Any], transform: str) -> dict[str, Any]:
+    """``extra`` with ``value_fn`` and ``model_fn`` restricted to the visible leaves when ``params`` is masked.
+
+    ``value_fn(p)`` becomes ``value_fn(embed(p))`` with the masked leaves held at their values in
+    ``full_params``: curvature is then taken with respect to the leaves the mask lets through, at the whole
+    parameters. Unmasked ``params``: ``extra`` unchanged.
+    """
+    if params is None or not has_masked_leaves(params):
+        return extra
+    view = masked_view(params, extra, transform)
+    out = dict(extra)
+    for name in ("value_fn", "model_fn"):
+        if extra.get(name) is not None:
+            out[name] = (lambda fn: lambda p: fn(view.embed(p)))(extra[name])
+    return out
+
+
+def check_float_leaves(tree: PyTree, transform: str) -> None:
+    """A ``TypeError`` naming the first leaf of ``tree`` that is not floating point (a counter, or a ``float0``
+    gradient of one): second-order statistics need floating-point parameters."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        dtype = jnp.result_type(leaf) if not hasattr(leaf, "dtype") else leaf.dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"{transform}: leaf {jax.tree_util.keystr(path)} has dtype {dtype}; this transformation needs "
+                "floating-point parameters. Keep integer state out of the optimized tree (nnx.Optimizer(..., "
+                "wrt=nnx.Param)) or leave it out with optax.masked / optax.partition"
+            )

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 __all__ = ["reduction_ratio", "levenberg_marquardt", "kl_clip_scale", "reject_step"]
 
@@ -62,17 +63,31 @@ def levenberg_marquardt(
     return jnp.maximum(new, min_damping).astype(jnp.result_type(damping))
 
 
-def kl_clip_scale(v_dot_grad: jax.Array, learning_rate: Any, kl_clip: Any) -> jax.Array:
+def kl_clip_scale(v: PyTree, grads: PyTree, learning_rate: Any, kl_clip: Any) -> jax.Array:
     """``nu = min(1, sqrt(kl_clip / (lr^2 v^T F v)))`` with ``v^T F v = v . grad`` for ``v = F^{-1} grad``.
 
     Scaling the step ``lr v`` by ``nu`` bounds the second-order KL change ``lr^2 nu^2 v^T F v`` by ``kl_clip``
-    (Ba, Grosse & Martens 2017, section 5). A ``v . grad`` that is not positive and finite means the
-    preconditioner ``F`` was not positive definite (garbage statistics): then ``nu = 0``, no step, rather than
-    an unbounded one.
+    (Ba, Grosse & Martens 2017, section 5). ``v . grad`` is formed from ``v / max|v|`` and ``grad / max|grad|``,
+    so a huge gradient (a loss scaled by ``1e20``) whose ``v . grad`` overflows float32 still gets its finite,
+    clipped step. A ``v . grad`` that is not positive (a preconditioner that is not positive definite, garbage
+    statistics) or not finite gives ``nu = 0``: no step, rather than an unbounded one.
     """
-    positive = jnp.isfinite(v_dot_grad) & (v_dot_grad > 0)
-    quadratic = jnp.square(learning_rate) * jnp.where(positive, v_dot_grad, 1.0)
-    return jnp.where(positive, jnp.minimum(1.0, jnp.sqrt(kl_clip / quadratic)), 0.0)
+    v_max, g_max = _max_abs(v), _max_abs(grads)
+    normalized = optax.tree.vdot(
+        jax.tree.map(lambda x: x / v_max, v), jax.tree.map(lambda x: (x / g_max).astype(jnp.result_type(x, v_max)), grads)
+    )
+    good = jnp.isfinite(normalized) & (normalized > 0) & jnp.isfinite(v_max) & jnp.isfinite(g_max)
+    # sqrt(lr^2 v.g) = lr sqrt(v_max) sqrt(g_max) sqrt(normalized), each factor finite
+    root = learning_rate * jnp.sqrt(v_max) * jnp.sqrt(g_max) * jnp.sqrt(jnp.where(good, normalized, 1.0))
+    return jnp.where(good, jnp.minimum(1.0, jnp.sqrt(kl_clip) / root), 0.0)
+
+
+def _max_abs(tree: PyTree) -> jax.Array:
+    """``max |x|`` over the leaves (float32 or better), at least the smallest normal number (safe to divide by)."""
+    leaves = jax.tree.leaves(tree)
+    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    return jnp.maximum(largest, jnp.finfo(dtype).tiny)
 
 
 def reject_step(rejected: jax.Array, updates: PyTree) -> PyTree:

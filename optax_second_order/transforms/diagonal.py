@@ -22,8 +22,12 @@ With momentum ``m_t = b1 m_{t-1} + (1 - b1) g_t`` (optionally bias-corrected) th
 ``u_t = m_hat_t / D_t``, clipped to ``[-clip, clip]`` when ``clip`` is given.
 
 On a refresh step the new estimate enters the update of that same step (Sophia's Algorithm 3,
-AdaHessian). An estimate that comes out non-finite is skipped (the statistic keeps its last
-value) and counted in the state's ``nonfinite`` field.
+AdaHessian).
+
+Non-finite numbers: a step whose gradient, estimate (an overflowing square included), moments or update is not
+finite is rejected as a whole: the update is zero, the momentum, curvature and step count keep their values
+(a kept statistic paired with a fresh momentum is what makes such a step huge), and the state's ``nonfinite``
+field counts it.
 
 References:
   Duchi, Hazan & Singer, "Adaptive subgradient methods", JMLR 2011 (Adagrad).
@@ -47,11 +51,15 @@ from optax_second_order.transforms.common import (
     all_finite,
     check,
     check_choice,
+    check_float_leaves,
+    discard_nonfinite,
     extra_arg,
     is_refresh_step,
+    masked_extras,
     require_params,
     stat_dtype,
 )
+from optax_second_order.transforms.damping import reject_step
 
 __all__ = [
     "DiagonalCurvatureState",
@@ -78,7 +86,7 @@ class DiagonalCurvatureState(NamedTuple):
       momentum: ``m``, the moving average of the gradients.
       curvature: ``s``, the running sum or moving average of the curvature estimates.
       estimates: number of estimates accumulated into ``curvature`` (int32, for bias correction).
-      nonfinite: number of estimates skipped because they were not finite (int32).
+      nonfinite: number of steps rejected because a gradient or estimate was not finite (int32).
       key: PRNG key for probes and sampled labels, split at each refresh.
     """
 
@@ -272,25 +280,28 @@ def scale_by_diagonal_curvature(
         return jax.tree.map(lambda s, e: b2 * s + (1 - b2) * e, curvature, estimate)
 
     def refresh(state, grads, params, extra):
-        """Draw a new estimate and fold it into the statistic (skipped if not finite)."""
+        """A new estimate folded into the statistic, and whether it was finite."""
         key, subkey = jax.random.split(state.key)
         estimate = estimate_fn(grads, params, subkey, extra, name)
         estimate = jax.tree.map(lambda e, s: e.astype(s.dtype), estimate, state.curvature)
-        finite = all_finite(estimate)
-        curvature = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old), accumulate(state.curvature, estimate), state.curvature
-        )
-        return curvature, state.estimates + finite, state.nonfinite + (~finite), key
+        return accumulate(state.curvature, estimate), state.estimates + 1, all_finite(estimate), key
 
     def keep(state):
-        return state.curvature, state.estimates, state.nonfinite, state.key
+        return state.curvature, state.estimates, jnp.asarray(True), state.key
 
     def update_fn(updates, state, params=None, **extra):
+        check_float_leaves(updates, name)
+        extra = masked_extras(params, extra, name)
         grads = updates
+        # a stored moment or statistic that is not finite (a corrupt state) restarts
+        initial = jax.tree.map(lambda c: jnp.full_like(c, initial_curvature), state.curvature)
+        state = state._replace(
+            momentum=discard_nonfinite(state.momentum), curvature=discard_nonfinite(state.curvature, like=initial)
+        )
         if isinstance(statistics_frequency, int) and statistics_frequency == 1:
-            curvature, estimates, nonfinite, key = refresh(state, grads, params, extra)
+            curvature, estimates, estimate_ok, key = refresh(state, grads, params, extra)
         else:
-            curvature, estimates, nonfinite, key = jax.lax.cond(
+            curvature, estimates, estimate_ok, key = jax.lax.cond(
                 is_refresh_step(state.count, statistics_frequency),
                 lambda: refresh(state, grads, params, extra),
                 lambda: keep(state),
@@ -311,7 +322,13 @@ def scale_by_diagonal_curvature(
             return u.astype(g.dtype)
 
         updates = jax.tree.map(precondition, grads, m_hat, s_hat)
-        return updates, DiagonalCurvatureState(count, momentum, curvature, estimates, nonfinite, key)
+        new_state = DiagonalCurvatureState(count, momentum, curvature, estimates, state.nonfinite, key)
+        # The non-finite policy: a gradient or estimate that is not finite (an overflowing square included) is
+        # not folded in, and since the kept statistic would pair with a fresh momentum, the step is rejected.
+        ok = estimate_ok & all_finite((grads, momentum, curvature, updates))
+        kept = state._replace(nonfinite=state.nonfinite + 1, key=key)
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, kept)
+        return reject_step(~ok, updates), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -54,8 +54,13 @@ Cost: two ``value_fn`` calls and one ``jvp`` per adaptation. One ``lambda`` serv
 ``lambda`` and its factored damping ``gamma`` (as in K-FAC-JAX); the exact mode and the fallback use a
 new value at once, the factored mode at its next inversion.
 
-A statistics or decomposition result that is non-finite is discarded (the previous factors and
-preconditioners are kept) and counted in ``state.nonfinite``.
+Non-finite numbers: a statistics or decomposition result that is non-finite is discarded (the previous factors
+and preconditioners are kept, still a sound preconditioner) and counted in ``state.nonfinite``; a step whose
+gradient or natural gradient is not finite is rejected (zero update) and counted too.
+
+Inside ``optax.masked`` / ``multi_transform`` the transformation is handed the masked params: with the extra
+argument ``full_params`` it computes the statistics on the whole model (its state covers every layer
+``find_layers`` saw) and returns the natural gradient of the leaves the mask lets through.
 
 Defaults: ``ema_decay=0.95`` (Martens & Grosse 2015, section 5), ``damping=1e-3`` and
 ``kl_clip=1e-3`` (the K-FAC PyTorch implementation of Wang et al. used by many follow-ups),
@@ -76,13 +81,17 @@ from optax_second_order.curvature.matrix import damped_inverse, eigh_psd
 from optax_second_order.curvature.products import gnvp_quadratic_form
 from optax_second_order.transforms import damping as damping_rules
 from optax_second_order.transforms.common import (
+    all_finite,
     check,
     check_choice,
+    check_float_leaves,
     extra_arg,
     finite_ema,
+    has_masked_leaves,
     is_refresh_step,
     keep_if_nonfinite,
     map_over_devices,
+    masked_view,
     require_params,
     stat_dtype,
     value_at,
@@ -278,7 +287,10 @@ def _validate(layers, damping, damping_mode, approximation, ema_decay, frequenci
 
 
 def _init(config: _Config, params, damping, seed) -> KFACState:
-    leaves = config.layers.check_params(params, NAME)
+    if has_masked_leaves(params):  # optax.masked: the whole tree's state, from the shapes find_layers saw
+        leaves = config.layers.leaves
+    else:
+        leaves = config.layers.check_params(params, NAME)
 
     def dtype(index):
         return stat_dtype(leaves[index].dtype)
@@ -385,7 +397,17 @@ def scale_by_kfac(
         return preconditioners, scales, jnp.ones_like(num_scales), nonfinite
 
     def update_fn(updates, state, params=None, **extra):
+        """The K-FAC step; inside ``optax.masked`` it runs on the whole tree (``full_params``, zero gradients
+        where masked) and returns the masked part."""
         params = require_params(params, NAME)
+        check_float_leaves(updates, NAME)
+        if not has_masked_leaves(params):
+            return step(updates, state, params, **extra)
+        view = masked_view(params, extra, NAME)
+        v, state = step(view.embed_zeros(updates), state, view.embed(params), **extra)
+        return view.restrict(v), state
+
+    def step(updates, state, params, **extra):
         layers.check_params(updates, NAME)
         model_fn = extra_arg(extra, "model_fn", NAME)
         loss = extra_arg(extra, "loss", NAME)
@@ -407,8 +429,13 @@ def scale_by_kfac(
         v = _natural_gradient(config, updates, preconditioners, scales, diagonal, damping_now)
         if kl_clip is not None:
             rate = value_at(learning_rate, state.count)
-            nu = damping_rules.kl_clip_scale(optax.tree.vdot(v, updates), rate, kl_clip)
+            nu = damping_rules.kl_clip_scale(v, updates, rate, kl_clip)
             v = jax.tree.map(lambda x: nu * x, v)
+        # non-finite policy: the kept factors are still a sound preconditioner, but a step that is not finite
+        # (a non-finite gradient) is rejected and counted
+        bad = ~all_finite((updates, v))
+        v = damping_rules.reject_step(bad, v)
+        nonfinite = nonfinite + bad.astype(jnp.int32)
         new_damping = damping_now
         if adaptive_damping:
             rate = value_at(learning_rate, state.count)

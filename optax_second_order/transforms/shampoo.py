@@ -19,7 +19,9 @@ the AlgoPerf external-tuning track):
   ``precondition_frequency`` steps from ``start_preconditioning_step``, statistics every
   ``statistics_frequency`` steps, both under ``jax.lax.cond`` inside the compiled step (the statistics
   without one when they are taken every step);
-* a root that comes out non-finite keeps the previous one; ``state.root_failures`` counts these;
+* a root that comes out non-finite keeps the previous one; ``state.root_failures`` counts these; a step whose
+  gradient or new statistic is not finite (``G G^T`` overflowing) is rejected (zero update, state kept) and
+  counted in ``state.nonfinite``; a stored factor that is not finite (a corrupt state) restarts from zero;
 * grafting: the step keeps Shampoo's direction and takes its norm, block by block, from a diagonal
   method ``D`` (``"sgd"``: ``D = G``; ``"adagrad"``, ``"rmsprop"``, ``"adam"``: ``D = G / (sqrt(v) + eps)``
   with ``v`` the sum / EMA / bias-corrected EMA of ``G^2``): ``P ||D||_F / ||P||_F``; before the first
@@ -54,9 +56,13 @@ from jax.sharding import NamedSharding
 
 from optax_second_order.curvature.matrix import inverse_pth_root
 from optax_second_order.transforms import blocking
+from optax_second_order.transforms.damping import reject_step
 from optax_second_order.transforms.common import (
+    all_finite,
     check,
+    check_float_leaves,
     check_choice,
+    discard_nonfinite,
     is_refresh_step,
     map_over_devices,
     stat_dtype,
@@ -80,6 +86,7 @@ class ShampooState(NamedTuple):
       diagonal: per leaf (in ``jax.tree.leaves`` order) the graft's or the diagonal fallback's ``v``,
         a scalar placeholder where neither is needed.
       root_failures: number of roots that came out non-finite and were replaced by the previous one.
+      nonfinite: number of steps rejected because a gradient or a new statistic was not finite.
     """
 
     count: jax.Array
@@ -87,6 +94,7 @@ class ShampooState(NamedTuple):
     roots: tuple[jax.Array, ...]
     diagonal: tuple[jax.Array, ...]
     root_failures: jax.Array
+    nonfinite: jax.Array
 
 
 class _Factor(NamedTuple):
@@ -217,7 +225,8 @@ def scale_by_shampoo(
             jnp.zeros(x.shape, dtype) if diagonal_rule(leaf) in (*_ADAPTIVE_GRAFTS, "diagonal") else jnp.zeros((), dtype)
             for x, leaf in zip(leaves, plan.leaves)
         )
-        return ShampooState(jnp.zeros((), jnp.int32), stats, roots, diagonal, jnp.zeros((), jnp.int32))
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (fresh buffers: the state is donatable)
+        return ShampooState(zero(), stats, roots, diagonal, zero(), zero())
 
     def accumulate(stats, grads, plan):
         new = _factor_statistics(grads, plan, block_size)
@@ -260,24 +269,26 @@ def scale_by_shampoo(
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
+        check_float_leaves(updates, NAME)
         leaves, treedef = jax.tree.flatten(updates)
         plan, dtype = plan_of([x.shape for x in leaves]), _stats_dtype(leaves)
         grads = [g.astype(dtype) for g in leaves]
         count = state.count
 
+        old_stats = discard_nonfinite(state.stats, batch_ndim=1)  # a corrupt factor restarts (per block)
         if isinstance(statistics_frequency, int) and statistics_frequency == 1:
-            stats = accumulate(state.stats, grads, plan)
+            stats = accumulate(old_stats, grads, plan)
         else:
             stats = jax.lax.cond(
                 is_refresh_step(count, statistics_frequency),
-                lambda s: accumulate(s, grads, plan), lambda s: s, state.stats,
+                lambda s: accumulate(s, grads, plan), lambda s: s, old_stats,
             )
         roots, failures = jax.lax.cond(
             is_refresh_step(count, precondition_frequency, start),
             lambda s, r: inverse_roots(s, r, plan), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats, state.roots,
         )
         rules = [diagonal_rule(leaf) for leaf in plan.leaves]
-        diagonal = tuple(update_diagonal(v, g, r) for v, g, r in zip(state.diagonal, grads, rules))
+        diagonal = tuple(update_diagonal(v, g, r) for v, g, r in zip(discard_nonfinite(state.diagonal), grads, rules))
         t = (count + 1).astype(dtype)
         out = []
         for g, v, rule, leaf, orig in zip(grads, diagonal, rules, plan.leaves, leaves):
@@ -287,9 +298,14 @@ def scale_by_shampoo(
                 d = jnp.where(count >= start, shampoo, g if d is None else d)
             out.append(d.astype(orig.dtype))
         new_state = ShampooState(
-            optax.safe_int32_increment(count), stats, roots, diagonal, state.root_failures + failures
+            optax.safe_int32_increment(count), stats, roots, diagonal, state.root_failures + failures, state.nonfinite
         )
-        return jax.tree.unflatten(treedef, out), new_state
+        # non-finite policy: a gradient or statistic that is not finite (an overflowing G G^T) is not folded in, and
+        # the step is rejected (the kept graft statistic would pair with the fresh gradient into a huge step)
+        ok = all_finite((grads, stats, diagonal, out))
+        kept = state._replace(nonfinite=state.nonfinite + 1)
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, kept)
+        return jax.tree.unflatten(treedef, reject_step(~ok, out)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

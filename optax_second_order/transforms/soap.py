@@ -19,6 +19,11 @@ The first call only builds the factors from ``G`` and the basis from ``eigh`` an
 ("so that we never use the current gradients in the projection", official code). 1-D leaves run plain
 Adam (the official ``precondition_1d=False``).
 
+Non-finite numbers: a step whose gradient, moments or factors come out non-finite (an overflowing square) is
+rejected as a whole (zero update, state kept) and counted in ``state.nonfinite``; a stored moment or factor that
+is not finite (a corrupt state) restarts from zero; a basis that comes out non-finite from finite factors keeps
+the previous one (``state.basis_failures``).
+
 Defaults are the official code's (github.com/nikhilvyas/SOAP, ``soap.py``): ``lr = 3e-3``, ``betas =
 (0.95, 0.95)``, ``shampoo_beta = -1`` meaning ``b2``, ``eps = 1e-8``, ``weight_decay = 0.01`` (in the
 alias), ``precondition_frequency = 10``, ``max_precond_dim = 10000``, ``normalize_grads = False``,
@@ -37,7 +42,15 @@ import optax
 
 from optax_second_order.curvature.matrix import eigh_psd
 from optax_second_order.transforms import blocking
-from optax_second_order.transforms.common import all_finite, check, stat_dtype, static_int
+from optax_second_order.transforms.common import (
+    all_finite,
+    check,
+    check_float_leaves,
+    discard_nonfinite,
+    stat_dtype,
+    static_int,
+)
+from optax_second_order.transforms.damping import reject_step
 
 __all__ = ["SoapState", "scale_by_soap"]
 
@@ -53,6 +66,7 @@ class SoapState(NamedTuple):
       bases: the matching eigenbases ``Q_i`` (identity until the first call).
       basis_failures: number of basis computations that came out non-finite and were skipped
         (the previous basis and second moments are kept).
+      nonfinite: number of steps rejected because a gradient, moment or factor came out non-finite.
     """
 
     count: jax.Array
@@ -61,6 +75,7 @@ class SoapState(NamedTuple):
     factors: tuple[tuple[jax.Array, ...], ...]
     bases: tuple[tuple[jax.Array, ...], ...]
     basis_failures: jax.Array
+    nonfinite: jax.Array
 
 
 def _preconditioned_modes(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
@@ -127,8 +142,8 @@ def scale_by_soap(
         modes = [_preconditioned_modes(x.shape, max_precond_dim) for x in leaves]
         factors = tuple(tuple(jnp.zeros((x.shape[i],) * 2, stat_dtype(x.dtype)) for i in m) for x, m in zip(leaves, modes))
         bases = tuple(tuple(jnp.eye(x.shape[i], dtype=stat_dtype(x.dtype)) for i in m) for x, m in zip(leaves, modes))
-        count, basis_failures = jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)  # two buffers: state is donatable
-        return SoapState(count, jax.tree.map(zeros, params), jax.tree.map(zeros, params), factors, bases, basis_failures)
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (fresh buffers: the state is donatable)
+        return SoapState(zero(), jax.tree.map(zeros, params), jax.tree.map(zeros, params), factors, bases, zero(), zero())
 
     def leaf_update(g, mu, nu, factors, bases, count):
         modes = _preconditioned_modes(g.shape, max_precond_dim)
@@ -172,12 +187,12 @@ def scale_by_soap(
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
+        check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
+        mu, nu, factors = discard_nonfinite((state.mu, state.nu, state.factors))  # a corrupt statistic restarts
         results = [
-            leaf_update(g.astype(mu.dtype), mu, nu, f, q, state.count)
-            for g, mu, nu, f, q in zip(
-                leaves, jax.tree.leaves(state.mu), jax.tree.leaves(state.nu), state.factors, state.bases
-            )
+            leaf_update(g.astype(m.dtype), m, v, f, q, state.count)
+            for g, m, v, f, q in zip(leaves, jax.tree.leaves(mu), jax.tree.leaves(nu), factors, state.bases)
         ]
         direction, mu, nu, factors, bases, failed = zip(*results) if results else ((),) * 6
         out = [d.astype(g.dtype) for d, g in zip(direction, leaves)]
@@ -188,7 +203,13 @@ def scale_by_soap(
             tuple(factors),
             tuple(bases),
             state.basis_failures + sum(failed, jnp.zeros((), jnp.int32)),
+            state.nonfinite,
         )
-        return jax.tree.unflatten(treedef, out), new_state
+        # non-finite policy: a step whose gradient, moments or factors are not finite (an overflowing square) is
+        # rejected as a whole (zero update, state kept), rather than freezing an infinite second moment in the state
+        ok = all_finite((leaves, new_state.mu, new_state.nu, new_state.factors, out))
+        kept = state._replace(nonfinite=state.nonfinite + 1)
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, kept)
+        return jax.tree.unflatten(treedef, reject_step(~ok, out)), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -102,9 +102,59 @@ def test_reduction_ratio_fails_steps_the_model_does_not_predict_to_help():
 
 def test_kl_clip_scale_bounds_the_quadratic_and_gives_no_step_for_garbage():
     lr, kl = 0.1, 1e-3
-    for vg in [1e-6, 1.0, 1e6]:
-        nu = float(damping.kl_clip_scale(jnp.asarray(vg), lr, kl))
-        assert nu <= 1 and lr**2 * nu**2 * vg <= kl * (1 + 1e-6)
-        assert nu == 1 or np.isclose(lr**2 * nu**2 * vg, kl)
-    for garbage in [0.0, -1.0, jnp.nan, jnp.inf]:
-        assert float(damping.kl_clip_scale(jnp.asarray(garbage), lr, kl)) == 0.0
+    rng = np.random.default_rng(0)
+    g = {"a": rng.standard_normal(3), "b": rng.standard_normal((2, 2))}
+    v = jax.tree.map(lambda x: x * 2.0, g)  # F = I / 2
+    for scale in [1e-6, 1.0, 1e6, 1e20]:  # 1e20: v.g overflows float32, the step must not
+        vs, gs = (jax.tree.map(lambda x: jnp.asarray(scale * x, jnp.float32), t) for t in (v, g))
+        vg = scale**2 * sum(np.vdot(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(g)))
+        nu = float(damping.kl_clip_scale(vs, gs, lr, kl))
+        expected = min(1.0, np.sqrt(kl / (lr**2 * vg)))
+        np.testing.assert_allclose(nu, expected, rtol=1e-5)
+    for garbage in [-1.0, jnp.nan, jnp.inf]:
+        vs = jax.tree.map(lambda x: garbage * jnp.asarray(x), v)
+        assert float(damping.kl_clip_scale(vs, g, lr, kl)) == 0.0
+    zeros = jax.tree.map(jnp.zeros_like, g)
+    assert float(damping.kl_clip_scale(zeros, zeros, lr, kl)) == 0.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: oso.adam(1e-2), lambda: oso.sophia(1e-2, estimator="hutchinson"), lambda: oso.shampoo(1e-2),
+    lambda: oso.soap(1e-2),
+], ids=["adam", "sophia", "shampoo", "soap"])
+def test_integer_leaves_are_named(make):
+    """A step counter inside the params (its gradient is float0): an error that names the leaf."""
+    params = {"w": jnp.ones((3, 2)), "step": jnp.zeros((), jnp.int32)}
+    grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2), allow_int=True)(params)
+    tx = make()
+    with pytest.raises(TypeError, match="\\['step'\\]"):
+        tx.update(grads, tx.init(params), params, value_fn=lambda p: jnp.sum(p["w"] ** 2))
+
+
+ALIASES = {
+    "adam": lambda **kw: oso.adam(**kw), "adagrad": lambda **kw: oso.adagrad(**kw),
+    "adahessian": lambda **kw: oso.adahessian(**kw), "sophia": lambda **kw: oso.sophia(**kw),
+    "shampoo": lambda **kw: oso.shampoo(**kw), "soap": lambda **kw: oso.soap(**kw),
+}
+
+
+@pytest.mark.parametrize("name", list(ALIASES))
+@pytest.mark.parametrize("argument, value", [("learning_rate", 0.0), ("learning_rate", -1e-3), ("weight_decay", -0.1)])
+def test_bad_values_at_construction_name_the_argument_and_show_the_value(name, argument, value):
+    if argument == "weight_decay" and name in ("adam", "adagrad"):
+        pytest.skip("no weight decay")
+    kwargs = {"learning_rate": 1e-3, argument: value}
+    with pytest.raises(ValueError, match=f"{argument} must be .*got {value!r}"):
+        ALIASES[name](**kwargs)
+
+
+def test_momentum_and_min_damping_are_checked():
+    layers = oso.kronecker.find_layers(lambda p: oso.kronecker.dense(jnp.ones((2, 3)), p["w"]), {"w": jnp.ones((3, 2))})
+    with pytest.raises(ValueError, match="momentum must be in \\[0, 1\\), got 1.5"):
+        oso.kfac(0.1, layers, momentum=1.5)
+    with pytest.raises(ValueError, match="b1"):
+        oso.shampoo(0.1, b1=1.0)
+    with pytest.raises(ValueError, match="min_damping must be >= 0"):
+        oso.kfac(0.1, layers, min_damping=-1.0)
+    with pytest.raises(ValueError, match="min_damping must be <= damping"):
+        oso.kfac(0.1, layers, damping=1e-3, min_damping=1e-2)

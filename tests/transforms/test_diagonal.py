@@ -374,3 +374,46 @@ def test_nonfinite_estimate_is_skipped_and_counted():
 def test_bad_hyperparameters_name_the_argument(make, argument):
     with pytest.raises(ValueError, match=f"{argument} must be .*got"):
         make()
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite numbers: the reproducers of the robustness review, each a run that used to go wrong.
+
+
+def test_sophia_h_keeps_walking_to_the_optimum_after_an_inf_gradient():
+    """One +Inf gradient used to leave the momentum at Inf for good (a constant +-lr step away from the optimum)."""
+    value_fn = lambda p: jnp.sum((p["w"] - 2.0) ** 2)  # noqa: E731
+    tx = oso.sophia(1e-2, estimator="hutchinson", weight_decay=0.0)
+    params, state = {"w": jnp.zeros(3)}, None
+    state = tx.init(params)
+    step = jax.jit(lambda g, s, p: tx.update(g, s, p, value_fn=value_fn))
+    for t in range(60):
+        g = {"w": jnp.full(3, jnp.inf)} if t == 5 else jax.grad(value_fn)(params)
+        updates, state = step(g, state, params)
+        params = optax.apply_updates(params, updates)
+    assert int(state[0].nonfinite) == 1
+    np.testing.assert_allclose(params["w"], 0.01 * 59, rtol=1e-5)  # 59 clipped steps of lr toward 2
+
+
+@pytest.mark.parametrize("make", [lambda: oso.adam(1e-2), lambda: oso.adagrad(0.1), lambda: oso.adahessian(0.1)],
+                         ids=["adam", "adagrad", "adahessian"])
+def test_an_overflowing_loss_does_not_blow_up_the_parameters(make):
+    """The loss scaled by 1e20 in float32: gradients finite, squares (and AdaHessian's D^2) not. The parameters
+    used to reach 1e25 and then NaN; now those steps are rejected and counted, and a normal loss resumes."""
+    value_fn = lambda p: jnp.sum((p["w"] - 2.0) ** 2)  # noqa: E731
+    tx = make()
+    params = {"w": jnp.zeros(3, jnp.float32)}
+    state = tx.init(params)
+
+    def step(params, state, scale):
+        scaled = lambda p: scale * value_fn(p)  # noqa: E731
+        updates, state = tx.update(jax.grad(scaled)(params), state, params, value_fn=scaled)
+        return optax.apply_updates(params, updates), state
+
+    step = jax.jit(step)
+    for _ in range(5):
+        params, state = step(params, state, jnp.float32(1e20))
+    assert int(state[0].nonfinite) == 5 and np.all(params["w"] == 0)
+    for _ in range(5):
+        params, state = step(params, state, jnp.float32(1.0))
+    assert np.all(np.isfinite(params["w"])) and np.all(params["w"] > 0)

@@ -385,3 +385,31 @@ def test_sharded_batch_gives_global_factors_and_spreads_inverses_over_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_ENABLE_X64="0")
     result = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("options", [{}, {"approximation": "eigenvalue_corrected"}, {"adaptive_damping": True}],
+                         ids=["kfac", "ekfac", "adaptive"])
+def test_a_loss_scaled_by_1e20_trains_with_bounded_steps(options):
+    """float32, the loss (value_fn and its gradient) scaled by 1e20: v . grad overflows. The KL clip used to turn
+    that into NaN parameters; now it is formed without overflow and the step stays bounded by the clip."""
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), _params())
+    x, y = (a.astype(jnp.float32) if a.dtype == jnp.float64 else a for a in _batch(1))
+    loss = oso.losses.softmax_cross_entropy(y)
+    model_fn = lambda p: _model(p, x)  # noqa: E731
+    value_fn = lambda p: 1e20 * loss(model_fn(p))  # noqa: E731
+    lr, kl_clip = 0.1, 1e-2
+    tx = oso.kfac(lr, LAYERS, damping=0.1, kl_clip=kl_clip, momentum=0.0, **options)
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(jax.grad(value_fn)(params), state, params, model_fn=model_fn, loss=loss,
+                                   value_fn=value_fn)
+        return optax.apply_updates(params, updates), state, updates
+
+    state, start = tx.init(params), float(loss(model_fn(params)))
+    for _ in range(10):
+        params, state, updates = step(params, state)
+        assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+        # lr^2 nu^2 v^T F~ v <= kl_clip and F~ >= damping I: ||step||^2 <= kl_clip / damping
+        assert float(optax.tree.norm(updates)) <= np.sqrt(kl_clip / 0.1) * (1 + 1e-3)
+    assert float(loss(model_fn(params))) < start

@@ -20,6 +20,7 @@ import pytest
 import scipy.linalg
 
 import optax_second_order as oso
+from optax_second_order.transforms import shampoo as shampoo_module
 from optax_second_order.transforms import blocking
 
 
@@ -219,24 +220,51 @@ def test_order3_sixth_roots_against_dense_kronecker_product():
 # ----------------------------------------------------------------------------- numerical failure
 
 
-def test_nan_statistics_keep_previous_root_and_run_continues():
+def test_a_corrupt_statistic_restarts_and_a_failed_root_keeps_the_previous_one(monkeypatch):
     grads = gradient_sequence(6, seed=4, shapes={"m": (5, 4)})
     tx = oso.scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0, merge_dims=False)
     params = {"m": jnp.zeros((5, 4))}
-    state = tx.init(params)
     update = jax.jit(tx.update)
-    _, state = update({"m": jnp.asarray(grads[0]["m"])}, state, params)
-    good_roots = state.roots
-    # Poison the first factor of the first stack (the 5 x 5 left factor).
+    _, state = update({"m": jnp.asarray(grads[0]["m"])}, tx.init(params), params)
+    # A NaN in the stored 5 x 5 left factor (a corrupt state): the factor restarts from this step's G G^T.
     stats = list(state.stats)
     stats[0] = stats[0].at[0, 0, 0].set(jnp.nan)
-    state = state._replace(stats=tuple(stats))
-    for step, g in enumerate(grads[1:], start=1):
-        u, state = update({"m": jnp.asarray(g["m"])}, state, params)
+    g = np.asarray(grads[1]["m"])
+    u, state = update({"m": jnp.asarray(g)}, state._replace(stats=tuple(stats)), params)
+    assert np.all(np.isfinite(u["m"])) and int(state.nonfinite) == 0
+    np.testing.assert_allclose(state.stats[0][0], g @ g.T, rtol=1e-12)
+
+    # A root that comes out non-finite from finite statistics (a failed decomposition) keeps the previous root.
+    good_roots = state.roots
+    original = shampoo_module.inverse_pth_root
+
+    def failing_left_root(matrix, p, **kwargs):
+        root, ok = original(matrix, p, **kwargs)
+        fail = matrix.shape[-1] == 5
+        return jnp.where(fail, jnp.nan, root), ok & (not fail)
+
+    monkeypatch.setattr(shampoo_module, "inverse_pth_root", failing_left_root)
+    tx = oso.scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0, merge_dims=False)
+    for step, g in enumerate(grads[2:], start=1):
+        u, state = jax.jit(tx.update)({"m": jnp.asarray(g["m"])}, state, params)
         assert np.all(np.isfinite(u["m"])), step
         assert int(state.root_failures) == step
-    np.testing.assert_array_equal(state.roots[0][0], good_roots[0][0])  # the poisoned factor's root is kept
+    np.testing.assert_array_equal(state.roots[0][0], good_roots[0][0])  # the failing factor's root is kept
     assert not np.allclose(state.roots[1], good_roots[1])  # the healthy one kept being refreshed
+
+
+def test_an_overflowing_gradient_is_rejected_and_counted():
+    """Gradients of 1e20 in float32: G G^T overflows. The step is rejected (zero update, state kept), and the
+    run continues as if it had not happened."""
+    grads = gradient_sequence(4, seed=6, shapes={"m": (5, 4)})
+    tx = oso.scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0)
+    params = {"m": jnp.zeros((5, 4), jnp.float32)}
+    update = jax.jit(tx.update)
+    f32 = lambda g: {"m": jnp.asarray(g["m"], jnp.float32)}  # noqa: E731
+    _, state = update(f32(grads[0]), tx.init(params), params)
+    u, bad = update({"m": jnp.asarray(1e20 * grads[1]["m"], jnp.float32)}, state, params)
+    assert np.all(u["m"] == 0) and int(bad.nonfinite) == 1
+    jax.tree.map(np.testing.assert_array_equal, bad._replace(nonfinite=state.nonfinite), state)
 
 
 def test_rank_deficient_statistics_stay_finite():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import optax_second_order as oso
+from optax_second_order.transforms import soap as soap_module
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -110,23 +111,44 @@ def test_matches_numpy_loop(kwargs):
     assert int(state[0].basis_failures) == 0
 
 
-def test_nan_factor_keeps_previous_basis_and_run_continues():
+def test_a_corrupt_factor_restarts_and_a_failed_basis_keeps_the_previous_one(monkeypatch):
     rng = np.random.default_rng(1)
     tx = oso.scale_by_soap(precondition_frequency=1)
     params = {"m": jnp.zeros((4, 3))}
-    state = tx.init(params)
     update = jax.jit(tx.update)
+    state = tx.init(params)
     for _ in range(2):
         _, state = update({"m": jnp.asarray(rng.standard_normal((4, 3)))}, state, params)
-    kept = state.bases
+    # a NaN in the stored left factor (a corrupt state): it restarts from this step's (1 - beta) G G^T
     factors = ((state.factors[0][0].at[0, 0].set(jnp.nan), state.factors[0][1]),)
-    state = state._replace(factors=factors)
+    g = rng.standard_normal((4, 3))
+    u, state = update({"m": jnp.asarray(g)}, state._replace(factors=factors), params)
+    assert np.all(np.isfinite(u["m"])) and int(state.nonfinite) == 0
+    np.testing.assert_allclose(state.factors[0][0], (1 - 0.95) * g @ g.T, rtol=1e-12)
+
+    # a basis that comes out non-finite from finite factors keeps the previous one
+    kept = state.bases
+    monkeypatch.setattr(soap_module, "_power_qr_refresh", lambda factor, basis, nu, mode: (basis * jnp.nan, nu))
+    tx = oso.scale_by_soap(precondition_frequency=1)
     for step in range(1, 4):
-        u, state = update({"m": jnp.asarray(rng.standard_normal((4, 3)))}, state, params)
+        u, state = jax.jit(tx.update)({"m": jnp.asarray(rng.standard_normal((4, 3)))}, state, params)
         assert np.all(np.isfinite(u["m"]))
         assert int(state.basis_failures) == step
     for q, old in zip(state.bases[0], kept[0]):
         np.testing.assert_array_equal(q, old)
+
+
+def test_an_overflowing_gradient_is_rejected_and_counted():
+    rng = np.random.default_rng(3)
+    tx = oso.scale_by_soap(precondition_frequency=1)
+    params = {"m": jnp.zeros((4, 3), jnp.float32)}
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for _ in range(2):
+        _, state = update({"m": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}, state, params)
+    u, bad = update({"m": jnp.asarray(1e20 * rng.standard_normal((4, 3)), jnp.float32)}, state, params)
+    assert np.all(u["m"] == 0) and int(bad.nonfinite) == 1
+    jax.tree.map(np.testing.assert_array_equal, bad._replace(nonfinite=state.nonfinite), state)
 
 
 def test_rank_deficient_factors_stay_finite():
