@@ -249,14 +249,19 @@ def kfac(
     damping_adaptation_interval: int = 5,
     damping_adaptation_decay: float = 0.95,
     min_damping: float = 1e-8,
+    adaptive_learning_rate: bool = False,
+    adaptive_momentum: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: KL-clipped natural gradient, heavy-ball ``momentum`` on it, decoupled ``weight_decay``.
 
     ``chain(scale_by_kfac, trace(momentum), add_decayed_weights(weight_decay), scale_by_learning_rate)``;
     ``layers`` from ``oso.kronecker.find_layers`` or ``oso.flax.find_layers``; ``update`` needs
     ``model_fn`` and ``loss`` (and ``value_fn`` with ``adaptive_damping``);
-    ``approximation="eigenvalue_corrected"`` gives EK-FAC. See :func:`~optax_second_order.scale_by_kfac`
-    for the other arguments.
+    ``approximation="eigenvalue_corrected"`` gives EK-FAC. With ``adaptive_learning_rate`` (and ``kl_clip=None``)
+    the step size comes from the quadratic model and ``learning_rate`` multiplies it (use 1.0); with
+    ``adaptive_momentum`` the momentum does too, and ``momentum`` is not used (Martens & Grosse 2015, section 7:
+    the configuration K-FAC-JAX enables by default, together with ``adaptive_damping``). See
+    :func:`~optax_second_order.scale_by_kfac` for the other arguments.
     """
     _check_alias("kfac", learning_rate, weight_decay, momentum)
     return optax.chain(
@@ -277,8 +282,10 @@ def kfac(
             damping_adaptation_interval=damping_adaptation_interval,
             damping_adaptation_decay=damping_adaptation_decay,
             min_damping=min_damping,
+            adaptive_learning_rate=adaptive_learning_rate,
+            adaptive_momentum=adaptive_momentum,
         ),
-        optax.trace(momentum),
+        *([] if adaptive_momentum else [optax.trace(momentum)]),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

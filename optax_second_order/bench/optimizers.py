@@ -141,6 +141,15 @@ OPTIMIZERS["kfac-lm"] = OptimizerSpec(
     learning_rates=(0.3, 0.1, 0.03),
     description="K-FAC as 'kfac' with adaptive Levenberg-Marquardt damping every 5 steps (section 6.5)",
 )
+OPTIMIZERS["kfac-auto"] = OptimizerSpec(
+    make=lambda learning_rate, task: _kfac(
+        learning_rate, task, statistics_frequency=10, damping=0.1, kl_clip=None, precondition_frequency=10,
+        adaptive_damping=True, adaptive_learning_rate=True, adaptive_momentum=True,
+    ),
+    learning_rates=(1.0, 0.5, 0.25),
+    description="K-FAC with the step size and momentum of the quadratic model (section 7) and adaptive damping: "
+    "K-FAC-JAX's default configuration; the learning rate multiplies the model's step",
+)
 OPTIMIZERS["ekfac"] = OptimizerSpec(
     make=lambda learning_rate, task: _kfac(
         learning_rate, task, statistics_frequency=10, approximation="eigenvalue_corrected", **_KFAC

@@ -116,6 +116,8 @@ class KFACState(NamedTuple):
     damping: jax.Array  # the Tikhonov damping lambda now in use (constant unless adaptive_damping)
     scales: tuple  # EK-FAC: per layer, the (d_in, d_out) Fisher diagonal in the eigenbasis; K-FAC: ()
     num_scales: jax.Array  # int32, EK-FAC scale updates since the eigenbases were last recomputed
+    previous_step: Any  # adaptive_momentum: the last step delta (like params, float32 or better); else ()
+    step_coefficients: jax.Array  # adaptive_learning_rate: the last (alpha, mu) of the quadratic model; else zeros
 
 
 class _Config(NamedTuple):
@@ -126,6 +128,7 @@ class _Config(NamedTuple):
     corrected: bool  # EK-FAC's eigenbasis scales
     fisher: str
     sharding: NamedSharding | None
+    adaptive_momentum: bool
 
 
 # --- statistics: the factors' moving averages (section 5) ------------------------------------------
@@ -262,6 +265,46 @@ def _adapted_damping(damping, v, grads, params, learning_rate, omega, min_dampin
     return damping_rules.levenberg_marquardt(damping, rho, omega, 1.0 / omega, min_damping)
 
 
+# --- the step from the quadratic model (section 7) -------------------------------------------------------
+
+
+def _quadratic_model_step(direction, previous, grads, params, damping, model_fn, loss, with_momentum):
+    """``delta = alpha Delta + mu delta_0`` minimizing ``M(delta) = g . delta + 1/2 delta^T (F + lambda I) delta``.
+
+    ``Delta = -F~^{-1} g`` (the K-FAC direction), ``delta_0`` the previous step and ``F`` the exact Fisher (the
+    output loss's Gauss-Newton matrix: one ``jvp`` per vector). The 2x2 system
+
+        [Delta^T C Delta, Delta^T C delta_0; delta_0^T C Delta, delta_0^T C delta_0] [alpha; mu] = -[g.Delta; g.delta_0]
+
+    with ``C = F + lambda I`` (Martens & Grosse 2015, section 7) falls back to ``mu = 0``,
+    ``alpha = -g.Delta / Delta^T C Delta`` without momentum, on the first step (``delta_0 = 0``) or when it is
+    singular. Returns ``delta`` and ``(alpha, mu)``.
+    """
+    outputs, j_direction = jax.jvp(model_fn, (params,), (_like(direction, params),))
+    _, j_previous = jax.jvp(model_fn, (params,), (_like(previous, params),))
+
+    def form(u, ju, w, jw):
+        return jnp.vdot(ju, loss.output_hvp(outputs, jw)) + damping * optax.tree.vdot(u, w)
+
+    c11 = form(direction, j_direction, direction, j_direction)
+    c12 = form(direction, j_direction, previous, j_previous)
+    c22 = form(previous, j_previous, previous, j_previous)
+    b1, b2 = optax.tree.vdot(grads, direction), optax.tree.vdot(grads, previous)
+    alpha_only = -b1 / c11
+    determinant = c11 * c22 - c12 * c12
+    solvable = with_momentum & (determinant > 1e-12 * c11 * c22) & jnp.isfinite(determinant)
+    safe = jnp.where(solvable, determinant, 1.0)
+    alpha = jnp.where(solvable, (-b1 * c22 + b2 * c12) / safe, alpha_only)
+    mu = jnp.where(solvable, (b1 * c12 - b2 * c11) / safe, 0.0)
+    step = jax.tree.map(lambda d, p: alpha * d + mu * p, direction, previous)
+    return step, jnp.stack([alpha, mu])
+
+
+def _like(tree, params):
+    """``tree`` cast leafwise to the params' dtypes (a ``jvp`` tangent must match its primal)."""
+    return jax.tree.map(lambda t, p: t.astype(p.dtype), tree, params)
+
+
 # --- the transformation -------------------------------------------------------------------------------
 
 
@@ -313,9 +356,13 @@ def _init(config: _Config, params, damping, seed) -> KFACState:
     def zero():
         return jnp.zeros([], jnp.int32)
 
+    previous = ()
+    if config.adaptive_momentum:
+        previous = jax.tree.unflatten(jax.tree.structure(params), [jnp.zeros(x.shape, stat_dtype(x.dtype)) for x in leaves])
     return KFACState(
         zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero(),
-        jnp.asarray(damping, jnp.result_type(float)), scales if config.corrected else (), zero(),
+        jnp.asarray(damping, jnp.result_type(float)), scales if config.corrected else (), zero(), previous,
+        jnp.zeros(2, jnp.result_type(float)),
     )
 
 
@@ -337,6 +384,8 @@ def scale_by_kfac(
     damping_adaptation_interval: int = 5,
     damping_adaptation_decay: float = 0.95,
     min_damping: float = 1e-8,
+    adaptive_learning_rate: bool = False,
+    adaptive_momentum: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC preconditioning of the gradient (see the module docstring for the math).
 
@@ -365,6 +414,11 @@ def scale_by_kfac(
       damping_adaptation_interval: adapt every this many steps (``T_1 = 5`` in the paper).
       damping_adaptation_decay: ``omega_1 = decay ** interval`` (``(19/20)^{T_1}`` in the paper).
       min_damping: the adapted damping never goes below this (K-FAC-JAX's default, ``1e-8``).
+      adaptive_learning_rate: the step is ``alpha Delta`` with ``alpha`` minimizing the quadratic model with the
+        exact Fisher (section 7); the output is then the step itself (negated, as optax expects), and the learning
+        rate it is later scaled by is a multiplier (use 1.0). Needs ``kl_clip=None`` (both would choose the size).
+      adaptive_momentum: with ``adaptive_learning_rate``, also the momentum: ``alpha Delta + mu delta_0``, both
+        from the model (the alias then adds no momentum of its own).
 
     ``update(grads, state, params, model_fn=..., loss=...)`` needs ``model_fn`` (params -> outputs, the
     same function ``find_layers`` traced, on the current batch) and ``loss``; with ``adaptive_damping`` also
@@ -379,8 +433,14 @@ def scale_by_kfac(
         layers, damping, damping_mode, approximation, ema_decay, frequencies, kl_clip, learning_rate, fisher,
         adaptive_damping, damping_adaptation_decay, min_damping,
     )
+    if adaptive_learning_rate and kl_clip is not None:
+        raise ValueError(f"{NAME}: adaptive_learning_rate chooses the step size, so kl_clip must be None, got {kl_clip!r}")
+    if adaptive_momentum and not adaptive_learning_rate:
+        raise ValueError(f"{NAME}: adaptive_momentum needs adaptive_learning_rate=True")
     corrected = approximation == "eigenvalue_corrected"
-    config = _Config(layers, damping_mode == "factored" and not corrected, corrected, fisher, precondition_sharding)
+    config = _Config(
+        layers, damping_mode == "factored" and not corrected, corrected, fisher, precondition_sharding, adaptive_momentum
+    )
     omega = damping_adaptation_decay**damping_adaptation_interval
 
     def statistics(state, params, model_fn, loss, key):
@@ -431,11 +491,23 @@ def scale_by_kfac(
             rate = value_at(learning_rate, state.count)
             nu = damping_rules.kl_clip_scale(v, updates, rate, kl_clip)
             v = jax.tree.map(lambda x: nu * x, v)
+        previous_step, coefficients = state.previous_step, state.step_coefficients
+        if adaptive_learning_rate:
+            previous = previous_step if adaptive_momentum else jax.tree.map(jnp.zeros_like, v)
+            direction = jax.tree.map(jnp.negative, v)
+            delta, coefficients = _quadratic_model_step(
+                direction, previous, updates, params, damping_now, model_fn, loss, adaptive_momentum
+            )
+            v = jax.tree.map(jnp.negative, delta)  # optax's sign: the final scale by -lr applies delta
+            if adaptive_momentum:
+                rate = 1.0 if learning_rate is None else value_at(learning_rate, state.count)
+                previous_step = jax.tree.map(lambda d: rate * d, delta)
         # non-finite policy: the kept factors are still a sound preconditioner, but a step that is not finite
         # (a non-finite gradient) is rejected and counted
         bad = ~all_finite((updates, v))
         v = damping_rules.reject_step(bad, v)
         nonfinite = nonfinite + bad.astype(jnp.int32)
+        previous_step = jax.tree.map(lambda new, old: jnp.where(bad, old, new), previous_step, state.previous_step)
         new_damping = damping_now
         if adaptive_damping:
             rate = value_at(learning_rate, state.count)
@@ -447,7 +519,7 @@ def scale_by_kfac(
         updates = jax.tree.map(lambda x, g: x.astype(g.dtype), v, updates)
         new_state = KFACState(
             state.count + 1, key, factors, preconditioners, diagonal, num_statistics, nonfinite, new_damping, scales,
-            num_scales,
+            num_scales, previous_step, coefficients.astype(state.step_coefficients.dtype),
         )
         return updates, new_state
 

@@ -413,3 +413,35 @@ def test_a_loss_scaled_by_1e20_trains_with_bounded_steps(options):
         # lr^2 nu^2 v^T F~ v <= kl_clip and F~ >= damping I: ||step||^2 <= kl_clip / damping
         assert float(optax.tree.norm(updates)) <= np.sqrt(kl_clip / 0.1) * (1 + 1e-3)
     assert float(loss(model_fn(params))) < start
+
+
+def test_quadratic_model_chooses_the_learning_rate_and_momentum():
+    """Section 7: alpha, mu minimize M(alpha Delta + mu delta_0) with the exact Fisher + damping; a NumPy 2x2 solve
+    with the dense GGN (jax.jacobian, jax.hessian) predicts both, step by step, and the step itself."""
+    tx = oso.kfac(1.0, LAYERS, damping=LAM, damping_mode="exact", kl_clip=None, precondition_frequency=1,
+                  adaptive_learning_rate=True, adaptive_momentum=True)
+    plain = oso.scale_by_kfac(LAYERS, damping=LAM, damping_mode="exact", kl_clip=None, precondition_frequency=1)
+
+    def update(tx):
+        return jax.jit(lambda g, s, p, x, y: tx.update(g, s, p, model_fn=lambda q: _model(q, x),
+                                                       loss=oso.losses.softmax_cross_entropy(y)))
+
+    step, natural = update(tx), update(plain)
+    params, state, plain_state, previous = _params(), tx.init(_params()), plain.init(_params()), None
+    flat = lambda t: np.asarray(jax.flatten_util.ravel_pytree(t)[0])  # noqa: E731
+    for seed in range(1, 4):
+        grads = _problem(seed)[2](params)
+        v, plain_state = natural(grads, plain_state, params, *_batch(seed))  # the same statistics: F~^{-1} g
+        updates, state = step(grads, state, params, *_batch(seed))
+        c = _dense_ggn(params, seed) + LAM * np.eye(len(flat(grads)))
+        d, g = -flat(v), flat(grads)
+        if previous is None:
+            alpha, mu = -(g @ d) / (d @ c @ d), 0.0
+        else:
+            a = np.array([[d @ c @ d, d @ c @ previous], [previous @ c @ d, previous @ c @ previous]])
+            alpha, mu = np.linalg.solve(a, -np.array([g @ d, g @ previous]))
+        np.testing.assert_allclose(np.asarray(state[0].step_coefficients), [alpha, mu], rtol=1e-8, atol=1e-12)
+        delta = alpha * d + (0.0 if previous is None else mu * previous)
+        np.testing.assert_allclose(flat(updates), delta, rtol=1e-8, atol=1e-12)  # lr 1: the update is the step
+        params, previous = optax.apply_updates(params, updates), delta
+    assert len(tx.init(params)) == 3  # scale_by_kfac, add_decayed_weights, scale_by_learning_rate: no trace
