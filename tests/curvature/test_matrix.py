@@ -27,6 +27,10 @@ from optax_second_order.curvature.matrix import (  # noqa: E402
     damped_inverse,
     eigh_psd,
     inverse_pth_root,
+    inverse_pth_root_in_basis,
+    inverse_pth_root_newton,
+    orthogonal_iteration_step,
+    orthonormalize,
     symmetrize,
 )
 
@@ -202,3 +206,243 @@ def test_works_under_jit_and_vmap():
 def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         inverse_pth_root(jnp.eye(2), **kwargs)
+
+
+# --- Matmul-only refreshes: coupled Newton roots, roots in a given basis, Cholesky-based QR ---------------
+
+newton_fn = jax.jit(inverse_pth_root_newton, static_argnums=1, static_argnames=("max_iterations", "tolerance"))
+
+
+@pytest.mark.parametrize("p", PS)
+def test_newton_float64_matches_known_spectrum(p):
+    q = random_orthogonal(N, 0)
+    lam = spectra(1e4)
+    root, ok, error = newton_fn(jnp.asarray(build(q, lam)), p, 0.0)
+    assert root.dtype == jnp.float64 and ok.all() and np.all(error < 1e-12)
+    assert relative_errors(root, build(q, lam ** (-1.0 / p))).max() <= 1e-11
+
+
+@pytest.mark.parametrize("p", PS)
+def test_newton_float32_relative_error(p):
+    """Measured 0.5 to 1.1 ``u cond / p`` (condition numbers 1e2, 1e3, 1e4); one to four times the
+    eigh-based root's error."""
+    for cond in (1e2, 1e3, 1e4):
+        matrix32 = build(random_orthogonal(N, 1), spectra(cond)).astype(np.float32)
+        root, ok, _ = newton_fn(jnp.asarray(matrix32), p, 0.0)
+        assert root.dtype == jnp.float32 and ok.all()
+        reference = reference_root(matrix32.astype(np.float64), p)
+        errors = relative_errors(root, reference)
+        print(f"newton float32 p={p} cond={cond:.0e}: relative errors {errors}")
+        assert errors.max() <= 2 * U32 * cond / p
+        assert errors.max() <= 5 * relative_errors(root_fn(jnp.asarray(matrix32), p, 0.0)[0], reference).max()
+
+
+def test_newton_is_right_where_optax_is_wrong():
+    """p = 3 and 6, where ``optax.matrix_inverse_pth_root`` returns a multiple of ``M^{-1/4}``, ``M^{-1/8}``."""
+    q = random_orthogonal(6, 3)
+    lam = np.linspace(1.0, 4.0, 6)
+    for p in (3, 6):
+        root, ok, _ = newton_fn(jnp.asarray(build(q, lam), jnp.float32), p, 0.0)
+        assert ok and relative_errors(root, build(q, lam ** (-1.0 / p))) < 1e-5
+
+
+def test_newton_damping_per_block_and_batch_dims():
+    q = random_orthogonal(N, 4)
+    lam = np.concatenate([[1.0], np.linspace(0.5, 1e-3, N - 1)])  # a gap, so 20 power steps find lambda_max
+    matrices = np.stack([build(q, lam), build(q, 2 * lam)])
+    eps, relative_eps, p = np.array([1e-3, 1e-2]), 0.1, 4
+    root, ok, _ = newton_fn(jnp.asarray(matrices), p, jnp.asarray(eps), relative_eps)
+    scale = np.array([1.0, 2.0])[:, None]
+    expected = build(q, (scale * lam + eps[:, None] + relative_eps * scale) ** (-1.0 / p))
+    assert ok.all() and relative_errors(root, expected).max() < 1e-9
+    stacked = jnp.asarray(np.stack([matrices, matrices[::-1]]))
+    batched, ok, error = newton_fn(stacked, p)
+    assert batched.shape == (2, 2, N, N) and ok.shape == error.shape == (2, 2) and ok.all()
+    mapped = jax.jit(jax.vmap(jax.vmap(lambda m: inverse_pth_root_newton(m, p)[0])))(stacked)
+    np.testing.assert_allclose(batched, mapped, rtol=1e-10, atol=1e-12)
+
+
+def test_newton_flags_non_finite_singular_and_unconverged_blocks():
+    good = build(random_orthogonal(4, 7), np.array([1.0, 2.0, 3.0, 4.0]))
+    nan, inf = good.copy(), good.copy()
+    nan[0, 1] = np.nan
+    inf[2, 2] = np.inf
+    matrices = jnp.asarray(np.stack([good, nan, inf, np.zeros((4, 4)), np.zeros((4, 4))]), jnp.float32)
+    root, ok, _ = newton_fn(matrices, 4, jnp.asarray([0.0, 0.0, 0.0, 0.0, 1e-4]))
+    np.testing.assert_array_equal(ok, [True, False, False, False, True])  # a zero matrix needs damping
+    assert relative_errors(root[0], reference_root(good, 4)) < 1e-5 and np.all(np.isnan(root[1:4]))
+    np.testing.assert_allclose(root[4], 10.0 * np.eye(4), rtol=1e-5)
+    ill = jnp.asarray(build(random_orthogonal(N, 8), spectra(1e4)))
+    _, ok, error = newton_fn(ill, 4, 0.0, max_iterations=4)
+    assert not ok.any() and np.all(error > 1e-2)
+
+
+def test_newton_uncoupled_warm_correction_diverges():
+    """Why the coupled iteration is not warm-started: from the previous root ``X`` the uncoupled Newton
+    correction ``X <- X ((p + 1) I - X^p A) / p`` (which needs ``X`` to commute with ``A``) diverges even at
+    condition number 1e2 when the statistics change by 1e-3, while a cold start converges."""
+    q = random_orthogonal(N, 9)
+    old = build(q, spectra(1e2)[0])
+    g = np.random.default_rng(9).normal(size=(N, N))
+    new = old + 1e-3 * g @ g.T / np.linalg.norm(g @ g.T, 2)
+    p, x = 4, reference_root(old, 4)
+    errors = []
+    for _ in range(6):
+        x = x @ ((p + 1) * np.eye(N) - np.linalg.matrix_power(x, p) @ new) / p
+        x = (x + x.T) / 2
+        errors.append(relative_errors(x, reference_root(new, p)))
+    assert errors[-1] > 1.0 > 1e-3 > errors[0]
+    cold, ok, _ = newton_fn(jnp.asarray(new), p, 0.0)
+    assert ok and relative_errors(cold, reference_root(new, p)) < 1e-12
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [({"p": 2.5}, "p"), ({"p": 0}, "p"), ({"p": True}, "p"), ({"p": 2, "eps": -1.0}, "eps"),
+     ({"p": 2, "relative_eps": -0.1}, "relative_eps"), ({"p": 2, "max_iterations": 0}, "max_iterations"),
+     ({"p": 2, "tolerance": -1.0}, "tolerance")],
+)
+def test_newton_bad_arguments_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        inverse_pth_root_newton(jnp.eye(2), **kwargs)
+
+
+def test_newton_accepts_integral_float_p():
+    root, ok, _ = newton_fn(4.0 * jnp.eye(3), 2.0, 0.0)
+    assert ok and np.allclose(root, 0.5 * np.eye(3))
+
+
+def test_root_in_exact_basis_is_the_eigh_root_and_in_a_rotated_basis_reports_its_error():
+    q = random_orthogonal(N, 10)
+    lam = spectra(1e3)[0]
+    matrix = jnp.asarray(build(q, lam))
+    for p in (1, 2.5, 4):
+        root, ok, error = inverse_pth_root_in_basis(matrix, jnp.asarray(q), p, eps=1e-3, relative_eps=0.1)
+        expected, _ = inverse_pth_root(matrix, p, eps=1e-3, relative_eps=0.1)
+        assert ok and error < 1e-12 and relative_errors(root, expected) < 1e-12
+    rotated = q @ random_orthogonal(N, 11)
+    _, ok, error = inverse_pth_root_in_basis(matrix, jnp.asarray(rotated), 4)
+    assert ok and error > 0.1
+
+
+def test_warm_start_from_the_previous_basis_improves_with_orthogonal_iteration():
+    """The sound warm start: the old eigenbasis, refreshed by orthogonal iteration (columns sorted by
+    ``q_i^T M q_i`` before each step, as SOAP), then :func:`inverse_pth_root_in_basis`. Root error and
+    off-diagonal residual fall with the steps (slowly: like power iteration, with the eigenvalue gaps)."""
+    q = random_orthogonal(N, 12)
+    old = build(q, spectra(1e2)[0])
+    g = np.random.default_rng(12).normal(size=(N, N))
+    new = jnp.asarray(old + 1e-2 * g @ g.T / np.linalg.norm(g @ g.T, 2))
+    reference = reference_root(np.asarray(new), 4, 1e-6)
+    basis, errors, residuals = jnp.asarray(q[:, ::-1]), [], []
+    for _ in range(6):
+        root, ok, residual = inverse_pth_root_in_basis(new, basis, 4)
+        assert ok
+        errors.append(relative_errors(root, reference))
+        residuals.append(float(residual))
+        estimates = jnp.einsum("ij,ik,kj->j", basis, new, basis)
+        basis, ok = orthogonal_iteration_step(new, basis[:, jnp.argsort(-estimates)])
+        assert ok
+    assert np.all(np.diff(errors) < 0) and np.all(np.diff(residuals) < 0)
+    assert errors[-1] < 0.5 * errors[0]
+
+
+def ill_conditioned_columns(m, k, cond, seed):
+    """``U diag(s) V^T`` (``m x k``), singular values ``1 .. 1/cond``, with column norms spread over 1e3."""
+    rng = np.random.default_rng(seed)
+    u = random_orthogonal(m, seed)[:, :k]
+    a = (u * np.logspace(0, -np.log10(cond), k)) @ random_orthogonal(k, seed + 1).T
+    return a * np.logspace(0, -3, k)[rng.permutation(k)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 1e-5)])
+@pytest.mark.parametrize("cond", [1e2, 1e4])
+def test_orthonormalize_is_householder_qr_with_positive_diagonal(dtype, tol, cond):
+    a = ill_conditioned_columns(48, 32, cond, 13).astype(dtype)
+    q, ok = orthonormalize(jnp.asarray(a))
+    q64 = np.asarray(q, np.float64)
+    assert ok and q.dtype == dtype and q.shape == a.shape
+    assert np.linalg.norm(q64.T @ q64 - np.eye(32)) <= tol  # Q^T Q = I
+    r = q64.T @ a.astype(np.float64)
+    assert np.linalg.norm(np.tril(r, -1)) <= tol * np.linalg.norm(r)  # spans of leading columns are A's
+    assert np.all(np.diag(r) > 0)
+    reference, r_ref = np.linalg.qr(a.astype(np.float64))
+    np.testing.assert_allclose(q64, reference * np.sign(np.diag(r_ref)), atol=100 * tol)  # same columns
+
+
+def test_orthonormalize_flags_non_finite_and_zero_input_and_batches():
+    a = ill_conditioned_columns(16, 8, 10.0, 14)
+    nan = a.copy()
+    nan[0, 0] = np.nan
+    q, ok = orthonormalize(jnp.asarray(np.stack([a, nan, np.zeros_like(a)]), jnp.float32))
+    np.testing.assert_array_equal(ok, [True, False, False])
+    np.testing.assert_allclose(q[0], orthonormalize(jnp.asarray(a, jnp.float32))[0], atol=1e-6)
+    with pytest.raises(ValueError, match="rows"):
+        orthonormalize(jnp.ones((2, 3)))
+
+
+def stale_basis(n, eigenvectors, angle, seed):
+    """The eigenvectors (descending order) rotated by ``exp(angle * S)``, ``S`` a random skew matrix."""
+    s = np.random.default_rng(seed).normal(size=(n, n)) / np.sqrt(2 * n)
+    rotation, _ = np.linalg.qr(np.eye(n) + angle * (s - s.T))
+    return eigenvectors[:, ::-1] @ rotation
+
+
+@pytest.mark.parametrize("spectrum", ["cond 1e6", "rank n/4", "zero"])
+def test_orthogonal_iteration_step_float32_matches_qr_of_the_shifted_product(spectrum):
+    """Float32 factors that break plain CholeskyQR (condition 1e6) or any Cholesky QR of ``L Q`` (rank
+    deficient, zero) give an orthonormal basis equal to Householder QR's of ``(L / ||L||_F + shift I) Q``."""
+    n, q = 64, random_orthogonal(64, 15)
+    lam = {"cond 1e6": spectra(1e6, n)[0], "rank n/4": np.where(np.arange(n) < n // 4, 1.0, 0.0),
+           "zero": np.zeros(n)}[spectrum]
+    factor = build(q, lam).astype(np.float32)
+    basis = stale_basis(n, q, 0.3, 16).astype(np.float32)
+    new, ok = jax.jit(orthogonal_iteration_step)(jnp.asarray(factor), jnp.asarray(basis))
+    new = np.asarray(new, np.float64)
+    assert ok and np.linalg.norm(new.T @ new - np.eye(n)) < 1e-5
+    shifted = (factor.astype(np.float64) / max(np.linalg.norm(factor), 1e-30) + 1e-5 * np.eye(n)) @ basis
+    reference, r = np.linalg.qr(shifted)
+    assert np.all(np.abs(np.sum(new * reference * np.sign(np.diag(r)), axis=0)) > 1 - 1e-3)
+    if spectrum == "zero":
+        np.testing.assert_allclose(new, basis, atol=1e-5)
+
+
+def test_orthogonal_iteration_converges_to_the_eigenvectors():
+    """SOAP's refresh from a random basis (columns sorted by ``q_i^T L q_i`` before each step)."""
+    n, q = 16, random_orthogonal(16, 17)
+    matrix = jnp.asarray(build(q, 0.7 ** np.arange(n)))
+
+    def refresh(_, state):
+        basis, ok = state
+        estimates = jnp.einsum("ij,ik,kj->j", basis, matrix, basis)
+        basis, step_ok = orthogonal_iteration_step(matrix, basis[:, jnp.argsort(-estimates)])
+        return basis, ok & step_ok
+
+    basis, ok = jax.jit(lambda b: jax.lax.fori_loop(0, 200, refresh, (b, True)))(random_orthogonal(n, 18))
+    assert ok
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(basis) * q, axis=0)), 1.0, atol=1e-8)
+
+
+def test_polar_factor_cannot_refresh_an_eigenbasis():
+    """Why orthonormalization must be triangular (QR's nested spans): the polar factor of ``L Q`` is ``Q``
+    itself for every SPD ``L`` (``L Q = Q (Q^T L Q)``), so a Newton-Schulz polar step leaves the basis as is."""
+    n, q = 16, random_orthogonal(16, 19)
+    matrix = build(q, np.logspace(0, -3, n))
+    basis = random_orthogonal(n, 20)
+    u, _, vt = np.linalg.svd(matrix @ basis)
+    np.testing.assert_allclose(u @ vt, basis, atol=1e-10)
+    moved, _ = orthogonal_iteration_step(jnp.asarray(matrix), jnp.asarray(basis))
+    assert np.linalg.norm(np.abs(np.asarray(moved)) - np.abs(basis)) > 0.1
+
+
+def test_orthogonal_iteration_step_needs_its_shift_for_a_rank_deficient_factor():
+    n, q = 32, random_orthogonal(32, 21)
+    factor = jnp.asarray(build(q, np.where(np.arange(n) < n // 4, 1.0, 0.0)), jnp.float32)
+    basis = jnp.asarray(stale_basis(n, q, 0.3, 22), jnp.float32)
+    assert not orthogonal_iteration_step(factor, basis, shift=0.0)[1]
+    assert orthogonal_iteration_step(factor, basis)[1]
+
+
+def test_orthogonal_iteration_step_bad_shift_raises():
+    with pytest.raises(ValueError, match="shift"):
+        orthogonal_iteration_step(jnp.eye(2), jnp.eye(2), shift=-1.0)
