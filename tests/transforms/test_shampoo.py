@@ -188,6 +188,11 @@ def test_merged_small_dims_match_loop_on_reshaped_tensor():
     assert blocking.merge_small_dims((3, 3, 64, 128), 1024) == (576, 128)
     assert blocking.merge_small_dims((1, 10), 1024) == (10,)
     assert blocking.merge_small_dims((2, 3, 8), 8) == (6, 8)
+    # a small matrix keeps its two factors (not one 960 x 960 factor of vec(G)); a rank-4 kernel keeps two too
+    assert blocking.merge_small_dims((30, 32), 1024) == (30, 32)
+    assert blocking.merge_small_dims((3, 3, 2, 4), 1024) == (18, 4)
+    state = oso.scale_by_shampoo().init({"w": jnp.zeros((30, 32))})
+    assert sorted(s.shape for s in state.stats) == [(1, 30, 30), (1, 32, 32)]
     shapes = {"k": (2, 3, 8)}
     grads = gradient_sequence(4, seed=2, shapes=shapes)
     tx = oso.scale_by_shampoo(eps=EPS, relative_eps=RELATIVE_EPS, precondition_frequency=2,
