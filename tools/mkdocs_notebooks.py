@@ -1,0 +1,43 @@
+"""mkdocs hook: the notebooks in ``notebooks/`` as pages of the site, with their stored outputs.
+
+``docs/notebooks`` is a link to ``../notebooks``, so every ``notebooks/*.ipynb`` is a page (rendered by
+mkdocs-jupyter, which does not execute it: the outputs are the ones stored in the file, see
+``tools/store_notebook_outputs.py``). mkdocs rewrites and checks links only in Markdown pages, so for a
+notebook page this hook
+
+* rewrites links to the docs written as they work on a code host, ``../docs/<page>.md#anchor``, into the
+  page's URL on the site, and reports (a warning, an error under ``--strict``) a link to a missing page;
+* records the page's anchors, so that ``--strict`` also checks links *into* a notebook
+  (``notebooks/00_quickstart.ipynb#2-three-optimizers-in-optaxchain`` from a Markdown page);
+* reports a notebook page without any stored output (a notebook committed without running
+  ``make notebook-outputs``).
+"""
+
+from __future__ import annotations
+
+import re
+
+from mkdocs.plugins import get_plugin_logger
+from mkdocs.utils import get_relative_url
+
+log = get_plugin_logger(__name__)
+
+_DOCS_LINK = re.compile(r'href="(?:\.\./)+docs/([^"#]+\.md)(#[^"]*)?"')
+_ID = re.compile(r'\sid="([^"]+)"')
+
+
+def on_page_content(html, page, config, files):
+    if not page.file.src_uri.endswith(".ipynb"):
+        return html
+    page.present_anchor_ids = set(_ID.findall(html))
+    if "jp-OutputArea-output" not in html:
+        log.error("%s has no stored outputs: run `make notebook-outputs` and commit it", page.file.src_uri)
+
+    def rewrite(match):
+        target = files.get_file_from_path(match.group(1))
+        if target is None or not target.is_documentation_page():
+            log.error("%s links to %s, which is not a page of the docs", page.file.src_uri, match.group(0))
+            return match.group(0)
+        return f'href="{get_relative_url(target.url, page.file.url)}{match.group(2) or ""}"'
+
+    return _DOCS_LINK.sub(rewrite, html)
