@@ -2,15 +2,18 @@
 
 ``docs/notebooks`` is a link to ``../notebooks``, so every ``notebooks/*.ipynb`` is a page (rendered by
 mkdocs-jupyter, which does not execute it: the outputs are the ones stored in the file, see
-``tools/store_notebook_outputs.py``). mkdocs rewrites and checks links only in Markdown pages, so for a
-notebook page this hook
+``notebooks/README.md``, the section's index page). mkdocs rewrites and checks links only in Markdown pages, so for
+a notebook page this hook
 
 * rewrites links to the docs written as they work on a code host, ``../docs/<page>.md#anchor``, into the
-  page's URL on the site, and reports (a warning, an error under ``--strict``) a link to a missing page;
-* records the page's anchors, so that ``--strict`` also checks links *into* a notebook
+  page's URL on the site, and fails the build (an error, so also under ``mkdocs build -q``) for a link to a
+  missing page;
+* records the page's anchors, so that mkdocs also checks links *into* a notebook
   (``notebooks/00_quickstart.ipynb#2-three-optimizers-in-optaxchain`` from a Markdown page);
-* reports a notebook page without any stored output (a notebook committed without running
+* fails the build for a notebook page without any stored output (a notebook committed without running
   ``make notebook-outputs``).
+
+``notebooks/README.md`` gets the same ``../docs/`` links rewritten.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from mkdocs.utils import get_relative_url
 log = get_plugin_logger(__name__)
 
 _DOCS_LINK = re.compile(r'href="(?:\.\./)+docs/([^"#]+\.md)(#[^"]*)?"')
+_MD_DOCS_LINK = re.compile(r"\]\(\.\./docs/")
 _ID = re.compile(r'\sid="([^"]+)"')
+
+
+def on_page_markdown(markdown, page, config, files):
+    """``notebooks/README.md`` (the section's index page) links to the docs as ``../docs/<page>.md`` too."""
+    if page.file.src_uri.startswith("notebooks/"):
+        return _MD_DOCS_LINK.sub("](../", markdown)
+    return markdown
 
 
 def on_page_content(html, page, config, files):
