@@ -28,6 +28,7 @@ log = get_plugin_logger(__name__)
 _DOCS_LINK = re.compile(r'href="(?:\.\./)+docs/([^"#]+\.md)(#[^"]*)?"')
 _MD_DOCS_LINK = re.compile(r"\]\(\.\./docs/")
 _ID = re.compile(r'\sid="([^"]+)"')
+_OUTPUT = re.compile(r'class="[^"]*\bjp-OutputArea-output\b')  # an output cell (the page's CSS names it too)
 
 
 def on_page_markdown(markdown, page, config, files):
@@ -41,7 +42,7 @@ def on_page_content(html, page, config, files):
     if not page.file.src_uri.endswith(".ipynb"):
         return html
     page.present_anchor_ids = set(_ID.findall(html))
-    if "jp-OutputArea-output" not in html:
+    if not _OUTPUT.search(html):
         log.error("%s has no stored outputs: run `make notebook-outputs` and commit it", page.file.src_uri)
 
     def rewrite(match):
