@@ -1,6 +1,8 @@
 # Two commands for a fresh machine; both build their own virtual environment from the package index.
 #   make demo   -- the main job: the benchmark on its bundled default tasks
 #   make test   -- every check: unit tests, docs build, notebooks
+# and, for whoever adds or changes a notebook:
+#   make notebook-outputs -- run notebooks/*.ipynb and store their outputs in the files (the docs show those)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -11,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,docs,notebooks,bench]"
 	touch $(STAMP)
 
-.PHONY: install test unit docs notebooks demo primitives
+.PHONY: install test unit docs notebooks notebook-outputs demo primitives
 install: $(STAMP)
 
 unit: $(STAMP)
@@ -20,8 +22,13 @@ unit: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
 
+# Executes each notebook once, in memory (the files keep their stored outputs; `docs` renders those, so the docs
+# build executes nothing). tests/test_notebooks.py checks that the stored outputs are those of the current code.
 notebooks: $(STAMP)
 	$(PY) -m pytest -n 2 -q --nbmake notebooks
+
+notebook-outputs: $(STAMP)
+	$(PY) tools/store_notebook_outputs.py
 
 test: unit docs notebooks
 
