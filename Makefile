@@ -20,7 +20,7 @@ unit: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests
 
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
 
 # Executes each notebook once, in memory (the files keep their stored outputs; `docs` renders those, so the docs
 # build executes nothing). tests/test_notebooks.py checks that the stored outputs are those of the current code.

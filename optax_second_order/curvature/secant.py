@@ -176,7 +176,12 @@ def initial_inverse_scale(s: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.where((sy > 0) & jnp.isfinite(gamma), gamma, 1.0)
 
 
-def powell_damping(s: jax.Array, y: jax.Array, bs: jax.Array, min_curvature: float | jax.Array = 0.2):
+def powell_damping(
+    s: jax.Array,
+    y: jax.Array,
+    bs: jax.Array,
+    min_curvature: float | jax.Array = 0.2,
+) -> tuple[jax.Array, jax.Array]:
     """Powell's damped ``r = theta y + (1 - theta) B s``, so that ``s^T r >= min_curvature s^T B s``.
 
     N&W Procedure 18.2 (Powell 1978): ``theta = 1`` if ``s^T y >= 0.2 s^T B s``, else
@@ -185,7 +190,8 @@ def powell_damping(s: jax.Array, y: jax.Array, bs: jax.Array, min_curvature: flo
     ``(s, r)`` stays positive definite.
 
     Args:
-      s, y: the pair (flat vectors).
+      s: the step ``x_{k+1} - x_k`` (a flat vector).
+      y: the change of gradient ``g_{k+1} - g_k``.
       bs: ``B s`` with the current approximation ``B``.
       min_curvature: ``mu`` in ``(0, 1)``; ``theta = (1 - mu) s^T B s / (s^T B s - s^T y)``.
 
@@ -203,7 +209,7 @@ def powell_damping(s: jax.Array, y: jax.Array, bs: jax.Array, min_curvature: flo
 
 def powell_damping_inverse(
     s: jax.Array, y: jax.Array, hy: jax.Array, min_curvature: float | jax.Array = 0.2
-):
+) -> tuple[jax.Array, jax.Array]:
     """Powell damping on ``H``: ``s~ = theta s + (1 - theta) H y``, so ``s~^T y >= min_curvature y^T H y``.
 
     :func:`powell_damping` with the roles of ``(s, B)`` and ``(y, H)`` exchanged:
@@ -212,7 +218,8 @@ def powell_damping_inverse(
     damping procedure, ``mu_1 = 0.2``) and what scipy's ``damp_update`` does for ``approx_type='inv_hess'``.
 
     Args:
-      s, y: the pair (flat vectors).
+      s: the step ``x_{k+1} - x_k`` (a flat vector).
+      y: the change of gradient ``g_{k+1} - g_k``.
       hy: ``H y`` with the current inverse approximation ``H`` (dense, or :func:`lbfgs_two_loop`).
       min_curvature: ``mu`` in ``(0, 1)``.
 
@@ -224,7 +231,11 @@ def powell_damping_inverse(
     return powell_damping(y, s, hy, min_curvature)
 
 
-def levenberg_marquardt_pair_damping(s: jax.Array, y: jax.Array, damping: float | jax.Array):
+def levenberg_marquardt_pair_damping(
+    s: jax.Array,
+    y: jax.Array,
+    damping: float | jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """K-BFGS's Levenberg-Marquardt damping: ``y~ = theta y + (1 - theta) s`` with ``s^T y~ >= damping s^T s``.
 
     ``theta = 1`` if ``s^T y >= mu_2 s^T s``, else ``theta = (1 - mu_2) s^T s / (s^T s - s^T y)``, which
@@ -236,7 +247,8 @@ def levenberg_marquardt_pair_damping(s: jax.Array, y: jax.Array, damping: float 
     at ``s^T y = s^T s`` exactly, where ``y~`` is not finite and a following update skips the pair.
 
     Args:
-      s, y: the pair (flat vectors).
+      s: the step ``x_{k+1} - x_k`` (a flat vector).
+      y: the change of gradient ``g_{k+1} - g_k``.
       damping: ``mu_2 > 0``.
 
     Returns:
@@ -272,7 +284,8 @@ def double_damping(
     before the update (``H_g`` dense, or :func:`lbfgs_two_loop` for K-BFGS(L)).
 
     Args:
-      s, y: the pair (flat vectors).
+      s: the step ``x_{k+1} - x_k`` (a flat vector).
+      y: the change of gradient ``g_{k+1} - g_k``.
       hy: ``H y``.
       damping: ``mu_2 > 0`` (the authors' code: ``sqrt(lambda)``).
       min_curvature: ``mu_1`` in ``(0, 1)``, 0.2 in the paper.
@@ -299,7 +312,12 @@ def _sr1(matrix: jax.Array, w: jax.Array, z: jax.Array, min_cosine) -> tuple[jax
     return _keep_if(ok, matrix + jnp.outer(u, u) / denominator, matrix)
 
 
-def sr1_update(b: jax.Array, s: jax.Array, y: jax.Array, min_cosine: float | jax.Array = 1e-8):
+def sr1_update(
+    b: jax.Array,
+    s: jax.Array,
+    y: jax.Array,
+    min_cosine: float | jax.Array = 1e-8,
+) -> tuple[jax.Array, jax.Array]:
     """Symmetric rank-one update of ``B``: ``B+ = B + (y - B s)(y - B s)^T / ((y - B s)^T s)``.
 
     N&W eq. 6.24, skipped unless ``|s^T (y - B s)| > min_cosine ||s|| ||y - B s||`` (eq. 6.26,
@@ -314,7 +332,12 @@ def sr1_update(b: jax.Array, s: jax.Array, y: jax.Array, min_cosine: float | jax
     return _sr1(b, s, y, min_cosine)
 
 
-def sr1_inverse_update(h: jax.Array, s: jax.Array, y: jax.Array, min_cosine: float | jax.Array = 1e-8):
+def sr1_inverse_update(
+    h: jax.Array,
+    s: jax.Array,
+    y: jax.Array,
+    min_cosine: float | jax.Array = 1e-8,
+) -> tuple[jax.Array, jax.Array]:
     """SR1 on ``H = B^{-1}``: ``H+ = H + (s - H y)(s - H y)^T / ((s - H y)^T y)``.
 
     N&W eq. 6.25, the inverse of :func:`sr1_update`'s ``B+`` by Sherman-Morrison. Skipped unless
@@ -336,7 +359,7 @@ def bfgs_update(
     y: jax.Array,
     min_cosine: float | jax.Array = 1e-8,
     damp: bool = False,
-):
+) -> tuple[jax.Array, jax.Array]:
     """BFGS update of ``B``: ``B+ = B - B s s^T B / (s^T B s) + y y^T / (y^T s)`` (N&W eq. 6.19).
 
     Skipped unless ``s^T y > min_cosine ||s|| ||y||``. With ``damp=True``, ``y`` is first replaced by
@@ -363,7 +386,7 @@ def bfgs_inverse_update(
     y: jax.Array,
     min_cosine: float | jax.Array = 1e-8,
     damp: bool = False,
-):
+) -> tuple[jax.Array, jax.Array]:
     """BFGS update of ``H = B^{-1}``: ``H+ = (I - rho s y^T) H (I - rho y s^T) + rho s s^T``, ``rho = 1 / y^T s``.
 
     N&W eq. 6.17, computed as ``H + (rho^2 y^T H y + rho) s s^T - rho (H y s^T + s y^T H)``
@@ -392,7 +415,7 @@ def dfp_inverse_update(
     y: jax.Array,
     min_cosine: float | jax.Array = 1e-8,
     damp: bool = False,
-):
+) -> tuple[jax.Array, jax.Array]:
     """DFP update of ``H``: ``H+ = H - H y y^T H / (y^T H y) + s s^T / (y^T s)`` (N&W eq. 6.15).
 
     The dual of BFGS on ``B`` (exchange ``s <-> y``, ``B <-> H``). Skipped unless
@@ -458,7 +481,7 @@ def bfgs_cholesky_update(
     y: jax.Array,
     min_cosine: float | jax.Array = 1e-8,
     damp: bool = False,
-):
+) -> tuple[jax.Array, jax.Array]:
     """BFGS on the Cholesky factor: ``L+`` lower triangular with ``L+ L+^T`` = :func:`bfgs_update`'s ``B+``.
 
     Dennis & Schnabel (1983), section 9.2 and Appendix A (``BFGSFAC``): with ``v = L^T s`` and

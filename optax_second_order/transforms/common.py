@@ -237,7 +237,9 @@ def map_over_devices(fn: Callable, stacks: tuple[jax.Array, ...], sharding: Name
         return fn(*stacks)
     axes = sharding.spec[0] if len(sharding.spec) else None
     if axes is None:
-        raise ValueError(f"precondition_sharding: its PartitionSpec must name the mesh axes to split over, got {sharding.spec}")
+        raise ValueError(
+            f"precondition_sharding: its PartitionSpec must name the mesh axes to split over, got {sharding.spec}"
+        )
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     devices = math.prod(sharding.mesh.shape[a] for a in axes)
     n = stacks[0].shape[0]

@@ -73,9 +73,9 @@ def kl_clip_scale(v: PyTree, grads: PyTree, learning_rate: Any, kl_clip: Any) ->
     statistics) or not finite gives ``nu = 0``: no step, rather than an unbounded one.
     """
     v_max, g_max = _max_abs(v), _max_abs(grads)
-    normalized = optax.tree.vdot(
-        jax.tree.map(lambda x: x / v_max, v), jax.tree.map(lambda x: (x / g_max).astype(jnp.result_type(x, v_max)), grads)
-    )
+    v_scaled = jax.tree.map(lambda x: x / v_max, v)
+    g_scaled = jax.tree.map(lambda x: (x / g_max).astype(jnp.result_type(x, v_max)), grads)
+    normalized = optax.tree.vdot(v_scaled, g_scaled)
     good = jnp.isfinite(normalized) & (normalized > 0) & jnp.isfinite(v_max) & jnp.isfinite(g_max)
     # sqrt(lr^2 v.g) = lr sqrt(v_max) sqrt(g_max) sqrt(normalized), each factor finite
     root = learning_rate * jnp.sqrt(v_max) * jnp.sqrt(g_max) * jnp.sqrt(jnp.where(good, normalized, 1.0))

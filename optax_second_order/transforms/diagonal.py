@@ -257,7 +257,8 @@ def scale_by_diagonal_curvature(
     check(name, "eps_root", eps_root, lambda x: x >= 0, ">= 0")
     check(name, "clip", clip, lambda x: x > 0, "None or > 0")
     check(name, "initial_curvature", initial_curvature, lambda x: x >= 0, ">= 0")
-    check(name, "statistics_frequency", statistics_frequency, lambda x: x >= 1 and float(x).is_integer(), "an integer >= 1")
+    check(name, "statistics_frequency", statistics_frequency, lambda x: x >= 1 and float(x).is_integer(),
+          "an integer >= 1")
 
     statistic_shape = curvature_shape or jnp.shape
 

@@ -21,8 +21,8 @@ update is the damped natural gradient
 
 Every ``precondition_frequency`` steps (optionally spread over devices) the factored mode inverts the two
 damped factors (LU; two matrix products per step), the exact mode eigendecomposes them and keeps
-the eigenbases (four products per step; EK-FAC likewise). The factors are exponential moving averages, ``decay_k = min(1 - 1/k,
-ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
+the eigenbases (four products per step; EK-FAC likewise). The factors are exponential moving averages,
+``decay_k = min(1 - 1/k, ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
 ``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets
 sampled from the model (``fisher="true"``, the default) or the data's targets (``"empirical"``).
 Parameters no layer captured fall back to a diagonal Fisher ``d`` (EMA of the squared gradients of the
@@ -116,7 +116,7 @@ class KFACState(NamedTuple):
     damping: jax.Array  # the Tikhonov damping lambda now in use (constant unless adaptive_damping)
     scales: tuple  # EK-FAC: per layer, the (d_in, d_out) Fisher diagonal in the eigenbasis; K-FAC: ()
     num_scales: jax.Array  # int32, EK-FAC scale updates since the eigenbases were last recomputed
-    previous_step: Any  # adaptive_momentum: the last step delta (like params, float32 or better); else ()
+    previous_step: tuple  # adaptive_momentum: the last step delta, per leaf of params (float32 or better); else ()
     step_coefficients: jax.Array  # adaptive_learning_rate: the last (alpha, mu) of the quadratic model; else zeros
 
 
@@ -209,7 +209,8 @@ def _refresh_preconditioners(config: _Config, factors: tuple, old: tuple, nonfin
     """Damped factor inverses (factored) or the factors' eigendecompositions; non-finite ones keep ``old``."""
     matrices = [m for pair in factors for m in pair]
     if config.factored:
-        results = _each_matrix(lambda m, d: damped_inverse(m, d)[0], matrices, _factored_dampings(factors, damping), config.sharding)
+        dampings = _factored_dampings(factors, damping)
+        results = _each_matrix(lambda m, d: damped_inverse(m, d)[0], matrices, dampings, config.sharding)
     else:
         zeros = [jnp.zeros([], m.dtype) for m in matrices]
         results = _each_matrix(lambda m, _: eigh_psd(m), matrices, zeros, config.sharding)
@@ -239,7 +240,8 @@ def _natural_gradient(config: _Config, grads: PyTree, preconditioners, scales, d
     """``v = F~^{-1} grad``: Kronecker-factored per layer, diagonal per fallback parameter (in float32 or better)."""
     leaves, treedef = jax.tree.flatten(grads)
     out = list(leaves)
-    for layer, preconditioner, scale in zip(config.layers.layers, preconditioners, scales or (None,) * len(preconditioners)):
+    scales = scales or (None,) * len(preconditioners)
+    for layer, preconditioner, scale in zip(config.layers.layers, preconditioners, scales):
         bias = leaves[layer.bias_index] if layer.bias_index is not None else None
         matrix = kronecker.kernel_matrix(layer, leaves[layer.kernel_index], bias)
         v = _precondition_layer(config, matrix, preconditioner, scale, damping)
@@ -300,6 +302,22 @@ def _quadratic_model_step(direction, previous, grads, params, damping, model_fn,
     return step, jnp.stack([alpha, mu])
 
 
+def _model_chosen_step(v, state: KFACState, grads, params, damping, rate, model_fn, loss, with_momentum):
+    """The output (``-delta``, optax's sign) for the quadratic model's step, the new previous step (``rate * delta``,
+    per leaf) and ``(alpha, mu)``."""
+    if with_momentum:
+        previous = jax.tree.unflatten(jax.tree.structure(v), list(state.previous_step))
+    else:
+        previous = jax.tree.map(jnp.zeros_like, v)
+    delta, coefficients = _quadratic_model_step(
+        jax.tree.map(jnp.negative, v), previous, grads, params, damping, model_fn, loss, with_momentum
+    )
+    previous_step = state.previous_step
+    if with_momentum:
+        previous_step = tuple((rate * d).astype(old.dtype) for d, old in zip(jax.tree.leaves(delta), previous_step))
+    return jax.tree.map(jnp.negative, delta), previous_step, coefficients
+
+
 def _like(tree, params):
     """``tree`` cast leafwise to the params' dtypes (a ``jvp`` tangent must match its primal)."""
     return jax.tree.map(lambda t, p: t.astype(p.dtype), tree, params)
@@ -311,11 +329,15 @@ def _like(tree, params):
 def _validate(layers, damping, damping_mode, approximation, ema_decay, frequencies, kl_clip, learning_rate, fisher,
               adaptive_damping, decay, min_damping) -> None:
     if not isinstance(layers, kronecker.Layers):
-        raise ValueError(f"{NAME}: layers must be an optax_second_order.kronecker.Layers (from find_layers), got {layers!r}")
+        raise ValueError(
+            f"{NAME}: layers must be an optax_second_order.kronecker.Layers (from find_layers), got {layers!r}"
+        )
     check(NAME, "damping", damping, lambda x: x > 0, "> 0")
     check(NAME, "min_damping", min_damping, lambda x: x >= 0, ">= 0")
     if isinstance(damping, (int, float)) and isinstance(min_damping, (int, float)) and min_damping > damping:
-        raise ValueError(f"{NAME}: min_damping must be <= damping, got min_damping={min_damping!r} > damping={damping!r}")
+        raise ValueError(
+            f"{NAME}: min_damping must be <= damping, got min_damping={min_damping!r} > damping={damping!r}"
+        )
     check_choice(NAME, "damping_mode", damping_mode, ("factored", "exact"))
     check_choice(NAME, "approximation", approximation, ("kronecker", "eigenvalue_corrected"))
     check(NAME, "ema_decay", ema_decay, lambda x: 0 <= x < 1, "in [0, 1)")
@@ -358,7 +380,7 @@ def _init(config: _Config, params, damping, seed) -> KFACState:
 
     previous = ()
     if config.adaptive_momentum:
-        previous = jax.tree.unflatten(jax.tree.structure(params), [jnp.zeros(x.shape, stat_dtype(x.dtype)) for x in leaves])
+        previous = tuple(jnp.zeros(x.shape, stat_dtype(x.dtype)) for x in leaves)
     return KFACState(
         zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero(),
         jnp.asarray(damping, jnp.result_type(float)), scales if config.corrected else (), zero(), previous,
@@ -434,7 +456,9 @@ def scale_by_kfac(
         adaptive_damping, damping_adaptation_decay, min_damping,
     )
     if adaptive_learning_rate and kl_clip is not None:
-        raise ValueError(f"{NAME}: adaptive_learning_rate chooses the step size, so kl_clip must be None, got {kl_clip!r}")
+        raise ValueError(
+            f"{NAME}: adaptive_learning_rate chooses the step size, so kl_clip must be None, got {kl_clip!r}"
+        )
     if adaptive_momentum and not adaptive_learning_rate:
         raise ValueError(f"{NAME}: adaptive_momentum needs adaptive_learning_rate=True")
     corrected = approximation == "eigenvalue_corrected"
@@ -493,21 +517,19 @@ def scale_by_kfac(
             v = jax.tree.map(lambda x: nu * x, v)
         previous_step, coefficients = state.previous_step, state.step_coefficients
         if adaptive_learning_rate:
-            previous = previous_step if adaptive_momentum else jax.tree.map(jnp.zeros_like, v)
-            direction = jax.tree.map(jnp.negative, v)
-            delta, coefficients = _quadratic_model_step(
-                direction, previous, updates, params, damping_now, model_fn, loss, adaptive_momentum
+            rate = 1.0 if learning_rate is None else value_at(learning_rate, state.count)
+            v, previous_step, coefficients = _model_chosen_step(
+                v, state, updates, params, damping_now, rate, model_fn, loss, adaptive_momentum
             )
-            v = jax.tree.map(jnp.negative, delta)  # optax's sign: the final scale by -lr applies delta
-            if adaptive_momentum:
-                rate = 1.0 if learning_rate is None else value_at(learning_rate, state.count)
-                previous_step = jax.tree.map(lambda d: rate * d, delta)
         # non-finite policy: the kept factors are still a sound preconditioner, but a step that is not finite
         # (a non-finite gradient) is rejected and counted
         bad = ~all_finite((updates, v))
         v = damping_rules.reject_step(bad, v)
         nonfinite = nonfinite + bad.astype(jnp.int32)
-        previous_step = jax.tree.map(lambda new, old: jnp.where(bad, old, new), previous_step, state.previous_step)
+        previous_step, coefficients = jax.tree.map(
+            lambda new, old: jnp.where(bad, old, new.astype(old.dtype)),
+            (previous_step, coefficients), (state.previous_step, state.step_coefficients),
+        )
         new_damping = damping_now
         if adaptive_damping:
             rate = value_at(learning_rate, state.count)
@@ -519,7 +541,7 @@ def scale_by_kfac(
         updates = jax.tree.map(lambda x, g: x.astype(g.dtype), v, updates)
         new_state = KFACState(
             state.count + 1, key, factors, preconditioners, diagonal, num_statistics, nonfinite, new_damping, scales,
-            num_scales, previous_step, coefficients.astype(state.step_coefficients.dtype),
+            num_scales, previous_step, coefficients,
         )
         return updates, new_state
 

@@ -186,7 +186,8 @@ def scale_by_shampoo(
 
     Args:
       b2: factor decay; 1 sums ``G G^T`` (Gupta et al.), below 1 an EMA ``b2 H + (1 - b2) G G^T``.
-      eps, relative_eps: root damping ``delta = eps + relative_eps * lambda_max(H)``.
+      eps: absolute root damping, ``delta = eps + relative_eps * lambda_max(H)``.
+      relative_eps: root damping relative to the largest eigenvalue of ``H``.
       exponent_override: use ``H^{-1/exponent_override}`` for every factor instead of ``H^{-1/(2k)}``.
       precondition_frequency: steps between root computations.
       start_preconditioning_step: first step using Shampoo's direction (default ``precondition_frequency``).
@@ -195,7 +196,8 @@ def scale_by_shampoo(
       merge_dims: merge consecutive small dimensions (Anil et al.'s best-effort shape interpretation).
       max_precond_dim: leaves with a (merged) dimension above it use the diagonal fallback (``None``: 4096).
       grafting: one of ``"none", "sgd", "adagrad", "rmsprop", "adam"``.
-      graft_b2, graft_eps: the RMSprop/Adam graft's decay and every adaptive graft's epsilon.
+      graft_b2: the RMSprop/Adam graft's decay.
+      graft_eps: every adaptive graft's epsilon.
       precondition_sharding: ``NamedSharding(mesh, PartitionSpec(axes))``: spread the roots over those mesh axes.
 
     ``block_size`` and ``max_precond_dim`` set shapes: under ``optax.inject_hyperparams`` leave them ``None`` or

@@ -119,7 +119,8 @@ def scale_by_soap(
     """SOAP's update direction (see the module docstring); chain with the learning rate (:func:`soap`).
 
     Args:
-      b1, b2: Adam's decays (official default ``(0.95, 0.95)``).
+      b1: Adam's first-moment decay (official default 0.95).
+      b2: Adam's second-moment decay (official default 0.95).
       shampoo_beta: the factors' decay; ``None`` uses ``b2`` (official ``shampoo_beta=-1``).
       eps: Adam's epsilon, added to ``sqrt(v)``.
       precondition_frequency: Adam steps between eigenbasis refreshes.
