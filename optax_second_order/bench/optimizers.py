@@ -177,11 +177,11 @@ OPTIMIZERS["adahessian"] = OptimizerSpec(
 )
 OPTIMIZERS["sophia-g"] = OptimizerSpec(
     make=lambda learning_rate, task: oso.sophia(learning_rate, estimator="gnb", weight_decay=1e-4),
-    learning_rates=(1e-2, 3e-3, 1e-3),
+    learning_rates=(3e-3, 1e-3, 3e-4),
     description="Sophia-G (GNB diagonal every 10 steps, betas (0.965, 0.99), rho 0.04, weight decay 1e-4), Liu et al. 2023",
 )
 OPTIMIZERS["sophia-h"] = OptimizerSpec(
     make=lambda learning_rate, task: oso.sophia(learning_rate, estimator="hutchinson", weight_decay=1e-4),
-    learning_rates=(1e-2, 3e-3, 1e-3),
+    learning_rates=(3e-3, 1e-3, 3e-4),
     description="Sophia-H (Hutchinson diagonal every 10 steps, betas (0.965, 0.99), rho 0.04, weight decay 1e-4), Liu et al. 2023",
 )
