@@ -241,7 +241,8 @@ def test_kfac_step_on_dense_general_equals_the_dense_equivalent(approximation):
     params, model_fn, dense_params, layers, dense_layers = _general_setup()
 
     def two_steps(layers, model_fn, params):
-        tx = oso.scale_by_kfac(layers, approximation=approximation, kl_clip=None, precondition_frequency=1, damping=1e-2)
+        tx = oso.scale_by_kfac(layers, approximation=approximation, kl_clip=None, precondition_frequency=1, damping=1e-2,
+                                statistics_frequency=1)
         state = tx.init(params)
         for _ in range(2):
             grads = jax.grad(lambda p: LOSS(model_fn(p)))(params)

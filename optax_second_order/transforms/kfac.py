@@ -62,9 +62,11 @@ Inside ``optax.masked`` / ``multi_transform`` the transformation is handed the m
 argument ``full_params`` it computes the statistics on the whole model (its state covers every layer
 ``find_layers`` saw) and returns the natural gradient of the leaves the mask lets through.
 
-Defaults: ``ema_decay=0.95`` (Martens & Grosse 2015, section 5), ``damping=1e-3`` and
-``kl_clip=1e-3`` (the K-FAC PyTorch implementation of Wang et al. used by many follow-ups),
-``precondition_frequency=10`` (amortization; the paper uses 20).
+Defaults: ``ema_decay=0.95`` (Martens & Grosse 2015, section 5); ``damping=0.1``, ``kl_clip=1e-2`` and
+``statistics_frequency=precondition_frequency=10``, measured: on a held-out character LM they matched Adam's
+best-of-grid loss (2.04 against 2.02 after 200 steps) at 1.8x its step time, where the K-FAC PyTorch
+implementation's ``damping=kl_clip=1e-3`` with statistics every step ended at 2.26, at 3.8x, its learning rate
+without effect (the clip bound every step). See docs/optimizers/kfac.md.
 """
 
 from __future__ import annotations
@@ -391,13 +393,13 @@ def _init(config: _Config, params, damping, seed) -> KFACState:
 def scale_by_kfac(
     layers: kronecker.Layers,
     *,
-    damping: float = 1e-3,
+    damping: float = 0.1,
     damping_mode: str = "factored",
     approximation: str = "kronecker",
     ema_decay: float = 0.95,
-    statistics_frequency: int = 1,
+    statistics_frequency: int = 10,
     precondition_frequency: int = 10,
-    kl_clip: float | None = 1e-3,
+    kl_clip: float | None = 1e-2,
     learning_rate: optax.ScalarOrSchedule | None = None,
     fisher: str = "true",
     seed: int = 0,

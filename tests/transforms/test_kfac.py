@@ -105,7 +105,7 @@ def _check_direction(updates, grads, factors, diagonal, mode):
 def test_direction_equals_dense_solve_and_inverses_are_amortized(mode):
     assert [l.kernel for l in LAYERS.layers] == ["['l1']['w']", "['l2']['w']"]
     assert LAYERS.fallback == ("['scale']", "['shift']")
-    tx = oso.scale_by_kfac(LAYERS, damping=LAM, damping_mode=mode, kl_clip=None, precondition_frequency=2)
+    tx = oso.scale_by_kfac(LAYERS, damping=LAM, damping_mode=mode, kl_clip=None, precondition_frequency=2, statistics_frequency=1)
     params = _params()
     update = _jit_update(tx)
     grads, updates, state0 = _step(tx, tx.init(params), params, 1, update)
@@ -168,7 +168,8 @@ def _check_ekfac_direction(updates, grads, state, scales):
 def test_eigenvalue_corrected_kfac_matches_the_papers_diagonal_and_a_dense_solve():
     params = _params()
     tx = oso.scale_by_kfac(
-        LAYERS, damping=LAM, approximation="eigenvalue_corrected", fisher="empirical", kl_clip=None, precondition_frequency=3
+        LAYERS, damping=LAM, approximation="eigenvalue_corrected", fisher="empirical", kl_clip=None, precondition_frequency=3,
+        statistics_frequency=1,
     )
     update = _jit_update(tx)
     grads, updates, state0 = _step(tx, tx.init(params), params, 1, update)
@@ -213,8 +214,8 @@ def _as_vector(v):
 def test_kl_clipping_bounds_the_step():
     params = _params()
     lr, kl_clip = 0.5, 1e-4
-    unclipped = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=None)
-    clipped = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=kl_clip, learning_rate=lr)
+    unclipped = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=None, statistics_frequency=1)
+    clipped = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=kl_clip, learning_rate=lr, statistics_frequency=1)
     _, v, state = _step(unclipped, unclipped.init(params), params, seed=1)
     _, v_clipped, _ = _step(clipped, clipped.init(params), params, seed=1)
     damped = _dense_fisher(state.factors, state.diagonal, damped=True)
@@ -229,7 +230,7 @@ def test_kl_clipping_bounds_the_step():
 
 def test_nonfinite_factors_keep_previous_inverses():
     params = _params()
-    tx = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=None, precondition_frequency=1)
+    tx = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=None, precondition_frequency=1, statistics_frequency=1)
     _, _, state = _step(tx, tx.init(params), params, seed=1)
     x, y = _batch(2)
     x = x.at[0, 0].set(jnp.nan)
@@ -270,7 +271,7 @@ def test_adaptive_damping_follows_the_levenberg_marquardt_rule(lr):
     params, omega = _params(), 0.9
     tx = oso.scale_by_kfac(
         LAYERS, damping=LAM, damping_mode="exact", kl_clip=None, precondition_frequency=1, learning_rate=lr,
-        adaptive_damping=True, damping_adaptation_interval=1, damping_adaptation_decay=omega,
+        adaptive_damping=True, damping_adaptation_interval=1, damping_adaptation_decay=omega, statistics_frequency=1,
     )
 
     @jax.jit
@@ -363,8 +364,8 @@ def make_update(tx):
 
 mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 batch = NamedSharding(mesh, P("data"))
-single_tx = oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2)
-sharded_tx = oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, precondition_sharding=batch)
+single_tx = oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, statistics_frequency=1)
+sharded_tx = oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, precondition_sharding=batch, statistics_frequency=1)
 u1, s1 = make_update(single_tx)(single_tx.init(params), params, x, y)
 xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
 assert len(xs.sharding.device_set) == 4
@@ -418,9 +419,9 @@ def test_a_loss_scaled_by_1e20_trains_with_bounded_steps(options):
 def test_quadratic_model_chooses_the_learning_rate_and_momentum():
     """Section 7: alpha, mu minimize M(alpha Delta + mu delta_0) with the exact Fisher + damping; a NumPy 2x2 solve
     with the dense GGN (jax.jacobian, jax.hessian) predicts both, step by step, and the step itself."""
-    tx = oso.kfac(1.0, LAYERS, damping=LAM, damping_mode="exact", kl_clip=None, precondition_frequency=1,
+    tx = oso.kfac(1.0, LAYERS, damping=LAM, damping_mode="exact", kl_clip=None, precondition_frequency=1, statistics_frequency=1,
                   adaptive_learning_rate=True, adaptive_momentum=True)
-    plain = oso.scale_by_kfac(LAYERS, damping=LAM, damping_mode="exact", kl_clip=None, precondition_frequency=1)
+    plain = oso.scale_by_kfac(LAYERS, damping=LAM, damping_mode="exact", kl_clip=None, precondition_frequency=1, statistics_frequency=1)
 
     def update(tx):
         return jax.jit(lambda g, s, p, x, y: tx.update(g, s, p, model_fn=lambda q: _model(q, x),
