@@ -15,10 +15,12 @@ CASES = [
         "kfac-ekfac-adaptive",
         oso.kfac,
         # EK-FAC with everything adaptive: damping (section 6.5), step size and momentum (section 7)
-        dict(approximation="eigenvalue_corrected", precondition_frequency=2, adaptive_damping=True,
+        dict(approximation="eigenvalue_corrected", statistics_frequency=1, precondition_frequency=2, adaptive_damping=True,
              damping_adaptation_interval=2, kl_clip=None, adaptive_learning_rate=True, adaptive_momentum=True),
         needs=("model_fn", "loss", "value_fn"),
-        inject="ema_decay",  # not damping: with adaptive damping it is the initial value, kept in the state
+        # not damping: with adaptive damping it is the initial value, kept in the state; statistics every step so that
+        # the second step folds a second statistic in with ema_decay
+        inject="ema_decay",
         injected_value=0.2,
         uses_layers=True,
     ),
