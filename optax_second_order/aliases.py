@@ -329,7 +329,7 @@ def newton(
 
 def newton_cg(
     learning_rate: optax.ScalarOrSchedule = 1.0,
-    damping: float = 1e-3,
+    damping: float = 1.0,
     *,
     damping_rule: str = "levenberg_marquardt",
     damping_decrease: float | None = None,
@@ -342,9 +342,9 @@ def newton_cg(
     """Newton-CG (truncated Newton): CG on ``(H + damping I) x = g`` by Hessian-vector products, stopped at the first
     direction of non-positive curvature (Nocedal & Wright 2006, Algorithm 7.1). Use ``learning_rate=1``.
 
-    By default the damping is adapted by the Levenberg-Marquardt rule from the reduction ratio, and steps with
-    ``rho <= 0`` are rejected (``damping_rule="trust_region"``: Nocedal & Wright's radius rule, accepting
-    ``rho > 0.15``; ``"fixed"``: no test). ``tol=None`` is the forcing term ``min(0.5, sqrt(||g||))``; ``maxiter``
+    By default the damping (initially ``damping``) is adapted by the Levenberg-Marquardt rule from the reduction
+    ratio, and steps with ``rho <= 0`` are rejected (``damping_rule="trust_region"``: Nocedal & Wright's radius rule,
+    accepting ``rho > 0.15``; ``"fixed"``: no test, ``damping`` throughout). ``tol=None`` is the forcing term ``min(0.5, sqrt(||g||))``; ``maxiter``
     defaults to 250. ``update`` needs ``value_fn``. See :func:`~optax_second_order.scale_by_newton`.
     """
     _check_alias("newton_cg", learning_rate)

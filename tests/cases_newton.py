@@ -20,8 +20,9 @@ CASES = [
         inject="damping",
     ),
     ContractCase(
+        # maxiter sizes the saved iterates and the progress history: static under inject_hyperparams
         "hessian_free", oso.hessian_free, dict(maxiter=30), needs=("value_fn", "model_fn", "loss"),
-        inject="warm_start_decay",
+        inject="warm_start_decay", static_args=("maxiter",),
     ),
     ContractCase(
         "natural_gradient", oso.natural_gradient, dict(maxiter=20), needs=("model_fn", "loss"), inject="kl_budget",
