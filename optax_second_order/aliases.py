@@ -344,8 +344,9 @@ def newton_cg(
 
     By default the damping (initially ``damping``) is adapted by the Levenberg-Marquardt rule from the reduction
     ratio, and steps with ``rho <= 0`` are rejected (``damping_rule="trust_region"``: Nocedal & Wright's radius rule,
-    accepting ``rho > 0.15``; ``"fixed"``: no test, ``damping`` throughout). ``tol=None`` is the forcing term ``min(0.5, sqrt(||g||))``; ``maxiter``
-    defaults to 250. ``update`` needs ``value_fn``. See :func:`~optax_second_order.scale_by_newton`.
+    accepting ``rho > 0.15``; ``"fixed"``: no test, ``damping`` throughout). ``tol=None`` is the forcing term
+    ``min(0.5, sqrt(||g||))``; ``maxiter`` defaults to 250. ``update`` needs ``value_fn``. See
+    :func:`~optax_second_order.scale_by_newton`.
     """
     _check_alias("newton_cg", learning_rate)
     return optax.chain(

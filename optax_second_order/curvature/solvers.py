@@ -163,7 +163,8 @@ def _check_cg_arguments(tol, atol, maxiter, progress_eps, save_gamma) -> None:
         raise ValueError(f"conjugate_gradient: tol and atol must be >= 0, got tol={tol}, atol={atol}")
     if _is_concrete(maxiter) and maxiter < 0:
         raise ValueError(f"conjugate_gradient: maxiter must be >= 0, got {maxiter}")
-    if (progress_eps is not None or save_gamma is not None) and not (isinstance(maxiter, int) and not isinstance(maxiter, bool)):
+    python_int = isinstance(maxiter, int) and not isinstance(maxiter, bool)
+    if (progress_eps is not None or save_gamma is not None) and not python_int:
         raise TypeError(
             "conjugate_gradient: with progress_eps or save_gamma, maxiter sizes the saved values and iterates and "
             f"must be a Python int, got {maxiter!r}"

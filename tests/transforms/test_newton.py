@@ -514,3 +514,17 @@ def test_empirical_fisher_diagonal_estimate_is_unbiased():
     error = np.abs(estimates.mean(0) - exact)
     assert np.all(error <= 4 * estimates.std(0) / np.sqrt(draws) + 1e-12)
     assert_close(flat(oso.empirical_fisher_diagonal(per_example, PARAMS)), exact, rtol=1e-10)
+
+
+def test_aliases_have_explicit_signatures_and_name_themselves_in_errors():
+    import inspect
+
+    aliases = [oso.newton, oso.newton_cg, oso.gauss_newton, oso.levenberg_marquardt, oso.hessian_free,
+               oso.natural_gradient]
+    for alias in aliases:
+        parameters = inspect.signature(alias).parameters
+        assert inspect.Parameter.VAR_KEYWORD not in {p.kind for p in parameters.values()}, alias.__name__
+        assert list(parameters)[0] == "learning_rate" and parameters["learning_rate"].default == 1.0, alias.__name__
+        tx = alias()
+        with pytest.raises(TypeError, match=rf"^{alias.__name__}: update\(\) needs the extra argument"):
+            jax.eval_shape(lambda g, s, p: tx.update(g, s, p), GRAD, jax.eval_shape(tx.init, PARAMS), PARAMS)
