@@ -303,7 +303,8 @@ def newton(
     """Damped Newton with the dense Hessian: ``params <- params - lr (H + damping I)^{-1} g``. Use ``learning_rate=1``.
 
     For small models (the ``n x n`` Hessian is built from ``n`` products and factored). An indefinite ``H + damping I``
-    gets the smallest shift that makes it positive semi-definite (Nocedal & Wright 2006, section 3.4);
+    gets the damping ``damping + 2 |lambda_min|`` (a Hessian modification on the Hessian's own scale, Nocedal & Wright
+    2006, section 3.4);
     ``saddle_free=True`` uses ``|H|`` instead (Dauphin et al. 2014). ``damping_rule="levenberg_marquardt"`` or
     ``"trust_region"`` adapts the damping from the reduction ratio and rejects bad steps (``damping`` is then the
     initial value). ``update`` needs ``value_fn``. See :func:`~optax_second_order.scale_by_newton`.

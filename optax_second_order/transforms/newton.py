@@ -35,9 +35,11 @@ Inside a solver:
   ``state.negative_curvature``. ``tol=None`` uses the inexact-Newton forcing term ``min(0.5, sqrt(||g||))`` as CG's
   relative tolerance (Nocedal & Wright 2006, eq. (7.3)), which gives superlinear convergence for few products.
 * A dense Hessian solve on an indefinite ``H + lambda I`` (Cholesky fails and ``lambda_min + lambda <= 0``) raises the
-  damping to ``lambda - lambda_min`` (Hessian modification, Nocedal & Wright 2006, section 3.4), so the system is
-  positive semi-definite and the step a descent direction (counted as negative curvature); ``saddle_free=True``
-  solves with ``|H|`` instead (Dauphin et al. 2014).
+  damping to ``lambda + 2 |lambda_min|`` (Hessian modification ``H + tau I``, ``tau = max(0, delta - lambda_min)``
+  with ``delta = |lambda_min|``; Nocedal & Wright 2006, section 3.4): the most negative curvature becomes its
+  magnitude, as saddle-free Newton would treat it, the step is a descent direction (counted as negative curvature),
+  and, the shift being on the Hessian's own scale, the step does not depend on the scale of the loss.
+  ``saddle_free=True`` solves with ``|H|`` instead (Dauphin et al. 2014).
 * Hessian-free (Martens 2010): GGN + CG from the previous solution times ``warm_start_decay`` (0.95, section 4.5),
   stopped by Martens' relative-progress rule (``progress_eps = 5e-4``, ``tol = 0``, section 4.4), preconditioned by
   ``(diag(F_emp) + lambda)^-0.75`` (``preconditioner="empirical_fisher"``, section 4.7; here ``diag(F_emp)`` is the
@@ -252,7 +254,7 @@ def _solve_dense(config: _Config, operator, params, g, damping) -> _Solution:
         negative = info.min_eigenvalue < 0
     else:
         negative = info.used_eigh & (info.min_eigenvalue + damping <= 0)
-        shift = jnp.where(negative, -info.min_eigenvalue, 0.0).astype(damping.dtype)
+        shift = jnp.where(negative, -2.0 * info.min_eigenvalue, 0.0).astype(damping.dtype)
         x = jax.lax.cond(negative, lambda: dense_solve(matrix, g, damping + shift)[0], lambda: x)
     # x solves its system exactly, so x^T (C + lambda' I) x = g^T x (also for the pseudo-inverse of eigh).
     n = matrix.shape[0]
