@@ -16,7 +16,7 @@ scipy's Newton-CG stops on a step-size tolerance, not on the gradient, so its ru
 ``||g|| < 1e-6`` (the counts are taken at that point); trust-ncg gets ``gtol=1e-6``.
 
 ``newton-grid`` runs the registry's Newton-family methods on ``digits-mlp`` for every learning rate of their grid and
-every damping in ``1e-4, 1e-2, 1`` (the initial damping of the adaptive rules) and reports each run's final loss,
+every damping in ``1e-4, 1e-2, 1`` (the initial damping of the adaptive rules, with the aliases' floor ``1e-8``) and reports each run's final loss,
 non-finite events (``state.nonfinite``), rejected steps and CG iterations: the robustness the step-count table does not
 show.
 
@@ -243,7 +243,9 @@ GRID_METHODS: dict[str, Callable[[float, float], optax.GradientTransformation]] 
     ),
     "natural-gradient": lambda lr, damping: oso.natural_gradient(lr, 1e-2, damping, maxiter=20),
 }
-"""The ``bench`` registry's Newton-family entries as functions of the learning rate and the (initial) damping."""
+"""The ``bench`` registry's Newton-family entries as functions of the learning rate and the (initial) damping, with the
+aliases' ``min_damping=1e-8`` (the registry's LM entries keep 0.1): the most aggressive damping for the non-finite
+count."""
 
 
 def nonfinite_grid(task_name: str = "digits-mlp", steps: int | None = None, dampings=(1e-4, 1e-2, 1.0),
