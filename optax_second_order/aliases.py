@@ -8,9 +8,10 @@ from jax.sharding import NamedSharding
 from optax_second_order.curvature.capture import Layers
 from optax_second_order.transforms import diagonal
 from optax_second_order.transforms import kfac as _kfac
+from optax_second_order.transforms import newton as _newton
 from optax_second_order.transforms import shampoo as _shampoo
 from optax_second_order.transforms import soap as _soap
-from optax_second_order.transforms.common import check
+from optax_second_order.transforms.common import check, check_choice
 
 __all__: list[str] = ["shampoo", "soap", "kfac", "adagrad", "adam", "adahessian", "sophia"]
 
@@ -290,5 +291,246 @@ def kfac(
         ),
         *([] if adaptive_momentum else [optax.trace(momentum)]),
         optax.add_decayed_weights(weight_decay),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# --- the solve-based family (transforms/newton.py) ----------------------------------------------
+# Each method chooses its own step, so learning_rate=1.0 is the one to use; it stays a (schedulable) argument so that
+# the step composes with optax schedules, and the reduction-ratio test and CG-backtracking test the step scaled by it.
+
+__all__ += ["newton", "newton_cg", "gauss_newton", "levenberg_marquardt", "hessian_free", "natural_gradient"]
+
+_NATURAL_GRADIENT_FISHER = {"true": "fisher", "exact": "gauss_newton", "empirical": "empirical_fisher"}
+
+
+def newton(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    damping: float = 0.0,
+    *,
+    saddle_free: bool = False,
+    damping_rule: str = "fixed",
+    damping_decrease: float | None = None,
+    damping_increase: float | None = None,
+    min_damping: float = 1e-8,
+    accept_threshold: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Damped Newton with the dense Hessian: ``params <- params - lr (H + damping I)^{-1} g``. Use ``learning_rate=1``.
+
+    For small models (the ``n x n`` Hessian is built from ``n`` products and factored). An indefinite ``H + damping I``
+    gets the damping ``damping + 2 |lambda_min|`` (a Hessian modification on the Hessian's own scale, Nocedal & Wright
+    2006, section 3.4);
+    ``saddle_free=True`` uses ``|H|`` instead (Dauphin et al. 2014). ``damping_rule="levenberg_marquardt"`` or
+    ``"trust_region"`` adapts the damping from the reduction ratio and rejects bad steps (``damping`` is then the
+    initial value). ``update`` needs ``value_fn``. See :func:`~optax_second_order.scale_by_newton`.
+    """
+    _check_alias("newton", learning_rate)
+    return optax.chain(
+        _newton.scale_by_newton(
+            "hessian",
+            "dense",
+            damping=damping,
+            damping_rule=damping_rule,
+            damping_decrease=damping_decrease,
+            damping_increase=damping_increase,
+            min_damping=min_damping,
+            accept_threshold=accept_threshold,
+            saddle_free=saddle_free,
+            learning_rate=learning_rate,
+            name="newton",
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def newton_cg(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    damping: float = 1.0,
+    *,
+    damping_rule: str = "levenberg_marquardt",
+    damping_decrease: float | None = None,
+    damping_increase: float | None = None,
+    min_damping: float = 1e-8,
+    accept_threshold: float | None = None,
+    tol: float | None = None,
+    maxiter: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Newton-CG (truncated Newton): CG on ``(H + damping I) x = g`` by Hessian-vector products, stopped at the first
+    direction of non-positive curvature (Nocedal & Wright 2006, Algorithm 7.1). Use ``learning_rate=1``.
+
+    By default the damping (initially ``damping``) is adapted by the Levenberg-Marquardt rule from the reduction
+    ratio, and steps with ``rho <= 0`` are rejected (``damping_rule="trust_region"``: Nocedal & Wright's radius rule,
+    accepting ``rho > 0.15``; ``"fixed"``: no test, ``damping`` throughout). ``tol=None`` is the forcing term
+    ``min(0.5, sqrt(||g||))``; ``maxiter`` defaults to 250. ``update`` needs ``value_fn``. See
+    :func:`~optax_second_order.scale_by_newton`.
+    """
+    _check_alias("newton_cg", learning_rate)
+    return optax.chain(
+        _newton.scale_by_newton(
+            "hessian",
+            "cg",
+            damping=damping,
+            damping_rule=damping_rule,
+            damping_decrease=damping_decrease,
+            damping_increase=damping_increase,
+            min_damping=min_damping,
+            accept_threshold=accept_threshold,
+            tol=tol,
+            maxiter=maxiter,
+            learning_rate=learning_rate,
+            name="newton_cg",
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def gauss_newton(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    damping: float = 1e-3,
+    *,
+    solver: str = "cg",
+    tol: float | None = None,
+    maxiter: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Damped (generalized) Gauss-Newton: ``params <- params - lr (J^T H_L J + damping I)^{-1} g``, fixed damping.
+
+    ``solver``: ``"cg"`` (products only), ``"dense"`` (small models) or ``"row_space"`` (exact for a batch with fewer
+    outputs than parameters: an ``m x m`` system, ``m`` = the number of output coordinates). Use ``learning_rate=1``.
+    ``update`` needs ``model_fn`` and ``loss``. See :func:`~optax_second_order.scale_by_newton`.
+    """
+    _check_alias("gauss_newton", learning_rate)
+    return optax.chain(
+        _newton.scale_by_newton(
+            "gauss_newton", solver, damping=damping, tol=tol, maxiter=maxiter, learning_rate=learning_rate,
+            name="gauss_newton",
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def levenberg_marquardt(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    damping: float = 1.0,
+    *,
+    solver: str = "cg",
+    damping_decrease: float = 2.0 / 3.0,
+    damping_increase: float = 1.5,
+    min_damping: float = 1e-8,
+    tol: float | None = None,
+    maxiter: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Levenberg-Marquardt: Gauss-Newton with the damping adapted from the reduction ratio ``rho`` and steps with
+    ``rho <= 0`` rejected (zero update, larger damping). Use ``learning_rate=1``.
+
+    ``damping`` is the initial value; ``rho > 3/4`` multiplies it by ``damping_decrease``, ``rho < 1/4`` by
+    ``damping_increase`` (Martens 2010's constants), never below ``min_damping``. ``update`` needs ``value_fn``,
+    ``model_fn`` and ``loss``. See :func:`~optax_second_order.scale_by_newton`.
+    """
+    _check_alias("levenberg_marquardt", learning_rate)
+    return optax.chain(
+        _newton.scale_by_newton(
+            "gauss_newton",
+            solver,
+            damping=damping,
+            damping_rule="levenberg_marquardt",
+            damping_decrease=damping_decrease,
+            damping_increase=damping_increase,
+            min_damping=min_damping,
+            tol=tol,
+            maxiter=maxiter,
+            learning_rate=learning_rate,
+            name="levenberg_marquardt",
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def hessian_free(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    damping: float = 1.0,
+    *,
+    maxiter: int | None = None,
+    progress_eps: float = 5e-4,
+    warm_start_decay: float = 0.95,
+    preconditioner: str | None = "empirical_fisher",
+    preconditioner_exponent: float = 0.75,
+    backtracking: bool = True,
+    damping_decrease: float = 2.0 / 3.0,
+    damping_increase: float = 1.5,
+    min_damping: float = 1e-8,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Hessian-free optimization (Martens 2010). Use ``learning_rate=1``.
+
+    GGN + truncated CG with Martens' relative-progress stop (``progress_eps``, at most ``maxiter`` = 250 iterations),
+    warm-started from the previous solution times ``warm_start_decay``, preconditioned by
+    ``(diag(F_emp) + damping)^-preconditioner_exponent`` (``"empirical_fisher"`` from per-example gradients,
+    ``N x #params`` memory; ``"empirical_fisher_estimate"`` from random signs, one ``vjp``; ``None``), with
+    CG-backtracking over the iterates saved at ``ceil(1.3^j)`` (``backtracking``) and Levenberg-Marquardt damping
+    (``damping`` the initial value; steps with ``rho <= 0`` rejected). ``update`` needs ``value_fn``, ``model_fn``
+    and ``loss``. ``maxiter`` sizes the saved iterates: under ``optax.inject_hyperparams`` pass it in ``static_args``.
+    See :func:`~optax_second_order.scale_by_newton`.
+    """
+    _check_alias("hessian_free", learning_rate)
+    return optax.chain(
+        _newton.scale_by_newton(
+            "gauss_newton",
+            "cg",
+            damping=damping,
+            damping_rule="levenberg_marquardt",
+            damping_decrease=damping_decrease,
+            damping_increase=damping_increase,
+            min_damping=min_damping,
+            tol=0.0,
+            maxiter=maxiter,
+            preconditioner=preconditioner,
+            preconditioner_exponent=preconditioner_exponent,
+            progress_eps=progress_eps,
+            backtracking=1.3 if backtracking else None,
+            warm_start_decay=warm_start_decay,
+            learning_rate=learning_rate,
+            name="hessian_free",
+            seed=seed,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def natural_gradient(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    kl_budget: float | None = 1e-3,
+    damping: float = 1e-3,
+    *,
+    fisher: str = "true",
+    solver: str = "cg",
+    tol: float | None = None,
+    maxiter: int | None = None,
+    num_samples: int | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Natural gradient ``x = (F + damping I)^{-1} g`` with the KL-normalized step ``eta = sqrt(2 kl_budget / g^T x)``.
+
+    The step ``-eta x`` moves the model's predictive distribution by about ``kl_budget`` in KL divergence (second
+    order), whatever the scale of the gradient; use ``learning_rate=1`` (a schedule on it scales the step).
+    ``kl_budget=None`` takes the plain step ``-lr x``. ``fisher``: ``"true"`` (targets sampled from the model,
+    ``num_samples`` per example, default 1), ``"exact"`` (the GGN, which equals the Fisher for the library's losses)
+    or ``"empirical"`` (the data's targets). ``update`` needs ``model_fn`` and ``loss``. See
+    :func:`~optax_second_order.scale_by_newton`.
+    """
+    _check_alias("natural_gradient", learning_rate)
+    check_choice("natural_gradient", "fisher", fisher, tuple(_NATURAL_GRADIENT_FISHER))
+    return optax.chain(
+        _newton.scale_by_newton(
+            _NATURAL_GRADIENT_FISHER[fisher],
+            solver,
+            damping=damping,
+            tol=tol,
+            maxiter=maxiter,
+            kl_budget=kl_budget,
+            num_samples=num_samples,
+            learning_rate=learning_rate,
+            name="natural_gradient",
+            seed=seed,
+        ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -3,7 +3,9 @@
 ``run`` (the default) runs tasks x optimizers x learning rates x seeds and writes, under ``--out``:
 ``results.json`` (every run's curves and the summary), ``results.md`` (the table, also printed) and one
 ``<task>.png`` per task. ``primitives`` times curvature products against the gradient (see
-:mod:`optax_second_order.bench.primitives`).
+:mod:`optax_second_order.bench.primitives`). ``newton-rosenbrock``, ``newton-grid`` and ``newton-cost`` count the Newton
+family's evaluations to ``||g|| < 1e-6`` on Rosenbrock beside scipy, run its methods over a learning-rate x damping
+grid counting non-finite steps, and time one CG iteration against a gradient (see :mod:`optax_second_order.bench.newton`).
 
 The default run is kept small so that it finishes in a few minutes on 2 CPU cores with every registered
 optimizer: the tasks in :data:`DEFAULT_TASKS` at their default step budgets, one seed, each optimizer's
@@ -46,7 +48,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="oso-bench", description="Benchmark the optimizers (run) or time the curvature primitives (primitives)."
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "primitives", "shampoo-roots"), help="default: run")
+    parser.add_argument(
+        "command", nargs="?", default="run",
+        choices=("run", "primitives", "shampoo-roots", "newton-rosenbrock", "newton-grid", "newton-cost"),
+        help="default: run",
+    )
     parser.add_argument("--tasks", default=None, help=f"comma list or 'all' (default: {','.join(DEFAULT_TASKS)})")
     parser.add_argument("--optimizers", default="all", help=f"comma list or 'all'; {REFERENCE} is always added")
     parser.add_argument("--steps", type=int, default=None, help="step budget for every task (default: per task)")
@@ -125,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from optax_second_order.bench import shampoo_roots
 
         shampoo_roots.main()
+    elif args.command in ("newton-rosenbrock", "newton-grid", "newton-cost"):  # the solve-based family (bench/newton.py)
+        from optax_second_order.bench import newton
+
+        newton.main(args.command, args.repeats)
     else:
         run_benchmark(args)
 

@@ -185,3 +185,38 @@ OPTIMIZERS["sophia-h"] = OptimizerSpec(
     learning_rates=(3e-3, 1e-3, 3e-4),
     description="Sophia-H (Hutchinson diagonal every 10 steps, betas (0.965, 0.99), rho 0.04, weight decay 1e-4), Liu et al. 2023",
 )
+
+# --- the solve-based family (transforms/newton.py) ---------------------------------------------------
+# These methods choose their own step (the reduction ratio, backtracking or the KL budget): learning rate 1 is the one
+# to use, and the grid's 0.3 and 0.1 show what a shorter step does. CG is capped at 20 iterations (50 for HF, whose
+# progress rule usually stops it earlier) so that a step costs tens of gradients, not hundreds. The Levenberg-Marquardt
+# entries keep the damping at least 0.1: the reduction ratio is measured on the step's own minibatch, so with a free
+# floor the rule lowers the damping until the steps fit the batch and not the data (on digits-autoencoder HF's loss on
+# all digits went from 14.3 back up to 95 between steps 40 and 100 with min_damping=1e-8).
+_NEWTON_LRS = (1.0, 0.3, 0.1)
+OPTIMIZERS["newton-cg"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.newton_cg(learning_rate, maxiter=20),
+    learning_rates=_NEWTON_LRS,
+    description="Newton-CG: Hessian-vector products, CG (at most 20 iterations, forcing term min(0.5, sqrt|g|)) stopped at "
+    "negative curvature, Levenberg-Marquardt damping from 1 with rejection of rho <= 0 (Nocedal & Wright 2006, Alg. 7.1)",
+)
+OPTIMIZERS["levenberg-marquardt"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.levenberg_marquardt(learning_rate, maxiter=20, min_damping=0.1),
+    learning_rates=_NEWTON_LRS,
+    description="Gauss-Newton (GGN) + CG (at most 20 iterations), Levenberg-Marquardt damping from 1 (2/3, 3/2; Martens "
+    "2010), at least 0.1, with rejection of rho <= 0",
+)
+OPTIMIZERS["hessian-free"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.hessian_free(
+        learning_rate, maxiter=50, preconditioner="empirical_fisher_estimate", min_damping=0.1
+    ),
+    learning_rates=_NEWTON_LRS,
+    description="Hessian-free (Martens 2010): GGN + CG with his progress stop (at most 50 iterations), warm start 0.95, "
+    "(diag(F_emp) + lambda)^-0.75 with diag(F_emp) from random signs, CG-backtracking, LM damping from 1, at least 0.1",
+)
+OPTIMIZERS["natural-gradient"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.natural_gradient(learning_rate, kl_budget=1e-2, maxiter=20),
+    learning_rates=_NEWTON_LRS,
+    description="Natural gradient: sampled true Fisher + CG (at most 20 iterations), damping 1e-3, KL-normalized step "
+    "eta = sqrt(2 * 0.01 / g^T F^-1 g) (KL per step 0.01 lr^2)",
+)

@@ -5,9 +5,11 @@
 * Gauss-Newton-Bartlett (Liu et al. 2023, "Sophia", Algorithm 2): with targets ``t_hat`` sampled from
   the model and ``g_hat`` the gradient of the *mean* loss at them, ``B * g_hat^2`` is an unbiased estimate
   of ``diag(J^T H_L J)`` for a batch of ``B`` examples (second Bartlett identity).
+* Empirical-Fisher diagonal from random signs: with ``s = sum_i eps_i g_i`` (one ``vjp`` of the per-example
+  losses, ``eps_i = +-1``), ``E[s * s] = sum_i g_i * g_i``, so ``s * s / N`` is an unbiased estimate of
+  ``diag(F_emp)`` without the ``N x #params`` per-example Jacobian of the exact
+  :func:`~.products.empirical_fisher_diagonal`.
 * Exact Hessian diagonal, for tests and small problems.
-
-The empirical-Fisher diagonal lives beside the empirical-Fisher product in :mod:`.products`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from jax.flatten_util import ravel_pytree
 from optax_second_order.curvature.losses import OutputLoss
 from optax_second_order.curvature.products import hvp_operator
 
-__all__ = ["rademacher", "probes", "hutchinson_diagonal", "gnb_diagonal", "exact_hessian_diagonal"]
+__all__ = [
+    "rademacher",
+    "probes",
+    "hutchinson_diagonal",
+    "gnb_diagonal",
+    "empirical_fisher_diagonal_estimate",
+    "exact_hessian_diagonal",
+]
 
 PyTree = Any
 _DISTRIBUTIONS = ("rademacher", "gaussian")
@@ -89,6 +98,22 @@ def gnb_diagonal(
     (g_hat,) = vjp_fn(jax.grad(sampled)(outputs).astype(outputs.dtype))
     batch = loss.num_examples(outputs)
     return jax.tree.map(lambda g: (batch * jnp.square(g.astype(batch.dtype))).astype(g.dtype), g_hat)
+
+
+def empirical_fisher_diagonal_estimate(
+    per_example_value_fn: Callable[[PyTree], jax.Array], params: PyTree, key: jax.Array
+) -> PyTree:
+    """Unbiased estimate ``s * s / N`` of ``diag(F_emp) = (1/N) sum_i g_i * g_i`` with ``s = sum_i eps_i g_i``.
+
+    ``per_example_value_fn(params)`` returns the ``N`` per-example losses ``l_i`` (any shape) and
+    ``g_i = d l_i / d params``; ``eps`` are fair signs drawn from ``key`` (:func:`rademacher`, one per example), so
+    ``E[s * s] = sum_i g_i * g_i`` (the cross terms have mean zero). One ``vjp`` of the per-example losses, where
+    :func:`~.products.empirical_fisher_diagonal` holds the ``N x #params`` per-example Jacobian.
+    """
+    values, vjp_fn = jax.vjp(per_example_value_fn, params)
+    signs = rademacher(key, values.shape, values.dtype)
+    (s,) = vjp_fn(signs)
+    return jax.tree.map(lambda x: jnp.square(x) / values.size, s)
 
 
 def exact_hessian_diagonal(value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> PyTree:

@@ -72,7 +72,7 @@ class CGInfo(NamedTuple):
     ``iterations < maxiter``.
     """
 
-    iterations: jax.Array  # int32: matrix-vector products after the initial residual
+    iterations: jax.Array  # int32: matrix-vector products after the initial residual (which takes one with x0)
     residual_norm: jax.Array  # ||b - A x|| of the returned x, as updated by the recurrence
     converged: jax.Array  # bool: residual_norm <= max(tol * ||b||, atol), no negative curvature met
     negative_curvature: jax.Array  # bool: stopped at a direction p with p^T A p <= eps ||p|| ||A p||
@@ -158,10 +158,17 @@ def _save_iterate(saved: PyTree, slot: jax.Array, x: PyTree) -> PyTree:
 
 
 def _check_cg_arguments(tol, atol, maxiter, progress_eps, save_gamma) -> None:
-    if tol < 0 or atol < 0:
+    """Checks of the concrete Python numbers among the arguments (``tol``, ``atol`` and ``maxiter`` may be traced)."""
+    if (_is_concrete(tol) and tol < 0) or (_is_concrete(atol) and atol < 0):
         raise ValueError(f"conjugate_gradient: tol and atol must be >= 0, got tol={tol}, atol={atol}")
-    if maxiter < 0:
+    if _is_concrete(maxiter) and maxiter < 0:
         raise ValueError(f"conjugate_gradient: maxiter must be >= 0, got {maxiter}")
+    python_int = isinstance(maxiter, int) and not isinstance(maxiter, bool)
+    if (progress_eps is not None or save_gamma is not None) and not python_int:
+        raise TypeError(
+            "conjugate_gradient: with progress_eps or save_gamma, maxiter sizes the saved values and iterates and "
+            f"must be a Python int, got {maxiter!r}"
+        )
     if progress_eps is not None and _is_concrete(progress_eps) and not progress_eps > 0:
         raise ValueError(f"conjugate_gradient: progress_eps must be > 0, got {progress_eps}")
     if save_gamma is not None and not (_is_concrete(save_gamma) and save_gamma > 1):
@@ -214,7 +221,9 @@ def conjugate_gradient(
       x0: starting point (warm start); zeros by default.
       tol: relative tolerance on the residual norm (``jax.scipy.sparse.linalg.cg``'s default).
       atol: absolute tolerance on the residual norm.
-      maxiter: iteration limit (a Python int); ``10 * size(b)`` by default (as JAX's ``cg``).
+      maxiter: iteration limit; ``10 * size(b)`` by default (as JAX's ``cg``). It may be a traced integer
+        (``tol`` and ``atol`` too) unless ``progress_eps`` or ``save_gamma`` is given: their buffers are sized
+        by it, so it must then be a Python int.
       preconditioner: ``r -> M r`` with ``M ~ A^{-1}`` symmetric positive definite (e.g. the inverse
         of a diagonal estimate, Jacobi); identity by default.
       progress_eps: Martens' ``epsilon`` (he uses ``5e-4``); ``None`` (default) disables the rule. It keeps
@@ -233,7 +242,11 @@ def conjugate_gradient(
     x0 = otu.tree_zeros_like(b) if cold_start else x0
 
     threshold_sq = jnp.maximum(tol * otu.tree_norm(b), atol) ** 2
-    r0 = otu.tree_sub(b, matvec(x0))
+    if cold_start:  # A 0 = 0: no product, only the dtypes b - A x0 would have
+        products = jax.eval_shape(matvec, x0)
+        r0 = jax.tree.map(lambda bi, ai: bi.astype(jnp.promote_types(bi.dtype, ai.dtype)), b, products)
+    else:
+        r0 = otu.tree_sub(b, matvec(x0))
     z0 = precondition(r0)
     gamma0 = otu.tree_vdot(r0, z0)
     phi0 = -0.5 * (otu.tree_vdot(x0, r0) + otu.tree_vdot(x0, b))  # 1/2 x^T A x - b^T x with A x = b - r
