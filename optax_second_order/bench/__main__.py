@@ -1,9 +1,10 @@
-"""Command line: ``python -m optax_second_order.bench [run|primitives] [flags]`` (also ``oso-bench``).
+"""Command line: ``python -m optax_second_order.bench [run|primitives|quasi-newton] [flags]`` (also ``oso-bench``).
 
 ``run`` (the default) runs tasks x optimizers x learning rates x seeds and writes, under ``--out``:
 ``results.json`` (every run's curves and the summary), ``results.md`` (the table, also printed) and one
 ``<task>.png`` per task. ``primitives`` times curvature products against the gradient (see
-:mod:`optax_second_order.bench.primitives`).
+:mod:`optax_second_order.bench.primitives`). ``quasi-newton`` counts iterations and evaluations of the line-search
+methods on deterministic problems (see :mod:`optax_second_order.bench.quasi_newton`).
 
 The default run is kept small so that it finishes in a few minutes on 2 CPU cores with every registered
 optimizer: the tasks in :data:`DEFAULT_TASKS` at their default step budgets, one seed, each optimizer's
@@ -46,7 +47,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="oso-bench", description="Benchmark the optimizers (run) or time the curvature primitives (primitives)."
     )
-    parser.add_argument("command", nargs="?", default="run", choices=("run", "primitives", "shampoo-roots"), help="default: run")
+    parser.add_argument(
+        "command", nargs="?", default="run", choices=("run", "primitives", "shampoo-roots", "quasi-newton"), help="default: run"
+    )
     parser.add_argument("--tasks", default=None, help=f"comma list or 'all' (default: {','.join(DEFAULT_TASKS)})")
     parser.add_argument("--optimizers", default="all", help=f"comma list or 'all'; {REFERENCE} is always added")
     parser.add_argument("--steps", type=int, default=None, help="step budget for every task (default: per task)")
@@ -125,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from optax_second_order.bench import shampoo_roots
 
         shampoo_roots.main()
+    elif args.command == "quasi-newton":  # evaluations to a tolerance on deterministic problems
+        from optax_second_order.bench import quasi_newton
+
+        quasi_newton.main(args.out)
     else:
         run_benchmark(args)
 

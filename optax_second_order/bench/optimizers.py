@@ -176,3 +176,37 @@ OPTIMIZERS["sophia-h"] = OptimizerSpec(
     learning_rates=(1e-2, 3e-3, 1e-3),
     description="Sophia-H (Hutchinson diagonal every 10 steps, betas (0.965, 0.99), rho 0.04, weight decay 1e-4), Liu et al. 2023",
 )
+
+# --- quasi-Newton and K-BFGS (transforms/quasi_newton.py, transforms/kbfgs.py) ---------------------------
+# On minibatches the quasi-Newton methods run in their stochastic mode: a fixed learning rate, no line search,
+# pairs formed on the same minibatch (one extra gradient per step). Deterministic problems, with line searches
+# and evaluation counts, are in `python -m optax_second_order.bench quasi-newton` (bench/quasi_newton.py).
+
+
+def _kbfgs(learning_rate, task: "Task", **options):
+    """K-BFGS on the task's linen module: its Dense/Conv layers captured once, the rest diagonal."""
+    import jax
+
+    inputs = task.eval_batch[0]
+    find_layers = oso.flax.find_layers if task.module is not None else oso.kronecker.find_layers
+    layers = find_layers(lambda p: task.apply(p, inputs), task.init(jax.random.key(0)))
+    return oso.kbfgs(learning_rate, layers, **options)
+
+
+OPTIMIZERS["kbfgs"] = OptimizerSpec(
+    make=lambda learning_rate, task: _kbfgs(learning_rate, task),
+    learning_rates=(0.3, 0.1, 0.03),
+    description="K-BFGS (Goldfarb, Ren & Bahamou 2020): BFGS on H_g with double damping, Hessian-action BFGS on "
+    "H_a, damping 0.3, momentum 0.9; two extra forward/backward passes per step",
+)
+OPTIMIZERS["kbfgs-l"] = OptimizerSpec(
+    make=lambda learning_rate, task: _kbfgs(learning_rate, task, limited_memory=True),
+    learning_rates=(0.3, 0.1, 0.03),
+    description="K-BFGS(L): as K-BFGS with H_g an L-BFGS memory of 100 pairs (H_0 = I)",
+)
+OPTIMIZERS["lbfgs-stochastic"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.lbfgs(learning_rate, linesearch=None, same_batch_pairs=True),
+    learning_rates=(0.3, 0.1, 0.03),
+    description="oso.lbfgs in its stochastic mode: memory 10, fixed learning rate, pairs on the same minibatch "
+    "(one extra gradient per step)",
+)
