@@ -84,18 +84,23 @@ METHODS: dict[str, Callable[[], optax.GradientTransformation]] = {
 
 def run_method(tx: optax.GradientTransformation, fn: Callable, x0: np.ndarray, gtol: float = GTOL,
                target: float | None = None, max_iterations: int = 2000) -> dict:
-    """Iterate ``tx`` from ``x0`` until ``||g||_2 < gtol`` (or ``fn <= target``); iterations and evaluations."""
-    value_and_grad = optax.value_and_grad_from_state(fn)
+    """Iterate ``tx`` from ``x0`` until ``||g||_2 < gtol`` (or ``fn <= target``); iterations and evaluations.
+
+    With a line search, ``value`` and ``grad`` come from its state (``optax.value_and_grad_from_state``) and an
+    iteration costs its ``num_linesearch_steps``; without one (a fixed learning rate), one evaluation.
+    """
+    x = jnp.asarray(x0, jnp.float64)
+    state = tx.init(x)
+    searches = optax.tree.get(state, "num_linesearch_steps") is not None
+    value_and_grad = optax.value_and_grad_from_state(fn) if searches else (lambda x, state: jax.value_and_grad(fn)(x))
 
     @jax.jit
     def step(x, state):
         value, grad = value_and_grad(x, state=state)
         updates, state = tx.update(grad, state, x, value=value, grad=grad, value_fn=fn)
-        searched = optax.tree.get(state, "num_linesearch_steps")
+        searched = optax.tree.get(state, "num_linesearch_steps") if searches else 1
         return optax.apply_updates(x, updates), state, value, jnp.linalg.norm(grad), searched
 
-    x = jnp.asarray(x0, jnp.float64)
-    state = tx.init(x)
     evaluations, start = 1, time.perf_counter()
     for iteration in range(max_iterations + 1):
         new_x, new_state, value, grad_norm, searched = step(x, state)
@@ -122,7 +127,7 @@ def run_scipy(method: str, fn: Callable, x0: np.ndarray, gtol: float = GTOL, tar
 
     def callback(intermediate_result):
         if target is not None and not reached and intermediate_result.fun <= target:
-            reached.append((calls[0], len(reached_iterations)))
+            reached.append((calls[0], len(reached_iterations), float(intermediate_result.fun)))
         reached_iterations.append(1)
 
     reached_iterations: list = []
@@ -135,7 +140,7 @@ def run_scipy(method: str, fn: Callable, x0: np.ndarray, gtol: float = GTOL, tar
     if target is not None:
         out["converged"] = bool(reached)
         if reached:
-            out["evaluations"], out["iterations"] = reached[0][0], reached[0][1] + 1
+            out["evaluations"], out["iterations"], out["value"] = reached[0][0], reached[0][1] + 1, reached[0][2]
     return out
 
 

@@ -37,11 +37,13 @@ def test_counts_against_scipy_and_optax():
     assert "| oso.lbfgs |" in quasi_newton.markdown(results, None)
 
 
-def test_logistic_regression_target_is_scipy_final_loss():
-    result = quasi_newton.logistic_regression(methods={})
-    rows = result["rows"]
-    final = rows["scipy L-BFGS-B (to convergence)"]
-    np.testing.assert_allclose(result["target"], final["value"] + 1e-8)
-    assert rows["scipy BFGS"]["converged"] and rows["scipy L-BFGS-B"]["converged"]
-    assert rows["scipy L-BFGS-B"]["evaluations"] < final["evaluations"]  # reached before it stopped
-    assert rows["scipy L-BFGS-B"]["value"] <= result["target"] + 1e-6
+def test_target_mode_counts_evaluations_to_the_first_iterate_below_it():
+    with jax.enable_x64(True):
+        fn, x0 = quasi_newton.FUNCTIONS["rosenbrock-2"]
+        full = quasi_newton.run_scipy("L-BFGS-B", fn, x0)
+        reached = quasi_newton.run_scipy("L-BFGS-B", fn, x0, target=1e-3)
+        assert reached["converged"] and reached["value"] <= 1e-3 and reached["evaluations"] < full["evaluations"]
+        ours = quasi_newton.run_method(oso.bfgs(linesearch=None, learning_rate=1e-3), fn, x0, target=1e3)
+        assert ours["converged"] and (ours["iterations"], ours["evaluations"]) == (0, 1)  # the start is below 1e3
+        logistic, z0 = quasi_newton._digits_logistic(1e-3)
+        np.testing.assert_allclose(float(logistic(z0)), np.log(10.0), rtol=1e-12)  # uniform over 10 classes
