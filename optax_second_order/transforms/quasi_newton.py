@@ -321,16 +321,12 @@ def scale_by_quasi_newton(
 # --- L-BFGS ----------------------------------------------------------------------------------------------
 
 
-def _tree_finite(tree: PyTree) -> jax.Array:
-    return all_finite(tree)
-
-
 def _lbfgs_step(state: LBFGSState, x, g, g_previous, min_cosine):
     """Pair into the memory, then the two-loop direction: the new state and ``+H g``."""
     has_pair = state.count > 0
     s = jax.tree.map(jnp.subtract, x, state.params)
     y = jax.tree.map(jnp.subtract, g, g_previous)
-    pair_finite = _tree_finite((s, y))
+    pair_finite = all_finite((s, y))
     memory, used = secant.lbfgs_update_memory(state.memory, s, y, min_cosine)
     used = has_pair & pair_finite & used
     memory = jax.tree.map(lambda new, old: jnp.where(used, new, old), memory, state.memory)
@@ -338,7 +334,7 @@ def _lbfgs_step(state: LBFGSState, x, g, g_previous, min_cosine):
     direction = secant.lbfgs_two_loop(memory, g)
     flat_g = jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(g)]) if jax.tree.leaves(g) else jnp.zeros(0)
     grad_norm = jnp.linalg.norm(flat_g)
-    descent = _is_descent(optax.tree.vdot(direction, g), _tree_finite(direction), grad_norm)
+    descent = _is_descent(optax.tree.vdot(direction, g), all_finite(direction), grad_norm)
     fallback = (memory.count > 0) & ~descent
     scale = jnp.minimum(1.0, 1.0 / jnp.where(grad_norm > 0, grad_norm, 1.0))
     use_safe = (memory.count == 0) | fallback
@@ -408,9 +404,9 @@ def scale_by_lbfgs(
         new_state, direction = _lbfgs_step(state, x, g, g_previous, min_cosine)
         if same_batch_pairs:
             new_state = new_state._replace(grads=jax.tree.map(jnp.zeros_like, g))
-        finite = _tree_finite((g, x))
+        finite = all_finite((g, x))
         new_state = _keep_state_if(finite, new_state, state._replace(nonfinite=state.nonfinite + 1))
-        ok = finite & _tree_finite(direction)
+        ok = finite & all_finite(direction)
         direction = jax.tree.map(lambda d, u: jnp.where(ok, d, 0.0).astype(u.dtype), direction, updates)
         return direction, new_state
 
