@@ -135,6 +135,11 @@ def _layer_means(layer, calls, kernel: jax.Array, bias) -> _Means:
     )
 
 
+def _in_dtypes(means: list[_Means], factors) -> list[_Means]:
+    """Each layer's means in its factor's dtype (the rows follow the model's activations, not the kernels)."""
+    return [_Means(*(x.astype(a.dtype) for x in mean)) for a, mean in zip(factors, means)]
+
+
 def _pass_means(layers: kronecker.Layers, model_fn, loss, params) -> list[_Means]:
     """Every layer's :class:`_Means` at ``params``, from one forward/backward pass."""
     captured = kronecker.layer_rows(model_fn, params, layers, _cotangent(loss))
@@ -165,7 +170,7 @@ def _update_h_g(curvature, s, y, damping, min_cosine):
 
 
 def _update_h_a(h_a, aa_damped, h, min_cosine):
-    """Hessian-action BFGS: the pair ``(H_a h, (A + sqrt(lambda) I) H_a h)``, so ``H_a -> (A + sqrt(lambda) I)^{-1}``."""
+    """Hessian-action BFGS on the pair ``(H_a h, (A + sqrt(lambda) I) H_a h)``: ``H_a`` tracks the damped inverse."""
     s_a = jnp.matmul(h_a, h, precision=_HIGHEST)
     return secant.bfgs_inverse_update(h_a, s_a, jnp.matmul(aa_damped, s_a, precision=_HIGHEST), min_cosine)
 
@@ -204,7 +209,9 @@ def _direction(layers: kronecker.Layers, momentum, inverse_factors, curvature, d
 
 def _validate(layers, learning_rate, damping, momentum, ema_decay, pair_decay, statistics_frequency, min_cosine):
     if not isinstance(layers, kronecker.Layers):
-        raise ValueError(f"{NAME}: layers must be an optax_second_order.kronecker.Layers (from find_layers), got {layers!r}")
+        raise ValueError(
+            f"{NAME}: layers must be an optax_second_order.kronecker.Layers (from find_layers), got {layers!r}"
+        )
     if learning_rate is None:
         raise ValueError(f"{NAME}: learning_rate must be given (the pairs are formed at theta - learning_rate * D)")
     check(NAME, "learning_rate", learning_rate, lambda v: v > 0, "> 0 (or a schedule)")
@@ -290,7 +297,7 @@ def scale_by_kbfgs(
 
     def statistics_step(state, params, model_fn, loss):
         """Pass at theta_k: A's moving average (the first batch sets it), the means, H_a on the first step."""
-        means = _pass_means(layers, model_fn, loss, params)
+        means = _in_dtypes(_pass_means(layers, model_fn, loss, params), state.factors)
         ok = all_finite(means)
         decay = jnp.where(state.num_statistics == 0, 0.0, ema_decay)
         factors = tuple(
@@ -305,7 +312,7 @@ def scale_by_kbfgs(
 
     def pair_step(state, factors, inverse_factors, means, ok, params_next, model_fn, loss):
         """Pass at theta_{k+1} on the same batch: the averaged, double-damped pairs into H_g, then H_a."""
-        means_next = _pass_means(layers, model_fn, loss, params_next)
+        means_next = _in_dtypes(_pass_means(layers, model_fn, loss, params_next), factors)
         ok = ok & all_finite(means_next)
         curvature, pairs, inverse_out, skipped = [], [], [], state.skipped
         for i, (mean, nxt) in enumerate(zip(means, means_next)):
@@ -331,9 +338,9 @@ def scale_by_kbfgs(
         grads = jax.tree.map(lambda g, m0: g.astype(m0.dtype), updates, state.momentum)
         moment = jax.tree.map(lambda m0, g: momentum * m0 + (1 - momentum) * g, state.momentum, grads)
         leaves = jax.tree.leaves(grads)
-        first_diagonal = state.count == 0
+        diagonal_decay = jnp.where(state.count == 0, 0.0, ema_decay)  # the first gradient sets d
         diagonal = tuple(
-            jnp.where(first_diagonal, 0.0, ema_decay) * d + jnp.where(first_diagonal, 1.0, 1 - ema_decay) * leaves[i] ** 2
+            (diagonal_decay * d + (1 - diagonal_decay) * leaves[i] ** 2).astype(d.dtype)
             for i, d in zip(layers.fallback_indices, state.diagonal)
         )
 
