@@ -7,13 +7,16 @@ from jax.sharding import NamedSharding
 
 from optax_second_order.curvature.capture import Layers
 from optax_second_order.transforms import diagonal
+from optax_second_order.transforms import kbfgs as _kbfgs
 from optax_second_order.transforms import kfac as _kfac
 from optax_second_order.transforms import newton as _newton
+from optax_second_order.transforms import quasi_newton as _quasi_newton
 from optax_second_order.transforms import shampoo as _shampoo
 from optax_second_order.transforms import soap as _soap
 from optax_second_order.transforms.common import check, check_choice
 
 __all__: list[str] = ["shampoo", "soap", "kfac", "adagrad", "adam", "adahessian", "sophia"]
+__all__ += ["bfgs", "dfp", "sr1", "lbfgs", "kbfgs"]  # quasi-Newton, K-BFGS
 
 
 def _check_alias(name: str, learning_rate, weight_decay=0.0, momentum=None, momentum_name: str = "momentum") -> None:
@@ -531,6 +534,187 @@ def natural_gradient(
             learning_rate=learning_rate,
             name="natural_gradient",
             seed=seed,
+        ),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+# --- quasi-Newton (transforms/quasi_newton.py) --------------------------------------------------
+
+
+def _quasi_newton_chain(
+    name: str,
+    direction: optax.GradientTransformation,
+    learning_rate: optax.ScalarOrSchedule,
+    linesearch,
+    max_linesearch_steps,
+    slope_rtol,
+    curv_rtol,
+) -> optax.GradientTransformationExtraArgs:
+    """``chain(direction, scale(-1), linesearch)`` (``optax.lbfgs``'s composition), the accepted step times
+    ``learning_rate``; without a line search ``chain(direction, scale_by_learning_rate(learning_rate))``."""
+    _check_alias(name, learning_rate)
+    if linesearch is None:
+        return optax.chain(direction, optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(
+        direction,
+        optax.scale(-1.0),
+        _quasi_newton.scale_by_linesearch(
+            linesearch,
+            learning_rate,
+            max_linesearch_steps=max_linesearch_steps,
+            slope_rtol=slope_rtol,
+            curv_rtol=curv_rtol,
+            name=name,
+        ),
+    )
+
+
+def bfgs(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    linesearch: str | optax.GradientTransformation | None = "zoom",
+    max_linesearch_steps: int = 20,
+    slope_rtol: float = 1e-4,
+    curv_rtol: float = 0.9,
+    cholesky: bool = False,
+    damp: bool = False,
+    min_cosine: float = 1e-8,
+    same_batch_pairs: bool = False,
+    max_precond_dim: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """BFGS with a line search (dense, over the flattened parameters: up to a few thousand of them).
+
+    ``cholesky=False`` updates ``H = B^{-1}`` (N&W eq. 6.17); ``cholesky=True`` updates the Cholesky factor of
+    ``B`` (Dennis & Schnabel section 9.2). ``linesearch`` is ``"zoom"`` (strong Wolfe, the default),
+    ``"backtracking"`` (Armijo), an optax line search, or ``None`` for a fixed ``learning_rate`` (the stochastic
+    mode, with ``same_batch_pairs=True`` on minibatches). With a line search ``update`` needs ``value_fn``
+    (and uses ``value`` and ``grad`` when given). See :func:`~optax_second_order.scale_by_quasi_newton` and
+    :func:`~optax_second_order.scale_by_linesearch`.
+    """
+    return _quasi_newton_chain(
+        "bfgs",
+        _quasi_newton.scale_by_quasi_newton(
+            "bfgs_cholesky" if cholesky else "bfgs",
+            min_cosine=min_cosine,
+            damp=damp,
+            same_batch_pairs=same_batch_pairs,
+            max_precond_dim=max_precond_dim,
+        ),
+        learning_rate, linesearch, max_linesearch_steps, slope_rtol, curv_rtol,
+    )
+
+
+def dfp(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    linesearch: str | optax.GradientTransformation | None = "zoom",
+    max_linesearch_steps: int = 20,
+    slope_rtol: float = 1e-4,
+    curv_rtol: float = 0.9,
+    damp: bool = False,
+    min_cosine: float = 1e-8,
+    same_batch_pairs: bool = False,
+    max_precond_dim: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """DFP on ``H`` (N&W eq. 6.15) with a line search; dense, as :func:`bfgs`, whose arguments it shares."""
+    return _quasi_newton_chain(
+        "dfp",
+        _quasi_newton.scale_by_quasi_newton(
+            "dfp", min_cosine=min_cosine, damp=damp, same_batch_pairs=same_batch_pairs, max_precond_dim=max_precond_dim
+        ),
+        learning_rate, linesearch, max_linesearch_steps, slope_rtol, curv_rtol,
+    )
+
+
+def sr1(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    linesearch: str | optax.GradientTransformation | None = "zoom",
+    max_linesearch_steps: int = 20,
+    slope_rtol: float = 1e-4,
+    curv_rtol: float = 0.9,
+    inverse: bool = False,
+    min_cosine: float = 1e-8,
+    same_batch_pairs: bool = False,
+    max_precond_dim: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SR1 with a line search: on ``B`` with a solve per step (``inverse=False``, N&W eq. 6.24) or on ``H``
+    (``inverse=True``, eq. 6.25). ``B`` may be indefinite: a direction that does not descend is replaced by the
+    scaled gradient and counted (``fallbacks`` in the state). Otherwise as :func:`bfgs`."""
+    return _quasi_newton_chain(
+        "sr1",
+        _quasi_newton.scale_by_quasi_newton(
+            "sr1_inverse" if inverse else "sr1",
+            min_cosine=min_cosine,
+            same_batch_pairs=same_batch_pairs,
+            max_precond_dim=max_precond_dim,
+        ),
+        learning_rate, linesearch, max_linesearch_steps, slope_rtol, curv_rtol,
+    )
+
+
+def lbfgs(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    memory_size: int | None = None,
+    linesearch: str | optax.GradientTransformation | None = "zoom",
+    max_linesearch_steps: int = 20,
+    slope_rtol: float = 1e-4,
+    curv_rtol: float = 0.9,
+    min_cosine: float = 1e-8,
+    same_batch_pairs: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    """L-BFGS (memory ``m``, default 10) with a line search: ``optax.lbfgs``'s composition with this library's
+    :func:`~optax_second_order.scale_by_lbfgs` (pairs that fail the curvature test are skipped, non-finite
+    gradients never stored). ``linesearch=None`` with ``same_batch_pairs=True`` is the stochastic mode: a fixed
+    ``learning_rate`` and one extra gradient of ``value_fn`` per step. Otherwise as :func:`bfgs`."""
+    return _quasi_newton_chain(
+        "lbfgs",
+        _quasi_newton.scale_by_lbfgs(memory_size, min_cosine=min_cosine, same_batch_pairs=same_batch_pairs),
+        learning_rate, linesearch, max_linesearch_steps, slope_rtol, curv_rtol,
+    )
+
+
+# --- K-BFGS (transforms/kbfgs.py) -------------------------------------------------------------
+
+
+def kbfgs(
+    learning_rate: optax.ScalarOrSchedule,
+    layers: Layers,
+    *,
+    damping: float = 0.3,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    ema_decay: float = 0.9,
+    pair_decay: float = 0.9,
+    limited_memory: bool = False,
+    memory_size: int | None = None,
+    statistics_frequency: int = 1,
+    min_cosine: float = 1e-8,
+) -> optax.GradientTransformationExtraArgs:
+    """K-BFGS, or K-BFGS(L) with ``limited_memory=True`` (Goldfarb, Ren & Bahamou 2020).
+
+    ``chain(add_decayed_weights(weight_decay), scale_by_kbfgs, scale_by_learning_rate)``: the weight decay is
+    the paper's L2 term (``tau = 1e-5`` there), added to the gradient before the momentum. ``layers`` from
+    ``oso.kronecker.find_layers`` or ``oso.flax.find_layers``; ``update`` needs ``model_fn`` and ``loss``.
+    The authors' defaults: ``learning_rate = 0.3``, ``damping = 0.3``. See
+    :func:`~optax_second_order.scale_by_kbfgs` for the other arguments.
+    """
+    _check_alias("kbfgs", learning_rate, weight_decay, momentum)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        _kbfgs.scale_by_kbfgs(
+            layers,
+            learning_rate=learning_rate,
+            damping=damping,
+            momentum=momentum,
+            ema_decay=ema_decay,
+            pair_decay=pair_decay,
+            limited_memory=limited_memory,
+            memory_size=memory_size,
+            statistics_frequency=statistics_frequency,
+            min_cosine=min_cosine,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

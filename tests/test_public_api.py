@@ -5,6 +5,7 @@ import inspect
 import optax_second_order as oso
 
 ALIASES = [oso.adam, oso.adagrad, oso.adahessian, oso.sophia, oso.shampoo, oso.soap, oso.kfac]
+ALIASES += [oso.bfgs, oso.dfp, oso.sr1, oso.lbfgs, oso.kbfgs]
 
 
 def test_namespace_has_no_internals():
@@ -14,6 +15,7 @@ def test_namespace_has_no_internals():
         assert internal not in public, internal
     assert set(oso.__all__) <= public
     assert {"hvp", "gnvp", "kfac", "scale_by_kfac", "losses", "kronecker", "capture", "flax"} <= public
+    assert {"bfgs", "lbfgs", "kbfgs", "scale_by_quasi_newton", "scale_by_lbfgs", "scale_by_kbfgs"} <= public
 
 
 def test_aliases_hide_no_arguments():

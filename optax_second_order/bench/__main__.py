@@ -1,4 +1,4 @@
-"""Command line: ``python -m optax_second_order.bench [run|primitives] [flags]`` (also ``oso-bench``).
+"""Command line: ``python -m optax_second_order.bench [run|primitives|...] [flags]`` (also ``oso-bench``).
 
 ``run`` (the default) runs tasks x optimizers x learning rates x seeds and writes, under ``--out``:
 ``results.json`` (every run's curves and the summary), ``results.md`` (the table, also printed) and one
@@ -6,6 +6,8 @@
 :mod:`optax_second_order.bench.primitives`). ``newton-rosenbrock``, ``newton-grid`` and ``newton-cost`` count the Newton
 family's evaluations to ``||g|| < 1e-6`` on Rosenbrock beside scipy, run its methods over a learning-rate x damping
 grid counting non-finite steps, and time one CG iteration against a gradient (see :mod:`optax_second_order.bench.newton`).
+``quasi-newton`` counts iterations and evaluations of the line-search methods on deterministic problems (see
+:mod:`optax_second_order.bench.quasi_newton`).
 
 The default run is kept small so that it finishes in a few minutes on 2 CPU cores with every registered
 optimizer: the tasks in :data:`DEFAULT_TASKS` at their default step budgets, one seed, each optimizer's
@@ -50,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "command", nargs="?", default="run",
-        choices=("run", "primitives", "shampoo-roots", "newton-rosenbrock", "newton-grid", "newton-cost"),
+        choices=("run", "primitives", "shampoo-roots", "newton-rosenbrock", "newton-grid", "newton-cost", "quasi-newton"),
         help="default: run",
     )
     parser.add_argument("--tasks", default=None, help=f"comma list or 'all' (default: {','.join(DEFAULT_TASKS)})")
@@ -135,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from optax_second_order.bench import newton
 
         newton.main(args.command, args.repeats)
+    elif args.command == "quasi-newton":  # evaluations to a tolerance on deterministic problems
+        from optax_second_order.bench import quasi_newton
+
+        quasi_newton.main(args.out)
     else:
         run_benchmark(args)
 

@@ -219,4 +219,37 @@ OPTIMIZERS["natural-gradient"] = OptimizerSpec(
     learning_rates=_NEWTON_LRS,
     description="Natural gradient: sampled true Fisher + CG (at most 20 iterations), damping 1e-3, KL-normalized step "
     "eta = sqrt(2 * 0.01 / g^T F^-1 g) (KL per step 0.01 lr^2)",
+# --- quasi-Newton and K-BFGS (transforms/quasi_newton.py, transforms/kbfgs.py) ---------------------------
+# On minibatches the quasi-Newton methods run in their stochastic mode: a fixed learning rate, no line search,
+# pairs formed on the same minibatch (one extra gradient per step). Deterministic problems, with line searches
+# and evaluation counts, are in `python -m optax_second_order.bench quasi-newton` (bench/quasi_newton.py).
+
+
+def _kbfgs(learning_rate, task: "Task", **options):
+    """K-BFGS on the task's linen module: its Dense/Conv layers captured once, the rest diagonal."""
+    import jax
+
+    inputs = task.eval_batch[0]
+    find_layers = oso.flax.find_layers if task.module is not None else oso.kronecker.find_layers
+    layers = find_layers(lambda p: task.apply(p, inputs), task.init(jax.random.key(0)))
+    return oso.kbfgs(learning_rate, layers, **options)
+
+
+OPTIMIZERS["kbfgs"] = OptimizerSpec(
+    make=lambda learning_rate, task: _kbfgs(learning_rate, task),
+    learning_rates=(3.0, 1.0, 0.3),  # the authors' 0.3 and above: 0.3 was the best of (0.3, 0.1, 0.03) on digits-mlp
+    description="K-BFGS (Goldfarb, Ren & Bahamou 2020): BFGS on H_g with double damping, Hessian-action BFGS on "
+    "H_a, damping 0.3, momentum 0.9; two extra forward/backward passes per step",
+)
+OPTIMIZERS["kbfgs-l"] = OptimizerSpec(
+    make=lambda learning_rate, task: _kbfgs(learning_rate, task, limited_memory=True),
+    learning_rates=(3.0, 1.0, 0.3),
+    description="K-BFGS(L): as K-BFGS with H_g an L-BFGS memory of 100 pairs (H_0 = I; the same steps as K-BFGS "
+    "while no pair has left the memory)",
+)
+OPTIMIZERS["lbfgs-stochastic"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.lbfgs(learning_rate, linesearch=None, same_batch_pairs=True),
+    learning_rates=(0.3, 0.1, 0.03),
+    description="oso.lbfgs in its stochastic mode: memory 10, fixed learning rate, pairs on the same minibatch "
+    "(one extra gradient per step)",
 )
