@@ -42,6 +42,9 @@ __all__ = [
     "static_int",
     "stat_dtype",
     "is_refresh_step",
+    "stagger_slots",
+    "partition_by_cost",
+    "due_slot",
     "all_finite",
     "keep_if_nonfinite",
     "finite_ema",
@@ -63,6 +66,8 @@ EXTRA_ARGS = {
     "model_fn": "params -> model outputs (logits, predictions) on the current batch",
     "loss": "an output-space loss from optax_second_order.losses bound to the batch's targets",
     "full_params": "the whole parameter tree, when the transformation runs inside optax.masked / multi_transform",
+    "hvp_fn": "v -> H v, the Hessian of value_fn at params applied to a params-like v (from oso.grad_and_hvp_fn); "
+    "Hutchinson estimators use it instead of differentiating value_fn again",
 }
 
 
@@ -174,6 +179,43 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 def is_refresh_step(count: jax.Array, every: Any, start: Any = 0) -> jax.Array:
     """True on steps ``start, start + every, ...`` (``count`` counts completed updates; ``every`` may be traced)."""
     return (count >= start) & ((count - start) % every == 0)
+
+
+def stagger_slots(transform: str, stagger: Any, precondition_frequency: Any) -> int:
+    """The number of slots a refresh is spread over: 1 for ``None`` / ``False`` (all at once), ``precondition_frequency``
+    for ``True`` (it must then be concrete: under ``optax.inject_hyperparams`` list it in ``static_args``), else
+    ``stagger`` itself (a structural integer, :func:`static_int`)."""
+    if stagger is None or stagger is False:
+        return 1
+    if stagger is True:
+        return static_int(transform, "precondition_frequency", precondition_frequency, 1)
+    return static_int(transform, "stagger", stagger, 1)
+
+
+def partition_by_cost(costs: Any, slots: int) -> tuple[int, ...]:
+    """A static partition of refresh units into ``slots`` slots with balanced total cost: the slot of each unit.
+
+    Greedy longest-processing-time: units by decreasing cost (ties by position) each go to the slot with the least
+    cost so far (ties: the lowest slot). The most expensive slot costs at most ``4/3`` of the best partition's
+    (Graham 1969), and never less than ``max(costs)`` or ``sum(costs) / slots``.
+    """
+    loads = [0.0] * slots
+    slot_of = [0] * len(costs)
+    for unit in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(slots), key=lambda r: (loads[r], r))
+        slot_of[unit] = slot
+        loads[slot] += costs[unit]
+    return tuple(slot_of)
+
+
+def due_slot(count: jax.Array, every: Any, offset: Any = 0) -> jax.Array:
+    """The slot whose refresh falls on step ``count``: ``(offset - count) mod every`` (int32).
+
+    Slot ``r`` is refreshed on steps ``offset - r + k every``: slot 0 on the unstaggered schedule, slot ``r`` that
+    many steps earlier, so by step ``offset`` every slot has been refreshed once (where ``offset - r >= 0``). A slot
+    index ``>=`` the number of slots means that no slot is due.
+    """
+    return jnp.mod(jnp.asarray(offset, jnp.int32) - count.astype(jnp.int32), jnp.asarray(every, jnp.int32))
 
 
 # --- non-finite numbers ----------------------------------------------------------------------------

@@ -40,19 +40,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_second_order.curvature.matrix import eigh_psd
+from optax_second_order.curvature.matrix import eigh_psd, orthogonal_iteration_step
 from optax_second_order.transforms import blocking
 from optax_second_order.transforms.common import (
     all_finite,
     check,
+    check_choice,
     check_float_leaves,
     discard_nonfinite,
+    due_slot,
+    partition_by_cost,
+    stagger_slots,
     stat_dtype,
     static_int,
 )
 from optax_second_order.transforms.damping import reject_step
 
-__all__ = ["SoapState", "scale_by_soap"]
+__all__ = ["SoapState", "scale_by_soap", "BASIS_METHODS"]
+
+BASIS_METHODS = ("qr", "cholesky_qr")
 
 
 class SoapState(NamedTuple):
@@ -97,13 +103,28 @@ def _eigenbasis(factor: jax.Array) -> jax.Array:
     return eigh_psd(factor)[1][:, ::-1]
 
 
-def _power_qr_refresh(factor, basis, nu, mode):
-    """One power-iteration step with QR; ``nu`` follows the sorted eigenvectors along ``mode``."""
+def _sorted_basis(factor, basis, nu, mode):
+    """The columns of ``Q`` sorted by decreasing ``diag(Q^T L Q)``, and ``nu`` permuted alike along ``mode``."""
     estimated = jnp.einsum("ij,ik,kj->j", basis, factor, basis, precision=jax.lax.Precision.HIGHEST)
     order = jnp.argsort(-estimated, stable=True)
-    nu = jnp.take(nu, order, axis=mode)
-    q, _ = jnp.linalg.qr(jnp.matmul(factor, basis[:, order], precision=jax.lax.Precision.HIGHEST))
+    return basis[:, order], jnp.take(nu, order, axis=mode)
+
+
+def _power_qr_refresh(factor, basis, nu, mode):
+    """One power-iteration step with Householder QR (the official code); ``nu`` follows the sorted eigenvectors
+    along ``mode``."""
+    basis, nu = _sorted_basis(factor, basis, nu, mode)
+    q, _ = jnp.linalg.qr(jnp.matmul(factor, basis, precision=jax.lax.Precision.HIGHEST))
     return q, nu
+
+
+def _cholesky_qr_refresh(factor, basis, nu, mode):
+    """The same step with :func:`~optax_second_order.curvature.matrix.orthogonal_iteration_step` (shifted
+    CholeskyQR3 of ``(L / ||L||_F + 1e-5 I) Q``: products, a Cholesky factorization and triangular solves); a
+    basis that fails comes back non-finite, so the caller keeps the previous one."""
+    basis, nu = _sorted_basis(factor, basis, nu, mode)
+    q, ok = orthogonal_iteration_step(factor, basis)
+    return jnp.where(ok, q, jnp.nan), nu
 
 
 def scale_by_soap(
@@ -115,6 +136,8 @@ def scale_by_soap(
     max_precond_dim: int | None = None,
     normalize_grads: bool = False,
     correct_bias: bool = True,
+    basis_method: str = "qr",
+    stagger: bool | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP's update direction (see the module docstring); chain with the learning rate (:func:`soap`).
 
@@ -127,6 +150,14 @@ def scale_by_soap(
         ``optax.inject_hyperparams`` leave it ``None`` or list it in ``static_args``).
       normalize_grads: divide each leaf's direction by its RMS (official option, helps at frequency ~100).
       correct_bias: Adam's bias correction.
+      basis_method: the orthonormalization of the refresh ``L Q``: ``"qr"`` (Householder, the official code's;
+        fastest on CPU) or ``"cholesky_qr"`` (shifted CholeskyQR3 with a relative shift of ``1e-5``: products,
+        Cholesky and triangular solves, for GPU/TPU).
+      stagger: spread each refresh over this many steps (``True``: ``precondition_frequency``; ``None``/``False``:
+        every basis on one step): a fixed partition of the (leaf, mode) factors balanced by the cost ``d^3``,
+        slot ``r`` refreshed ``r`` steps before the unstaggered schedule. At most ``precondition_frequency``; a
+        shape, so under ``optax.inject_hyperparams`` list it (or, with ``True``, ``precondition_frequency``) in
+        ``static_args``. The first call still computes every basis (by eigh).
     """
     name = "scale_by_soap"
     shampoo_beta = b2 if shampoo_beta is None else shampoo_beta
@@ -135,6 +166,16 @@ def scale_by_soap(
     check(name, "eps", eps, lambda x: x >= 0, ">= 0")
     check(name, "precondition_frequency", precondition_frequency, lambda x: x >= 1 and float(x).is_integer(), "an integer >= 1")
     max_precond_dim = static_int(name, "max_precond_dim", max_precond_dim, 10000)
+    check_choice(name, "basis_method", basis_method, BASIS_METHODS)
+    slots = stagger_slots(name, stagger, precondition_frequency)
+    check(name, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
+          f"at most precondition_frequency ({precondition_frequency})")
+
+    def slot_table(leaves):
+        """The refresh slot of each (leaf, mode) factor, per leaf: a partition balanced by ``d^3``."""
+        units = [(j, x.shape[i]) for j, x in enumerate(leaves) for i in _preconditioned_modes(x.shape, max_precond_dim)]
+        slot_of = iter(partition_by_cost([float(d) ** 3 for _, d in units], slots))
+        return [tuple(next(slot_of) for _ in _preconditioned_modes(x.shape, max_precond_dim)) for x in leaves]
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
@@ -145,7 +186,30 @@ def scale_by_soap(
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (fresh buffers: the state is donatable)
         return SoapState(zero(), jax.tree.map(zeros, params), jax.tree.map(zeros, params), factors, bases, zero(), zero())
 
-    def leaf_update(g, mu, nu, factors, bases, count):
+    def refresh_fn():
+        return _power_qr_refresh if basis_method == "qr" else _cholesky_qr_refresh
+
+    def staggered_bases(safe, finite, bases, nu, modes, slots_of_modes, count):
+        """Per factor: eigh on the first call, a refresh when its slot is due, else as it was."""
+        due = due_slot(count, precondition_frequency)
+        new_bases, failed = [], jnp.zeros((), jnp.int32)
+        for f, q, mode, slot in zip(safe, bases, modes, slots_of_modes):
+
+            def first_basis(q, nu, f=f):
+                return _eigenbasis(f), nu
+
+            def refresh(q, nu, f=f, mode=mode):
+                return refresh_fn()(f, q, nu, mode)
+
+            branch = jnp.where(count == 0, 0, jnp.where(due == slot, 1, 2))
+            new_q, new_nu = jax.lax.switch(branch, (first_basis, refresh, lambda q, v: (q, v)), q, nu)
+            ok = finite & all_finite(new_q)
+            new_bases.append(jnp.where(ok, new_q, q))
+            nu = jnp.where(ok, new_nu, nu)
+            failed += ((branch != 2) & ~ok).astype(jnp.int32)
+        return tuple(new_bases), nu, failed
+
+    def leaf_update(g, mu, nu, factors, bases, count, slots_of_modes):
         modes = _preconditioned_modes(g.shape, max_precond_dim)
         t = jnp.maximum(count, 1).astype(g.dtype)
         # Adam in the eigenbasis (skipped on the first call, where the basis does not exist yet).
@@ -174,10 +238,13 @@ def scale_by_soap(
         def refresh(bases, nu):
             new = []
             for f, q, mode in zip(safe, bases, modes):
-                q, nu = _power_qr_refresh(f, q, nu, mode)
+                q, nu = refresh_fn()(f, q, nu, mode)
                 new.append(q)
             return tuple(new), nu
 
+        if slots > 1:
+            bases, nu, failed = staggered_bases(safe, finite, bases, nu, modes, slots_of_modes, count)
+            return direction, mu, nu, factors, bases, failed
         branch = jnp.where(count == 0, 0, jnp.where(count % precondition_frequency == 0, 1, 2))
         new_bases, new_nu = jax.lax.switch(branch, (first_basis, refresh, lambda b, v: (b, v)), bases, nu)
         ok = finite & all_finite(new_bases)
@@ -191,8 +258,9 @@ def scale_by_soap(
         leaves, treedef = jax.tree.flatten(updates)
         mu, nu, factors = discard_nonfinite((state.mu, state.nu, state.factors))  # a corrupt statistic restarts
         results = [
-            leaf_update(g.astype(m.dtype), m, v, f, q, state.count)
-            for g, m, v, f, q in zip(leaves, jax.tree.leaves(mu), jax.tree.leaves(nu), factors, state.bases)
+            leaf_update(g.astype(m.dtype), m, v, f, q, state.count, r)
+            for g, m, v, f, q, r in zip(leaves, jax.tree.leaves(mu), jax.tree.leaves(nu), factors, state.bases,
+                                        slot_table(leaves))
         ]
         direction, mu, nu, factors, bases, failed = zip(*results) if results else ((),) * 6
         out = [d.astype(g.dtype) for d, g in zip(direction, leaves)]
