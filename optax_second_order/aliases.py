@@ -207,6 +207,7 @@ def soap(
     correct_bias: bool = True,
     basis_method: str = "qr",
     stagger: bool | int | None = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
 
@@ -228,6 +229,7 @@ def soap(
             correct_bias=correct_bias,
             basis_method=basis_method,
             stagger=stagger,
+            block_size=block_size,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

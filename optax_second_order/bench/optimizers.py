@@ -41,14 +41,18 @@ class OptimizerSpec:
 
     Attributes:
       make: ``make(learning_rate, task) -> optax.GradientTransformation``; ``task`` gives access to the
-        model (``task.module``) for methods that need it (layer capture) and may be ignored.
+        model (``task.module``) for methods that need it (layer capture) and the run's seed (``task.seed``, for
+        optimizers that take one), and may be ignored.
       learning_rates: the default grid (3 values, best first is not required).
       description: one line for the tables and the docs.
+      hvp: the runner's step computes the gradient with ``oso.grad_and_hvp_fn`` and passes its ``hvp_fn`` (for the
+        Hutchinson estimators: one linearization for the gradient and the Hessian-vector product).
     """
 
     make: Callable[[float, "Task"], optax.GradientTransformation]
     learning_rates: tuple[float, ...]
     description: str
+    hvp: bool = False
 
 
 def only_extras(tx: optax.GradientTransformation, *names: str) -> optax.GradientTransformationExtraArgs:

@@ -8,6 +8,8 @@ same keywords to every child, so every transformation uses the same names):
 * ``model_fn``: params -> model outputs (logits, predictions) on the current batch;
 * ``loss``: an output-space loss from :mod:`optax_second_order.curvature.losses`, bound to the
   batch's targets;
+* ``hvp_fn``: ``v -> H v``, the Hessian of ``value_fn`` at ``params`` (from ``oso.grad_and_hvp_fn``, the training
+  step's own linearization); Hutchinson estimators use it instead of differentiating ``value_fn`` again;
 * ``full_params``: the whole parameter tree, needed only inside ``optax.masked`` / ``multi_transform`` /
   ``partition``, which hand the inner transformation the *masked* params while ``value_fn`` and ``model_fn``
   are functions of the whole tree (:func:`masked_extras`).
@@ -22,10 +24,11 @@ alone) and :func:`static_int` says what to do when one arrives as an array.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -45,6 +48,9 @@ __all__ = [
     "stagger_slots",
     "partition_by_cost",
     "due_slot",
+    "StaggerTables",
+    "stagger_tables",
+    "update_slot_units",
     "all_finite",
     "keep_if_nonfinite",
     "finite_ema",
@@ -218,6 +224,52 @@ def due_slot(count: jax.Array, every: Any, offset: Any = 0) -> jax.Array:
     return jnp.mod(jnp.asarray(offset, jnp.int32) - count.astype(jnp.int32), jnp.asarray(every, jnp.int32))
 
 
+class StaggerTables(NamedTuple):
+    """Which units of each stack a refresh slot recomputes (from :func:`stagger_tables`).
+
+    ``counts[s][r]``: how many units of stack ``s`` slot ``r`` holds; ``tables[s]``: for each distinct nonzero count
+    ``k`` of stack ``s``, ``(k, table)`` with ``table`` a ``[slots, k]`` int32 array whose row ``r`` lists slot
+    ``r``'s units when it holds ``k`` of them (other rows unused).
+    """
+
+    counts: tuple[np.ndarray, ...]
+    tables: tuple[tuple[tuple[int, np.ndarray], ...], ...]
+
+
+def stagger_tables(sizes: Sequence[int], costs: Sequence[float], slots: int) -> StaggerTables:
+    """A static partition of the units of stacks (``sizes[s]`` units of cost ``costs[s]`` each, such as a stack of
+    ``[n, d, d]`` factors with cost ``d^3``) into ``slots`` slots, balanced by :func:`partition_by_cost`."""
+    units = [(s, i) for s, n in enumerate(sizes) for i in range(n)]
+    slot_of = partition_by_cost([float(costs[s]) for s, _ in units], slots)
+    members: list[list[list[int]]] = [[[] for _ in range(slots)] for _ in sizes]
+    for (s, i), r in zip(units, slot_of):
+        members[s][r].append(i)
+    counts, tables = [], []
+    for per_slot in members:
+        count = np.array([len(m) for m in per_slot], np.int32)
+        stack_tables = []
+        for k in sorted(set(count.tolist()) - {0}):
+            table = np.zeros((slots, k), np.int32)
+            for r, m in enumerate(per_slot):
+                if len(m) == k:
+                    table[r] = m
+            stack_tables.append((k, table))
+        counts.append(count)
+        tables.append(tuple(stack_tables))
+    return StaggerTables(tuple(counts), tuple(tables))
+
+
+def update_slot_units(tables: StaggerTables, stack: int, slot: jax.Array, due: jax.Array, update: Callable, carry: Any):
+    """``update(indices, carry)`` with the (int32) indices of stack ``stack``'s units in ``slot`` when ``due``, else
+    ``carry``: one ``jax.lax.cond`` per distinct number of units a slot holds, so each compiled branch has static
+    shapes and a step pays only for its own slot's units."""
+    slot = jnp.minimum(slot, len(tables.counts[stack]) - 1)
+    for k, table in tables.tables[stack]:
+        holds_k = due & (jnp.asarray(tables.counts[stack])[slot] == k)
+        carry = jax.lax.cond(holds_k, lambda c, t=table: update(jnp.asarray(t)[slot], c), lambda c: c, carry)
+    return carry
+
+
 # --- non-finite numbers ----------------------------------------------------------------------------
 
 
@@ -343,7 +395,8 @@ def masked_view(params: PyTree, extra: dict[str, Any], transform: str) -> Masked
 
 
 def masked_extras(params: PyTree, extra: dict[str, Any], transform: str) -> dict[str, Any]:
-    """``extra`` with ``value_fn`` and ``model_fn`` restricted to the visible leaves when ``params`` is masked.
+    """``extra`` with ``value_fn``, ``model_fn`` and ``hvp_fn`` restricted to the visible leaves when ``params`` is
+    masked.
 
     ``value_fn(p)`` becomes ``value_fn(embed(p))`` with the masked leaves held at their values in
     ``full_params``: curvature is then taken with respect to the leaves the mask lets through, at the whole
@@ -356,6 +409,8 @@ def masked_extras(params: PyTree, extra: dict[str, Any], transform: str) -> dict
     for name in ("value_fn", "model_fn"):
         if extra.get(name) is not None:
             out[name] = (lambda fn: lambda p: fn(view.embed(p)))(extra[name])
+    if extra.get("hvp_fn") is not None:  # H v with v zero on the masked leaves, cut to the visible ones
+        out["hvp_fn"] = (lambda fn: lambda v: view.restrict(fn(view.embed_zeros(v))))(extra["hvp_fn"])
     return out
 
 

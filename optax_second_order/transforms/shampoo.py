@@ -62,7 +62,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
@@ -78,10 +77,11 @@ from optax_second_order.transforms.common import (
     due_slot,
     is_refresh_step,
     map_over_devices,
-    partition_by_cost,
     stagger_slots,
+    stagger_tables,
     stat_dtype,
     static_int,
+    update_slot_units,
 )
 
 __all__ = ["ShampooState", "scale_by_shampoo", "GRAFTING_TYPES", "ROOT_METHODS"]
@@ -128,41 +128,6 @@ class _Plan(NamedTuple):
     leaves: tuple[_LeafPlan | None, ...]  # None: diagonal fallback
     groups: tuple[tuple[int, int], ...]  # (d, tensor order k) of each stack; its root is p = 2k or the override
     sizes: tuple[int, ...]  # number of factors in each stack
-
-
-class _Stagger(NamedTuple):
-    """Which factors each refresh slot recomputes, as tables indexed by the slot (see :func:`_stagger_tables`).
-
-    ``counts[g][r]``: how many factors of stack ``g`` slot ``r`` refreshes; ``tables[g]``: for each distinct nonzero
-    count ``k`` of stack ``g``, ``(k, [slots, k] int32 indices)`` whose row ``r`` lists slot ``r``'s factors (rows of
-    slots with another count are unused).
-    """
-
-    slots: int
-    counts: tuple[np.ndarray, ...]
-    tables: tuple[tuple[tuple[int, np.ndarray], ...], ...]
-
-
-def _stagger_tables(plan: _Plan, slots: int) -> _Stagger:
-    """A static partition of every stack's factors into ``slots`` slots, balanced by the cost ``d^3`` of a root."""
-    units = [(g, i) for g, n in enumerate(plan.sizes) for i in range(n)]
-    slot_of = partition_by_cost([float(plan.groups[g][0]) ** 3 for g, _ in units], slots)
-    members = [[[] for _ in range(slots)] for _ in plan.sizes]
-    for (g, i), r in zip(units, slot_of):
-        members[g][r].append(i)
-    counts, tables = [], []
-    for per_slot in members:
-        count = np.array([len(m) for m in per_slot], np.int32)
-        group_tables = []
-        for k in sorted(set(count.tolist()) - {0}):
-            table = np.zeros((slots, k), np.int32)
-            for r, m in enumerate(per_slot):
-                if len(m) == k:
-                    table[r] = m
-            group_tables.append((k, table))
-        counts.append(count)
-        tables.append(tuple(group_tables))
-    return _Stagger(slots, tuple(counts), tuple(tables))
 
 
 def _make_plan(shapes, block_size, merge_dims, max_dim) -> _Plan:
@@ -326,25 +291,19 @@ def scale_by_shampoo(
 
     def staggered_roots(stats, roots, plan, count):
         """The roots of the slot due at ``count`` (if any); the others keep theirs."""
-        tables = _stagger_tables(plan, slots)
+        tables = stagger_tables(plan.sizes, [float(d) ** 3 for d, _ in plan.groups], slots)
         slot = due_slot(count, precondition_frequency, start)
         due = (slot < slots) & (count >= start - slot)
-        slot = jnp.minimum(slot, slots - 1)
         new_roots, failures = [], jnp.zeros((), jnp.int32)
-        for (_, order), h, group_roots, counts, group_tables in zip(plan.groups, stats, roots, tables.counts, tables.tables):
-            fn = root_fn(order)
-            for k, table in group_tables:
+        for group, ((_, order), h, group_roots) in enumerate(zip(plan.groups, stats, roots)):
 
-                def refresh(r, table=table):
-                    index = jnp.asarray(table)[slot]
-                    root, ok = map_over_devices(fn, (h[index],), precondition_sharding)
-                    kept = jnp.where(ok[:, None, None], root, r[index])
-                    return r.at[index].set(kept), jnp.sum(~ok, dtype=jnp.int32)
+            def refresh(index, carry, fn=root_fn(order), h=h):
+                r, failures = carry
+                root, ok = map_over_devices(fn, (h[index],), precondition_sharding)
+                kept = jnp.where(ok[:, None, None], root, r[index])
+                return r.at[index].set(kept), failures + jnp.sum(~ok, dtype=jnp.int32)
 
-                group_roots, bad = jax.lax.cond(
-                    due & (jnp.asarray(counts)[slot] == k), refresh, lambda r: (r, jnp.zeros((), jnp.int32)), group_roots
-                )
-                failures += bad
+            group_roots, failures = update_slot_units(tables, group, slot, due, refresh, (group_roots, failures))
             new_roots.append(group_roots)
         return tuple(new_roots), failures
 
