@@ -5,6 +5,11 @@
 #   make notebook-outputs -- run notebooks/*.ipynb and store their outputs in the files (the docs show those)
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# XLA:CPU runs eigh, QR and Cholesky in OpenBLAS, whose threads compete with XLA's own: with one OpenBLAS thread the
+# refreshes of Shampoo, SOAP and K-FAC run several times faster and steadier (docs/benchmark.md, "CPU threads").
+# It must be set before Python starts; override with `make demo OPENBLAS_NUM_THREADS=...`.
+OPENBLAS_NUM_THREADS ?= 1
+export OPENBLAS_NUM_THREADS
 STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml

@@ -164,6 +164,8 @@ def shampoo(
     graft_b2: float = 0.999,
     graft_eps: float = 1e-8,
     precondition_sharding: NamedSharding | None = None,
+    root_method: str = "eigh",
+    stagger: bool | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo (Gupta et al. 2018; Anil et al. 2020) with momentum and decoupled weight decay.
 
@@ -189,6 +191,8 @@ def shampoo(
             graft_b2=graft_b2,
             graft_eps=graft_eps,
             precondition_sharding=precondition_sharding,
+            root_method=root_method,
+            stagger=stagger,
         ),
         optax.trace(decay=b1, nesterov=nesterov),
         optax.scale(1.0 - b1),
@@ -208,6 +212,9 @@ def soap(
     max_precond_dim: int | None = None,
     normalize_grads: bool = False,
     correct_bias: bool = True,
+    basis_method: str = "qr",
+    stagger: bool | int | None = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
 
@@ -227,6 +234,9 @@ def soap(
             max_precond_dim=max_precond_dim,
             normalize_grads=normalize_grads,
             correct_bias=correct_bias,
+            basis_method=basis_method,
+            stagger=stagger,
+            block_size=block_size,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
@@ -258,6 +268,7 @@ def kfac(
     min_damping: float = 1e-8,
     adaptive_learning_rate: bool = False,
     adaptive_momentum: bool = False,
+    stagger: bool | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: KL-clipped natural gradient, heavy-ball ``momentum`` on it, decoupled ``weight_decay``.
 
@@ -291,6 +302,7 @@ def kfac(
             min_damping=min_damping,
             adaptive_learning_rate=adaptive_learning_rate,
             adaptive_momentum=adaptive_momentum,
+            stagger=stagger,
         ),
         *([] if adaptive_momentum else [optax.trace(momentum)]),
         optax.add_decayed_weights(weight_decay),

@@ -24,4 +24,10 @@ CASES = [
         injected_value=0.2,
         uses_layers=True,
     ),
+    ContractCase(
+        # the conv and dense layers' refreshes in two slots; EK-FAC's interim scales
+        "kfac-ekfac-staggered", oso.kfac, dict(approximation="eigenvalue_corrected", precondition_frequency=2, stagger=2,
+                                               kl_clip=1.0),
+        needs=("model_fn", "loss"), inject="damping", uses_layers=True, static_args=("stagger",),
+    ),
 ]

@@ -75,7 +75,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return None
+
+
 def _environment() -> dict:
+    """Where the run ran: versions, the device, the threading settings that change CPU timings, the load."""
     device = jax.devices()[0]
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -85,6 +93,11 @@ def _environment() -> dict:
         "device": getattr(device, "device_kind", str(device)),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        # OpenBLAS runs XLA:CPU's eigh, QR and Cholesky; its threads compete with XLA's (docs/benchmark.md)
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
+        "load_average": _load_average(),
     }
 
 
@@ -107,7 +120,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, str]:
     optimizers = {n: OPTIMIZERS[n] for n in names}
     lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None
 
+    environment = _environment()
+    if environment["backend"] == "cpu" and environment["openblas_num_threads"] is None:
+        print("note: OPENBLAS_NUM_THREADS is not set; on CPU, eigh and QR run several times faster (and steadier) "
+              "with OPENBLAS_NUM_THREADS=1 set before Python starts (make demo sets it)", file=sys.stderr)
     results = run_grid(tasks, optimizers, range(args.seeds), args.steps, lrs, args.evaluations, _progress)
+    environment["load_average_after"] = _load_average()
     targets = report.target_losses(results, tasks, args.target)
     summary = report.summarize(results, targets)
     table = report.markdown(summary, tasks, targets)
@@ -115,7 +133,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, str]:
     os.makedirs(args.out, exist_ok=True)
     paths = {"json": os.path.join(args.out, "results.json"), "markdown": os.path.join(args.out, "results.md")}
     config = {k: v for k, v in vars(args).items() if k != "repeats"}
-    report.write_json(paths["json"], {**config, "environment": _environment()}, results, summary, targets)
+    report.write_json(paths["json"], {**config, "environment": environment}, results, summary, targets)
     with open(paths["markdown"], "w") as f:
         f.write(table)
     for i, path in enumerate(report.plot_all(results, targets, args.out)):

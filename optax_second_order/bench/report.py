@@ -5,7 +5,10 @@ over seeds (a diverged run counts as ``inf``). Its row reports that mean final l
 of the steps and seconds to the target loss (resolved to the evaluation interval; ``n/k`` marks that only
 ``n`` of ``k`` seeds reached it), the mean held-out accuracy, and the step time: the median, over all of the
 optimizer's runs on the task, of each run's median step time, also as a ratio to the reference optimizer's
-(``adam``) measured in the same run, and the mean step time over those runs (amortized work included).
+(``adam``) measured in the same run, and the mean step time over those runs (amortized work included), also as a
+ratio to the reference's mean. Tail latency: the median over the optimizer's runs of each run's slowest step
+(after the first, which pays one-time work in every optimizer), as a ratio to the reference's median step.
+Compile time: the jitted step's (once per task and optimizer), and its ratio to the reference's.
 
 The target loss of a task is, by ``target``:
 
@@ -48,6 +51,11 @@ class Row:
     step_time: float
     step_time_ratio: float | None
     mean_step_time: float
+    mean_step_ratio: float | None = None
+    slowest_step_time: float | None = None
+    slowest_step_ratio: float | None = None
+    compile_time: float | None = None
+    compile_ratio: float | None = None
 
 
 def _by(results: Sequence[RunResult], *keys: str) -> dict[tuple, list[RunResult]]:
@@ -86,13 +94,34 @@ def _median_step_time(results: Sequence[RunResult], task: str, optimizer: str) -
     return float(np.median([r.step_time for r in results if r.task == task and r.optimizer == optimizer]))
 
 
+def _mean_step_time(results: Sequence[RunResult], task: str, optimizer: str) -> float:
+    return float(np.mean([r.mean_step_time for r in results if r.task == task and r.optimizer == optimizer]))
+
+
+def _slowest_step_time(results: Sequence[RunResult], task: str, optimizer: str) -> float | None:
+    times = [r.max_step_time for r in results if r.task == task and r.optimizer == optimizer]
+    times = [t for t in times if t is not None and math.isfinite(t)]
+    return float(np.median(times)) if times else None
+
+
+def _compile_time(results: Sequence[RunResult], task: str, optimizer: str) -> float | None:
+    """The compile time of the step (runs that reused the executable record 0)."""
+    times = [r.compile_time for r in results if r.task == task and r.optimizer == optimizer and r.compile_time > 0]
+    return float(np.max(times)) if times else None
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return value / reference if value is not None and reference else None
+
+
 def summarize(results: Sequence[RunResult], targets: dict[str, float | None]) -> dict[str, list[Row]]:
     """Best-of-grid rows per task, in the order the optimizers ran."""
     summary: dict[str, list[Row]] = {}
     for (task,), task_runs in _by(results, "task").items():
-        reference = _median_step_time(task_runs, task, REFERENCE) if any(
-            r.optimizer == REFERENCE for r in task_runs
-        ) else None
+        has_reference = any(r.optimizer == REFERENCE for r in task_runs)
+        reference = _median_step_time(task_runs, task, REFERENCE) if has_reference else None
+        reference_mean = _mean_step_time(task_runs, task, REFERENCE) if has_reference else None
+        reference_compile = _compile_time(task_runs, task, REFERENCE) if has_reference else None
         rows = []
         for optimizer in dict.fromkeys(r.optimizer for r in task_runs):
             runs = best_runs(task_runs, task, optimizer)
@@ -100,6 +129,9 @@ def summarize(results: Sequence[RunResult], targets: dict[str, float | None]) ->
             hits = [h for h in (r.first_reaching(target) for r in runs) if h] if target is not None else []
             accuracies = [r.accuracy for r in runs if r.accuracy is not None]
             step_time = _median_step_time(task_runs, task, optimizer)
+            mean_step_time = _mean_step_time(task_runs, task, optimizer)
+            slowest = _slowest_step_time(task_runs, task, optimizer)
+            compile_time = _compile_time(task_runs, task, optimizer)
             rows.append(
                 Row(
                     optimizer=optimizer,
@@ -112,7 +144,12 @@ def summarize(results: Sequence[RunResult], targets: dict[str, float | None]) ->
                     accuracy=float(np.mean(accuracies)) if accuracies else None,
                     step_time=step_time,
                     step_time_ratio=step_time / reference if reference else None,
-                    mean_step_time=float(np.mean([r.mean_step_time for r in task_runs if r.optimizer == optimizer])),
+                    mean_step_time=mean_step_time,
+                    mean_step_ratio=_ratio(mean_step_time, reference_mean),
+                    slowest_step_time=slowest,
+                    slowest_step_ratio=_ratio(slowest, reference),
+                    compile_time=compile_time,
+                    compile_ratio=_ratio(compile_time, reference_compile),
                 )
             )
         summary[task] = rows
@@ -136,15 +173,16 @@ def markdown(summary: dict[str, list[Row]], tasks: Sequence[Task], targets: dict
         lines += [f"## {task}", "", descriptions.get(task, ""), "", f"Target loss: {_fmt(targets.get(task), '.4g')}", ""]
         lines += [
             f"| optimizer | best lr | final loss | steps to target | s to target | held-out acc | step ms | x {REFERENCE} "
-            "| mean step ms |",
-            "|---|---|---|---|---|---|---|---|---|",
+            f"| mean step ms | mean x {REFERENCE} | slowest x {REFERENCE} median | compile s | compile x {REFERENCE} |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             lines.append(
                 f"| {row.optimizer} | {row.learning_rate:g} | {_fmt(row.final_loss, '.4g')} "
                 f"| {_to_target(row.steps_to_target, row, '.0f')} | {_to_target(row.seconds_to_target, row, '.2f')} "
                 f"| {_fmt(row.accuracy, '.3f')} | {_fmt(1e3 * row.step_time, '.2f')} | {_fmt(row.step_time_ratio, '.2f')} "
-                f"| {_fmt(1e3 * row.mean_step_time, '.2f')} |"
+                f"| {_fmt(1e3 * row.mean_step_time, '.2f')} | {_fmt(row.mean_step_ratio, '.2f')} "
+                f"| {_fmt(row.slowest_step_ratio, '.1f')} | {_fmt(row.compile_time, '.1f')} | {_fmt(row.compile_ratio, '.2f')} |"
             )
         lines.append("")
     return "\n".join(lines)

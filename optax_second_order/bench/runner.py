@@ -6,7 +6,9 @@ Protocol, for every run:
    from ``spec.make(learning_rate, task)``.
 2. One jitted step computes ``value, grad = value_and_grad(value_fn)(params)`` on the minibatch and calls
    ``tx.update(grad, state, params, value_fn=, model_fn=, loss=, value=, grad=)`` -- every optimizer gets the
-   same extras and ignores the ones it does not use. Params and state are donated (``donate_argnums=(0, 1)``),
+   same extras and ignores the ones it does not use. For an entry with ``hvp=True`` the gradient comes from
+   ``oso.grad_and_hvp_fn`` instead, and ``hvp_fn`` is passed too. The transformation is built by
+   ``spec.make(learning_rate, task)`` with ``task.seed`` set to the run's seed. Params and state are donated (``donate_argnums=(0, 1)``),
    as in a tuned training loop, so the step updates them in place instead of copying every state array;
    the initial state is copied leaf by leaf first, so that each leaf owns its buffer even where an
    ``init`` puts one array in two fields (``optax.lbfgs``).
@@ -14,9 +16,10 @@ Protocol, for every run:
    the optimizer state (``optax.inject_hyperparams``), so the grid and the seeds share one executable (an
    optimizer that cannot take a traced learning rate is compiled once per learning rate instead). Compile
    time is recorded, not counted. Every step is timed with ``jax.block_until_ready``; the batch is fetched
-   before the clock starts. ``seconds`` is the sum of the timed steps, ``step_time`` their median and
+   before the clock starts. ``seconds`` is the sum of the timed steps, ``step_time`` their median,
    ``mean_step_time`` their mean (which, unlike the median, includes amortized work such as a root computed
-   every 10 steps).
+   every 10 steps) and ``max_step_time`` the slowest after the first (``first_step_time``: the first call also
+   pays one-time work, such as SOAP's first eigenbases); ``step_times`` lists them all.
 4. The loss on ``task.eval_batch`` (the fixed batch the task reports on) is measured at step 0, every
    ``eval_every`` steps and at the end, outside the clock. A non-finite loss stops the run (``diverged``).
 """
@@ -31,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from optax_second_order.curvature.products import grad_and_hvp_fn
 
 from optax_second_order.bench.optimizers import OptimizerSpec
 from optax_second_order.bench.tasks import Batch, Task
@@ -55,6 +60,9 @@ class RunResult:
     mean_step_time: float
     compile_time: float
     diverged: bool
+    max_step_time: float = float("nan")
+    first_step_time: float = float("nan")
+    step_times: list[float] = dataclasses.field(default_factory=list)
 
     def first_reaching(self, target: float) -> tuple[int, float] | None:
         """``(step, seconds)`` of the first evaluation with loss <= ``target``, or ``None``."""
@@ -64,9 +72,10 @@ class RunResult:
         return None
 
 
-def make_step(task: Task, tx: optax.GradientTransformation) -> Callable:
+def make_step(task: Task, tx: optax.GradientTransformation, hvp: bool = False) -> Callable:
     """``step(params, state, batch) -> (params, state, value)``, passing every extra argument to ``tx``.
 
+    With ``hvp`` the gradient comes from :func:`~optax_second_order.grad_and_hvp_fn` and ``hvp_fn`` is passed too.
     Jitted with ``params`` and ``state`` donated: the caller must not use them after the call.
     """
 
@@ -80,9 +89,13 @@ def make_step(task: Task, tx: optax.GradientTransformation) -> Callable:
         def value_fn(p):
             return loss(model_fn(p))
 
-        value, grad = jax.value_and_grad(value_fn)(params)
+        extra = {}
+        if hvp:
+            value, grad, extra["hvp_fn"] = grad_and_hvp_fn(value_fn, params, return_value=True)
+        else:
+            value, grad = jax.value_and_grad(value_fn)(params)
         updates, state = tx.update(
-            grad, state, params, value_fn=value_fn, model_fn=model_fn, loss=loss, value=value, grad=grad
+            grad, state, params, value_fn=value_fn, model_fn=model_fn, loss=loss, value=value, grad=grad, **extra
         )
         return optax.apply_updates(params, updates), state, value
 
@@ -111,7 +124,8 @@ class _Evaluator:
 
 
 def _injected(spec: OptimizerSpec, task: Task, learning_rate: float) -> optax.GradientTransformation:
-    """``spec.make(learning_rate, task)`` with the learning rate kept in the state as an array."""
+    """``spec.make(learning_rate, task)`` with the learning rate kept in the state as an array (the seed, in
+    ``task.seed``, only reaches ``init``: every seed shares the compiled step)."""
     return optax.inject_hyperparams(lambda learning_rate: spec.make(learning_rate, task))(learning_rate=learning_rate)
 
 
@@ -120,9 +134,9 @@ def _own_buffers(state):
     return jax.tree.map(jnp.copy, state)
 
 
-def _compile(task: Task, tx: optax.GradientTransformation, params, state, batch) -> tuple[Callable, float]:
+def _compile(task: Task, tx: optax.GradientTransformation, params, state, batch, hvp: bool) -> tuple[Callable, float]:
     start = time.perf_counter()
-    step = make_step(task, tx).lower(params, state, batch).compile()
+    step = make_step(task, tx, hvp).lower(params, state, batch).compile()
     return step, time.perf_counter() - start
 
 
@@ -144,6 +158,7 @@ def run_one(
     """
     evaluator = evaluator or _Evaluator(task)
     compiled = {} if compiled is None else compiled
+    task = dataclasses.replace(task, seed=seed)  # spec.make passes the run's seed to optimizers that take one
     params = task.init(jax.random.key(seed))
     batches = task.batches(seed)
     batch = next(batches)
@@ -154,14 +169,14 @@ def run_one(
             tx = _injected(spec, task, learning_rate)
             state = _own_buffers(tx.init(params))
             if key not in compiled:
-                compiled[key], compile_time = _compile(task, tx, params, state, batch)
+                compiled[key], compile_time = _compile(task, tx, params, state, batch, spec.hvp)
         except Exception as error:  # e.g. a learning rate used as a Python number; real errors recur below
             print(f"{name}: no traced learning rate ({type(error).__name__}: {error}); compiling once per rate")
             compiled[key] = False
     if compiled[key] is False:
         tx = spec.make(learning_rate, task)
         state = _own_buffers(tx.init(params))
-        step, compile_time = _compile(task, tx, params, state, batch)
+        step, compile_time = _compile(task, tx, params, state, batch, spec.hvp)
     else:
         step = compiled[key]
 
@@ -196,6 +211,9 @@ def run_one(
         mean_step_time=float(np.mean(step_times)) if step_times else float("nan"),
         compile_time=compile_time,
         diverged=diverged,
+        max_step_time=float(np.max(step_times[1:] or step_times)) if step_times else float("nan"),
+        first_step_time=float(step_times[0]) if step_times else float("nan"),
+        step_times=[float(t) for t in step_times],
     )
 
 

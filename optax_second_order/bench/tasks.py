@@ -72,6 +72,8 @@ class Task:
       target: default target loss (``--target task``), or ``None``.
       heldout: ``(inputs, integer labels)`` for held-out accuracy, or ``None``.
       x64: run in float64 (``jax.enable_x64``).
+      seed: the run's seed: the runner hands each run's optimizer factory a copy of the task with it set, for the
+        optimizers that take a seed (PRNG keys for probes and sampled targets).
     """
 
     name: str
@@ -86,6 +88,7 @@ class Task:
     target: float | None = None
     heldout: Batch | None = None
     x64: bool = False
+    seed: int = 0
 
     def batch_loss(self, params: PyTree, batch: Batch) -> jax.Array:
         """The loss of ``params`` on ``batch = (inputs, targets)``."""

@@ -61,20 +61,23 @@ def probes(key: jax.Array, params: PyTree, distribution: str = "rademacher") -> 
 
 
 def hutchinson_diagonal(
-    value_fn: Callable[[PyTree], jax.Array],
+    value_fn: Callable[[PyTree], jax.Array] | None,
     params: PyTree,
     key: jax.Array,
     num_probes: int = 1,
     distribution: str = "rademacher",
+    hvp_fn: Callable[[PyTree], PyTree] | None = None,
 ) -> PyTree:
     """Hutchinson's estimate ``(1/n) sum_k z_k * H z_k`` of the Hessian diagonal of ``value_fn``.
 
     The Hessian is linearized once and applied to the ``num_probes`` probes in one batched call;
-    probe ``k`` is ``probes(jax.random.split(key, num_probes)[k], params, distribution)``.
+    probe ``k`` is ``probes(jax.random.split(key, num_probes)[k], params, distribution)``. With ``hvp_fn``
+    (``v -> H v`` at ``params``, e.g. from :func:`~optax_second_order.grad_and_hvp_fn`) that map is used and
+    ``value_fn`` is not differentiated (it may be ``None``).
     """
     if num_probes < 1:
         raise ValueError(f"hutchinson_diagonal: num_probes must be >= 1, got {num_probes}")
-    hessian_vp = hvp_operator(value_fn, params)
+    hessian_vp = hvp_operator(value_fn, params) if hvp_fn is None else hvp_fn
 
     def z_hz(key):
         z = probes(key, params, distribution)

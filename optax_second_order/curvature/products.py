@@ -29,6 +29,7 @@ from optax_second_order.curvature.losses import OutputLoss
 __all__ = [
     "hvp",
     "hvp_operator",
+    "grad_and_hvp_fn",
     "gnvp",
     "gnvp_operator",
     "gnvp_quadratic_form",
@@ -50,6 +51,35 @@ def hvp_operator(value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> Lin
     """``v -> H v`` with ``H = d^2 value_fn / d params^2``, linearized once at ``params``."""
     _, hessian_vp = jax.linearize(jax.grad(value_fn), params)
     return hessian_vp
+
+
+def grad_and_hvp_fn(value_fn: Callable[[PyTree], jax.Array], params: PyTree, *, return_value: bool = False):
+    """The gradient of ``value_fn`` at ``params`` and the map ``v -> H v``, from one linearization.
+
+    ``jax.linearize(jax.grad(value_fn), params)``: the forward and backward pass run once and give the gradient,
+    and the returned linear map evaluates only the tangent (forward-over-reverse) part. A training step that
+    computes its gradient this way and passes ``hvp_fn=`` to the optimizer saves the Hessian-vector estimators
+    (AdaHessian, Sophia-H: the Hutchinson estimate) a second forward and backward pass::
+
+        grads, hvp_fn = oso.grad_and_hvp_fn(value_fn, params)
+        updates, state = tx.update(grads, state, params, value_fn=value_fn, hvp_fn=hvp_fn)
+
+    Under ``jax.jit`` the linear map costs nothing where it is not called (its work is only traced where used),
+    but the forward pass keeps the residuals it needs; ``docs/optimizers/adahessian.md`` has measurements.
+
+    Args:
+      value_fn: params -> scalar loss of the batch.
+      params: where to linearize.
+      return_value: also return the loss: ``(value, grads, hvp_fn)``.
+
+    Returns:
+      ``(grads, hvp_fn)``, or ``(value, grads, hvp_fn)`` with ``return_value``.
+    """
+    if return_value:
+        (value, grads), linear = jax.linearize(jax.value_and_grad(value_fn), params)
+        return value, grads, lambda v: linear(v)[1]
+    grads, hessian_vp = jax.linearize(jax.grad(value_fn), params)
+    return grads, hessian_vp
 
 
 def hvp(value_fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree) -> PyTree:

@@ -8,6 +8,8 @@ same keywords to every child, so every transformation uses the same names):
 * ``model_fn``: params -> model outputs (logits, predictions) on the current batch;
 * ``loss``: an output-space loss from :mod:`optax_second_order.curvature.losses`, bound to the
   batch's targets;
+* ``hvp_fn``: ``v -> H v``, the Hessian of ``value_fn`` at ``params`` (from ``oso.grad_and_hvp_fn``, the training
+  step's own linearization); Hutchinson estimators use it instead of differentiating ``value_fn`` again;
 * ``full_params``: the whole parameter tree, needed only inside ``optax.masked`` / ``multi_transform`` /
   ``partition``, which hand the inner transformation the *masked* params while ``value_fn`` and ``model_fn``
   are functions of the whole tree (:func:`masked_extras`).
@@ -22,10 +24,11 @@ alone) and :func:`static_int` says what to do when one arrives as an array.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -42,6 +45,12 @@ __all__ = [
     "static_int",
     "stat_dtype",
     "is_refresh_step",
+    "stagger_slots",
+    "partition_by_cost",
+    "due_slot",
+    "StaggerTables",
+    "stagger_tables",
+    "update_slot_units",
     "all_finite",
     "keep_if_nonfinite",
     "finite_ema",
@@ -63,6 +72,8 @@ EXTRA_ARGS = {
     "model_fn": "params -> model outputs (logits, predictions) on the current batch",
     "loss": "an output-space loss from optax_second_order.losses bound to the batch's targets",
     "full_params": "the whole parameter tree, when the transformation runs inside optax.masked / multi_transform",
+    "hvp_fn": "v -> H v, the Hessian of value_fn at params applied to a params-like v (from oso.grad_and_hvp_fn); "
+    "Hutchinson estimators use it instead of differentiating value_fn again",
 }
 
 
@@ -174,6 +185,89 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 def is_refresh_step(count: jax.Array, every: Any, start: Any = 0) -> jax.Array:
     """True on steps ``start, start + every, ...`` (``count`` counts completed updates; ``every`` may be traced)."""
     return (count >= start) & ((count - start) % every == 0)
+
+
+def stagger_slots(transform: str, stagger: Any, precondition_frequency: Any) -> int:
+    """The number of slots a refresh is spread over: 1 for ``None`` / ``False`` (all at once), ``precondition_frequency``
+    for ``True`` (it must then be concrete: under ``optax.inject_hyperparams`` list it in ``static_args``), else
+    ``stagger`` itself (a structural integer, :func:`static_int`)."""
+    if stagger is None or stagger is False:
+        return 1
+    if stagger is True:
+        return static_int(transform, "precondition_frequency", precondition_frequency, 1)
+    return static_int(transform, "stagger", stagger, 1)
+
+
+def partition_by_cost(costs: Any, slots: int) -> tuple[int, ...]:
+    """A static partition of refresh units into ``slots`` slots with balanced total cost: the slot of each unit.
+
+    Greedy longest-processing-time: units by decreasing cost (ties by position) each go to the slot with the least
+    cost so far (ties: the lowest slot). The most expensive slot costs at most ``4/3`` of the best partition's
+    (Graham 1969), and never less than ``max(costs)`` or ``sum(costs) / slots``.
+    """
+    loads = [0.0] * slots
+    slot_of = [0] * len(costs)
+    for unit in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(slots), key=lambda r: (loads[r], r))
+        slot_of[unit] = slot
+        loads[slot] += costs[unit]
+    return tuple(slot_of)
+
+
+def due_slot(count: jax.Array, every: Any, offset: Any = 0) -> jax.Array:
+    """The slot whose refresh falls on step ``count``: ``(offset - count) mod every`` (int32).
+
+    Slot ``r`` is refreshed on steps ``offset - r + k every``: slot 0 on the unstaggered schedule, slot ``r`` that
+    many steps earlier, so by step ``offset`` every slot has been refreshed once (where ``offset - r >= 0``). A slot
+    index ``>=`` the number of slots means that no slot is due.
+    """
+    return jnp.mod(jnp.asarray(offset, jnp.int32) - count.astype(jnp.int32), jnp.asarray(every, jnp.int32))
+
+
+class StaggerTables(NamedTuple):
+    """Which units of each stack a refresh slot recomputes (from :func:`stagger_tables`).
+
+    ``counts[s][r]``: how many units of stack ``s`` slot ``r`` holds; ``tables[s]``: for each distinct nonzero count
+    ``k`` of stack ``s``, ``(k, table)`` with ``table`` a ``[slots, k]`` int32 array whose row ``r`` lists slot
+    ``r``'s units when it holds ``k`` of them (other rows unused).
+    """
+
+    counts: tuple[np.ndarray, ...]
+    tables: tuple[tuple[tuple[int, np.ndarray], ...], ...]
+
+
+def stagger_tables(sizes: Sequence[int], costs: Sequence[float], slots: int) -> StaggerTables:
+    """A static partition of the units of stacks (``sizes[s]`` units of cost ``costs[s]`` each, such as a stack of
+    ``[n, d, d]`` factors with cost ``d^3``) into ``slots`` slots, balanced by :func:`partition_by_cost`."""
+    units = [(s, i) for s, n in enumerate(sizes) for i in range(n)]
+    slot_of = partition_by_cost([float(costs[s]) for s, _ in units], slots)
+    members: list[list[list[int]]] = [[[] for _ in range(slots)] for _ in sizes]
+    for (s, i), r in zip(units, slot_of):
+        members[s][r].append(i)
+    counts, tables = [], []
+    for per_slot in members:
+        count = np.array([len(m) for m in per_slot], np.int32)
+        stack_tables = []
+        for k in sorted(set(count.tolist()) - {0}):
+            table = np.zeros((slots, k), np.int32)
+            for r, m in enumerate(per_slot):
+                if len(m) == k:
+                    table[r] = m
+            stack_tables.append((k, table))
+        counts.append(count)
+        tables.append(tuple(stack_tables))
+    return StaggerTables(tuple(counts), tuple(tables))
+
+
+def update_slot_units(tables: StaggerTables, stack: int, slot: jax.Array, due: jax.Array, update: Callable, carry: Any):
+    """``update(indices, carry)`` with the (int32) indices of stack ``stack``'s units in ``slot`` when ``due``, else
+    ``carry``: one ``jax.lax.cond`` per distinct number of units a slot holds, so each compiled branch has static
+    shapes and a step pays only for its own slot's units."""
+    slot = jnp.minimum(slot, len(tables.counts[stack]) - 1)
+    for k, table in tables.tables[stack]:
+        holds_k = due & (jnp.asarray(tables.counts[stack])[slot] == k)
+        carry = jax.lax.cond(holds_k, lambda c, t=table: update(jnp.asarray(t)[slot], c), lambda c: c, carry)
+    return carry
 
 
 # --- non-finite numbers ----------------------------------------------------------------------------
@@ -303,7 +397,8 @@ def masked_view(params: PyTree, extra: dict[str, Any], transform: str) -> Masked
 
 
 def masked_extras(params: PyTree, extra: dict[str, Any], transform: str) -> dict[str, Any]:
-    """``extra`` with ``value_fn`` and ``model_fn`` restricted to the visible leaves when ``params`` is masked.
+    """``extra`` with ``value_fn``, ``model_fn`` and ``hvp_fn`` restricted to the visible leaves when ``params`` is
+    masked.
 
     ``value_fn(p)`` becomes ``value_fn(embed(p))`` with the masked leaves held at their values in
     ``full_params``: curvature is then taken with respect to the leaves the mask lets through, at the whole
@@ -316,6 +411,8 @@ def masked_extras(params: PyTree, extra: dict[str, Any], transform: str) -> dict
     for name in ("value_fn", "model_fn"):
         if extra.get(name) is not None:
             out[name] = (lambda fn: lambda p: fn(view.embed(p)))(extra[name])
+    if extra.get("hvp_fn") is not None:  # H v with v zero on the masked leaves, cut to the visible ones
+        out["hvp_fn"] = (lambda fn: lambda v: view.restrict(fn(view.embed_zeros(v))))(extra["hvp_fn"])
     return out
 
 

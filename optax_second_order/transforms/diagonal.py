@@ -109,10 +109,17 @@ def squared_gradient_estimate(grads, params, key, extra, name):
 
 
 def hutchinson_estimate(grads, params, key, extra, name):
-    """``z * H z`` with one Rademacher probe ``z``: unbiased for ``diag(H)`` (Sophia-H)."""
+    """``z * H z`` with one Rademacher probe ``z``: unbiased for ``diag(H)`` (Sophia-H).
+
+    ``H z`` from the extra argument ``hvp_fn`` when given (:func:`~optax_second_order.grad_and_hvp_fn`: the
+    training step's own linearization, no second forward/backward pass), else by differentiating ``value_fn``.
+    """
     del grads
+    params = require_params(params, name)
+    if extra.get("hvp_fn") is not None:
+        return hutchinson_diagonal(None, params, key, hvp_fn=extra["hvp_fn"])
     value_fn = extra_arg(extra, "value_fn", name)
-    return hutchinson_diagonal(value_fn, require_params(params, name), key)
+    return hutchinson_diagonal(value_fn, params, key)
 
 
 def gnb_estimate(grads, params, key, extra, name):
@@ -219,8 +226,9 @@ def scale_by_diagonal_curvature(
     ``s_hat = s / (1 - b2^n)`` after ``n`` estimates when bias correction is on.
 
     Args:
-      estimator: ``"squared_gradient"``, ``"hutchinson"`` (needs ``value_fn``), ``"gnb"`` (needs
-        ``model_fn`` and ``loss``), ``"adahessian"`` (needs ``value_fn``), or a callable
+      estimator: ``"squared_gradient"``, ``"hutchinson"`` (needs ``value_fn``, or ``hvp_fn`` from
+        :func:`~optax_second_order.grad_and_hvp_fn`), ``"gnb"`` (needs ``model_fn`` and ``loss``), ``"adahessian"``
+        (as ``"hutchinson"``), or a callable
         ``estimator(grads, params, key, extra, name) -> pytree`` (``extra`` is the dict of extra
         arguments given to ``update``).
       b1: momentum decay (0: the gradient itself).
@@ -367,7 +375,9 @@ def scale_by_adahessian(
         rank-4 conv kernels in Flax's ``(h, w, in, out)`` layout).
       seed: seed of the probes' PRNG key.
 
-    Needs the extra argument ``value_fn`` (params -> scalar loss of the batch).
+    Needs the extra argument ``value_fn`` (params -> scalar loss of the batch), or ``hvp_fn`` (``v -> H v`` at
+    ``params``): with the training step's gradient from :func:`~optax_second_order.grad_and_hvp_fn`, passing its
+    ``hvp_fn`` saves the estimate a second forward and backward pass.
     """
     check("scale_by_adahessian", "hessian_power", hessian_power, lambda x: 0 < x <= 1, "in (0, 1]")
 
@@ -427,7 +437,7 @@ def scale_by_sophia(
 
     Args:
       estimator: ``"gnb"`` (Sophia-G; needs ``model_fn`` and ``loss``) or ``"hutchinson"``
-        (Sophia-H; needs ``value_fn``).
+        (Sophia-H; needs ``value_fn``, or ``hvp_fn`` from :func:`~optax_second_order.grad_and_hvp_fn`).
       b1: momentum decay.
       b2: decay of the Hessian moving average (per refresh).
       rho: the clipping scale ``rho``.

@@ -19,7 +19,8 @@ update is the damped natural gradient
   that batch in the new bases (one more forward/backward pass on those steps); on the other statistics
   steps it is averaged like the factors (``decay_k`` counted from the restart).
 
-Every ``precondition_frequency`` steps (optionally spread over devices) the factored mode inverts the two
+Every ``precondition_frequency`` steps (optionally spread over devices, and with ``stagger`` over the steps: a
+fixed partition of the layers into slots of balanced cost, one slot per step, so no step refreshes every layer) the factored mode inverts the two
 damped factors (LU; two matrix products per step), the exact mode eigendecomposes them and keeps
 the eigenbases (four products per step; EK-FAC likewise). The factors are exponential moving averages,
 ``decay_k = min(1 - 1/k, ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
@@ -87,6 +88,7 @@ from optax_second_order.transforms.common import (
     check,
     check_choice,
     check_float_leaves,
+    due_slot,
     extra_arg,
     finite_ema,
     has_masked_leaves,
@@ -94,7 +96,9 @@ from optax_second_order.transforms.common import (
     keep_if_nonfinite,
     map_over_devices,
     masked_view,
+    partition_by_cost,
     require_params,
+    stagger_slots,
     stat_dtype,
     value_at,
 )
@@ -131,6 +135,8 @@ class _Config(NamedTuple):
     fisher: str
     sharding: NamedSharding | None
     adaptive_momentum: bool
+    slots: int = 1  # refreshes spread over this many steps (stagger)
+    layer_slots: tuple = ()  # the refresh slot of each layer
 
 
 # --- statistics: the factors' moving averages (section 5) ------------------------------------------
@@ -155,10 +161,11 @@ def _by_layer(config: _Config, mapping: dict) -> list:
 
 
 def _fold_in(olds: tuple, news: list, decay, nonfinite) -> tuple[tuple, jax.Array]:
-    """The moving average of each ``(old, new)`` pair; a non-finite one keeps ``old`` and counts."""
+    """The moving average of each ``(old, new)`` pair (``decay`` a scalar or a vector, one per pair); a non-finite
+    one keeps ``old`` and counts."""
     out = []
-    for old, new in zip(olds, news):
-        kept, bad = finite_ema(old, new, decay)
+    for i, (old, new) in enumerate(zip(olds, news)):
+        kept, bad = finite_ema(old, new, decay[i] if jnp.ndim(decay) == 1 else decay)  # one decay, or one per item
         out.append(kept)
         nonfinite = nonfinite + bad
     return tuple(out), nonfinite
@@ -208,7 +215,9 @@ def _each_matrix(fn: Callable, matrices: list, dampings: list, sharding: NamedSh
 
 
 def _refresh_preconditioners(config: _Config, factors: tuple, old: tuple, nonfinite, damping):
-    """Damped factor inverses (factored) or the factors' eigendecompositions; non-finite ones keep ``old``."""
+    """Damped factor inverses (factored) or the factors' eigendecompositions; non-finite ones keep ``old``.
+
+    ``factors`` and ``old`` may be any subset of the layers (a stagger slot's), paired alike."""
     matrices = [m for pair in factors for m in pair]
     if config.factored:
         dampings = _factored_dampings(factors, damping)
@@ -222,6 +231,40 @@ def _refresh_preconditioners(config: _Config, factors: tuple, old: tuple, nonfin
         new.append(preconditioner)
         nonfinite = nonfinite + bad
     return tuple(new), nonfinite
+
+
+def _staggered_refresh(config: _Config, count, every, factors, old, scales, num_scales, nonfinite, damping):
+    """The preconditioners of the layers whose slot is due (every layer on step 0): slot ``r`` on steps
+    ``k * every - r``.
+
+    EK-FAC: a refreshed layer's scales restart from the eigenvalue products ``a_i g_j`` (K-FAC's diagonal in the new
+    eigenbasis) and its scale count from 0, so the next statistics step replaces them by that batch's scales in the
+    new basis (decay 0): no extra forward/backward pass on the refresh steps.
+    """
+    due = due_slot(count, every)
+    preconditioners, scales, num_scales = list(old), list(scales), num_scales
+    for slot in range(config.slots):
+        members = [i for i, r in enumerate(config.layer_slots) if r == slot]
+        if not members:
+            continue
+
+        def refresh(preconditioners, scales, num_scales, nonfinite, members=members):
+            new, nonfinite = _refresh_preconditioners(
+                config, tuple(factors[i] for i in members), tuple(preconditioners[i] for i in members), nonfinite, damping
+            )
+            preconditioners, scales = list(preconditioners), list(scales)
+            for i, preconditioner in zip(members, new):
+                preconditioners[i] = preconditioner
+                if config.corrected:
+                    (a, _), (g, _) = preconditioner
+                    scales[i] = jnp.outer(a, g).astype(scales[i].dtype)
+                    num_scales = num_scales.at[i].set(0)
+            return preconditioners, scales, num_scales, nonfinite
+
+        preconditioners, scales, num_scales, nonfinite = jax.lax.cond(
+            (count == 0) | (due == slot), refresh, lambda *args: args, preconditioners, scales, num_scales, nonfinite
+        )
+    return tuple(preconditioners), tuple(scales), num_scales, nonfinite
 
 
 # --- the natural gradient ----------------------------------------------------------------------------
@@ -380,12 +423,13 @@ def _init(config: _Config, params, damping, seed) -> KFACState:
     def zero():
         return jnp.zeros([], jnp.int32)
 
+    num_scales = zero() if config.slots == 1 or not config.corrected else jnp.zeros(len(layers), jnp.int32)
     previous = ()
     if config.adaptive_momentum:
         previous = tuple(jnp.zeros(x.shape, stat_dtype(x.dtype)) for x in leaves)
     return KFACState(
         zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero(),
-        jnp.asarray(damping, jnp.result_type(float)), scales if config.corrected else (), zero(), previous,
+        jnp.asarray(damping, jnp.result_type(float)), scales if config.corrected else (), num_scales, previous,
         jnp.zeros(2, jnp.result_type(float)),
     )
 
@@ -410,6 +454,7 @@ def scale_by_kfac(
     min_damping: float = 1e-8,
     adaptive_learning_rate: bool = False,
     adaptive_momentum: bool = False,
+    stagger: bool | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC preconditioning of the gradient (see the module docstring for the math).
 
@@ -443,6 +488,12 @@ def scale_by_kfac(
         rate it is later scaled by is a multiplier (use 1.0). Needs ``kl_clip=None`` (both would choose the size).
       adaptive_momentum: with ``adaptive_learning_rate``, also the momentum: ``alpha Delta + mu delta_0``, both
         from the model (the alias then adds no momentum of its own).
+      stagger: spread each refresh over this many steps (``True``: ``precondition_frequency``; ``None``/``False``:
+        every layer on one step): a fixed partition of the layers balanced by ``d_in^3 + d_out^3``; every layer is
+        refreshed on step 0, then slot ``r`` on steps ``k * precondition_frequency - r``. At most
+        ``precondition_frequency``; a shape, so under ``optax.inject_hyperparams`` list it (or, with ``True``,
+        ``precondition_frequency``) in ``static_args``. EK-FAC's scales then restart at the next statistics step
+        (module docstring).
 
     ``update(grads, state, params, model_fn=..., loss=...)`` needs ``model_fn`` (params -> outputs, the
     same function ``find_layers`` traced, on the current batch) and ``loss``; with ``adaptive_damping`` also
@@ -464,8 +515,13 @@ def scale_by_kfac(
     if adaptive_momentum and not adaptive_learning_rate:
         raise ValueError(f"{NAME}: adaptive_momentum needs adaptive_learning_rate=True")
     corrected = approximation == "eigenvalue_corrected"
+    slots = stagger_slots(NAME, stagger, precondition_frequency)
+    check(NAME, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
+          f"at most precondition_frequency ({precondition_frequency})")
+    layer_slots = partition_by_cost([float(l.input_dim) ** 3 + float(l.output_dim) ** 3 for l in layers.layers], slots)
     config = _Config(
-        layers, damping_mode == "factored" and not corrected, corrected, fisher, precondition_sharding, adaptive_momentum
+        layers, damping_mode == "factored" and not corrected, corrected, fisher, precondition_sharding, adaptive_momentum,
+        slots, layer_slots,
     )
     omega = damping_adaptation_decay**damping_adaptation_interval
 
@@ -506,12 +562,18 @@ def scale_by_kfac(
             lambda: statistics(state, params, model_fn, loss, stats_key),
             lambda: (state.factors, state.diagonal, state.scales, state.num_statistics, state.num_scales, state.nonfinite),
         )
-        preconditioners, scales, num_scales, nonfinite = jax.lax.cond(
-            is_refresh_step(state.count, precondition_frequency),
-            lambda: refresh(factors, scales, num_scales, state.preconditioners, nonfinite, damping_now, params, model_fn,
-                            loss, stats_key),
-            lambda: (state.preconditioners, scales, num_scales, nonfinite),
-        )
+        if slots == 1:
+            preconditioners, scales, num_scales, nonfinite = jax.lax.cond(
+                is_refresh_step(state.count, precondition_frequency),
+                lambda: refresh(factors, scales, num_scales, state.preconditioners, nonfinite, damping_now, params,
+                                model_fn, loss, stats_key),
+                lambda: (state.preconditioners, scales, num_scales, nonfinite),
+            )
+        else:
+            preconditioners, scales, num_scales, nonfinite = _staggered_refresh(
+                config, state.count, precondition_frequency, factors, state.preconditioners, scales, num_scales,
+                nonfinite, damping_now,
+            )
         v = _natural_gradient(config, updates, preconditioners, scales, diagonal, damping_now)
         if kl_clip is not None:
             rate = value_at(learning_rate, state.count)

@@ -30,6 +30,17 @@ the AlgoPerf external-tuning track):
   diagonal method: the graft's, or for ``"sgd"``/``"none"`` the diagonal of Shampoo's own statistic
   (Adagrad with ``b2``).
 
+Refreshes. ``root_method="eigh"`` (the default) computes the roots by
+:func:`~optax_second_order.curvature.matrix.inverse_pth_root`; ``"newton"`` by the coupled Newton iteration
+:func:`~optax_second_order.curvature.matrix.inverse_pth_root_newton` (matrix products only: the fast form on
+GPU/TPU), for integer exponents given as Python numbers (``2k``, or an integer ``exponent_override``), with eigh
+for the blocks where it does not converge and for every other exponent. On CPU eigh is faster (``docs/api/matrix.md``;
+run with ``OPENBLAS_NUM_THREADS=1``). ``stagger=S`` spreads each refresh over ``S`` steps: the factors are split
+once into ``S`` slots of balanced cost (``d^3`` per root; :func:`~optax_second_order.transforms.common.partition_by_cost`)
+and slot ``r`` is refreshed on steps ``start - r + k * precondition_frequency``, so every step recomputes about
+``n / S`` of the ``n`` roots and no step all of them, and by ``start`` every factor has a root. The roots are then
+up to ``precondition_frequency`` steps old, as without staggering.
+
 Sharding. All factors of the same size and tensor order are stacked into one ``[n, d, d]`` array, and with
 ``precondition_sharding = NamedSharding(mesh, PartitionSpec(axes))`` the roots of a stack are computed under
 :func:`jax.shard_map` with the stack split over those mesh axes
@@ -54,7 +65,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from optax_second_order.curvature.matrix import inverse_pth_root
+from optax_second_order.curvature.matrix import inverse_pth_root, inverse_pth_root_newton
 from optax_second_order.transforms import blocking
 from optax_second_order.transforms.damping import reject_step
 from optax_second_order.transforms.common import (
@@ -63,16 +74,21 @@ from optax_second_order.transforms.common import (
     check_float_leaves,
     check_choice,
     discard_nonfinite,
+    due_slot,
     is_refresh_step,
     map_over_devices,
+    stagger_slots,
+    stagger_tables,
     stat_dtype,
     static_int,
+    update_slot_units,
 )
 
-__all__ = ["ShampooState", "scale_by_shampoo", "GRAFTING_TYPES"]
+__all__ = ["ShampooState", "scale_by_shampoo", "GRAFTING_TYPES", "ROOT_METHODS"]
 
 NAME = "scale_by_shampoo"
 GRAFTING_TYPES = ("none", "sgd", "adagrad", "rmsprop", "adam")
+ROOT_METHODS = ("eigh", "newton")
 _ADAPTIVE_GRAFTS = ("adagrad", "rmsprop", "adam")
 
 
@@ -181,6 +197,8 @@ def scale_by_shampoo(
     graft_b2: float = 0.999,
     graft_eps: float = 1e-8,
     precondition_sharding: NamedSharding | None = None,
+    root_method: str = "eigh",
+    stagger: bool | int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo preconditioning with blocking, grafting and sharded roots (see the module docstring).
 
@@ -199,17 +217,28 @@ def scale_by_shampoo(
       graft_b2: the RMSprop/Adam graft's decay.
       graft_eps: every adaptive graft's epsilon.
       precondition_sharding: ``NamedSharding(mesh, PartitionSpec(axes))``: spread the roots over those mesh axes.
+      root_method: ``"eigh"`` (the default, exact for every exponent) or ``"newton"`` (the coupled Newton
+        iteration, matrix products only, for GPU/TPU; used where the exponent is a Python integer, with eigh for
+        the blocks where it does not converge and for every other exponent).
+      stagger: spread each refresh over this many steps (``True``: ``precondition_frequency``; ``None``/``False``:
+        all roots on one step): a fixed partition of the factors, balanced by the cost ``d^3`` of their roots,
+        whose slot ``r`` is refreshed ``r`` steps before the unstaggered schedule. At most
+        ``precondition_frequency``.
 
-    ``block_size`` and ``max_precond_dim`` set shapes: under ``optax.inject_hyperparams`` leave them ``None`` or
-    list them in ``static_args``.
+    ``block_size``, ``max_precond_dim`` and ``stagger`` set shapes: under ``optax.inject_hyperparams`` leave them
+    ``None`` or list them in ``static_args`` (with ``stagger=True``, list ``precondition_frequency``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra arguments are ignored.
     """
     _validate(b2, eps, relative_eps, exponent_override, precondition_frequency, start_preconditioning_step,
               statistics_frequency, grafting, graft_b2, graft_eps)
+    check_choice(NAME, "root_method", root_method, ROOT_METHODS)
     block_size = static_int(NAME, "block_size", block_size, 1024)
     max_precond_dim = static_int(NAME, "max_precond_dim", max_precond_dim, 4096)
+    slots = stagger_slots(NAME, stagger, precondition_frequency)
+    check(NAME, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
+          f"at most precondition_frequency ({precondition_frequency})")
     start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
     plan_of = functools.partial(_make_plan, block_size=block_size, merge_dims=merge_dims, max_dim=max_precond_dim)
 
@@ -234,14 +263,50 @@ def scale_by_shampoo(
         new = _factor_statistics(grads, plan, block_size)
         return tuple(b2 * h + _sum_weight(b2) * c for h, c in zip(stats, new))
 
+    def root_fn(order):
+        """``h -> (root, ok)`` for a ``[n, d, d]`` stack of factors of tensor order ``order``."""
+        p = 2.0 * order if exponent_override is None else exponent_override
+        integer_p = int(p) if isinstance(p, (int, float)) and float(p).is_integer() else None
+        eigh_root = functools.partial(inverse_pth_root, p=p, eps=eps, relative_eps=relative_eps)
+        if root_method == "eigh" or integer_p is None:
+            return eigh_root
+
+        def newton_root(h):
+            root, ok, _ = inverse_pth_root_newton(h, integer_p, eps=eps, relative_eps=relative_eps)
+
+            def with_eigh(args):  # the blocks where the iteration did not converge (rare: see matrix.md)
+                root, ok = args
+                fallback, fallback_ok = eigh_root(h)
+                return jnp.where(ok[:, None, None], root, fallback), ok | fallback_ok
+
+            return jax.lax.cond(jnp.all(ok), lambda args: args, with_eigh, (root, ok))
+
+        return newton_root
+
     def inverse_roots(stats, roots, plan):
         new_roots, failures = [], jnp.zeros((), jnp.int32)
         for (_, order), h, old in zip(plan.groups, stats, roots):
-            p = 2.0 * order if exponent_override is None else exponent_override
-            fn = functools.partial(inverse_pth_root, p=p, eps=eps, relative_eps=relative_eps)
-            root, ok = map_over_devices(fn, (h,), precondition_sharding)
+            root, ok = map_over_devices(root_fn(order), (h,), precondition_sharding)
             new_roots.append(jnp.where(ok[:, None, None], root, old))
             failures += jnp.sum(~ok, dtype=jnp.int32)
+        return tuple(new_roots), failures
+
+    def staggered_roots(stats, roots, plan, count):
+        """The roots of the slot due at ``count`` (if any); the others keep theirs."""
+        tables = stagger_tables(plan.sizes, [float(d) ** 3 for d, _ in plan.groups], slots)
+        slot = due_slot(count, precondition_frequency, start)
+        due = (slot < slots) & (count >= start - slot)
+        new_roots, failures = [], jnp.zeros((), jnp.int32)
+        for group, ((_, order), h, group_roots) in enumerate(zip(plan.groups, stats, roots)):
+
+            def refresh(index, carry, fn=root_fn(order), h=h):
+                r, failures = carry
+                root, ok = map_over_devices(fn, (h[index],), precondition_sharding)
+                kept = jnp.where(ok[:, None, None], root, r[index])
+                return r.at[index].set(kept), failures + jnp.sum(~ok, dtype=jnp.int32)
+
+            group_roots, failures = update_slot_units(tables, group, slot, due, refresh, (group_roots, failures))
+            new_roots.append(group_roots)
         return tuple(new_roots), failures
 
     def update_diagonal(v, g, rule):
@@ -285,10 +350,13 @@ def scale_by_shampoo(
                 is_refresh_step(count, statistics_frequency),
                 lambda s: accumulate(s, grads, plan), lambda s: s, old_stats,
             )
-        roots, failures = jax.lax.cond(
-            is_refresh_step(count, precondition_frequency, start),
-            lambda s, r: inverse_roots(s, r, plan), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats, state.roots,
-        )
+        if slots == 1:
+            roots, failures = jax.lax.cond(
+                is_refresh_step(count, precondition_frequency, start),
+                lambda s, r: inverse_roots(s, r, plan), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats, state.roots,
+            )
+        else:
+            roots, failures = staggered_roots(stats, state.roots, plan, count)
         rules = [diagonal_rule(leaf) for leaf in plan.leaves]
         diagonal = tuple(update_diagonal(v, g, r) for v, g, r in zip(discard_nonfinite(state.diagonal), grads, rules))
         t = (count + 1).astype(dtype)

@@ -5,19 +5,33 @@ For each mode ``i`` of a gradient ``G`` with ``d_i <= max_precond_dim`` SOAP kee
 eigenvectors (eigenvalues descending). With ``rotate(X) = X x_1 Q_1^T ... x_k Q_k^T`` (modes above
 ``max_precond_dim`` are left alone), each step is
 
-    m <- b1 m + (1 - b1) G                    (kept in the original space)
+    m <- b1 m + (1 - b1) rotate(G)             (kept in the eigenbasis, as the official code)
     v <- b2 v + (1 - b2) rotate(G)^2           (kept in the eigenbasis)
-    N = rotate^{-1}( rotate(m) / (sqrt(v) + eps) ),   [N <- N / RMS(N) if normalize_grads]
+    N = rotate^{-1}( m / (sqrt(v) + eps) ),   [N <- N / RMS(N) if normalize_grads]
     update = N sqrt(1 - b2^t) / (1 - b1^t)     (bias correction as in the official code, if correct_bias)
 
 after which the factors take in ``G`` and, every ``precondition_frequency`` Adam steps, the basis is
 refreshed by one step of power iteration with QR: the columns of ``Q_i`` are sorted by the estimated
 eigenvalues ``diag(Q_i^T L_i Q_i)`` (descending), ``v`` is permuted the same way along mode ``i`` (so
-each second moment follows its eigenvector), and ``Q_i <- qr(L_i Q_i).Q``.
+each second moment follows its eigenvector), ``Q_i' = qr(L_i Q_i).Q``, and ``m`` moves to the new basis,
+``m <- m x_i (Q_i'^T Q_i)`` (the official code projects it back and forth). Keeping ``m`` in the eigenbasis
+costs two rotations per step (``G`` in, the direction out) where keeping it in the original space costs three.
 
 The first call only builds the factors from ``G`` and the basis from ``eigh`` and returns a zero update
 ("so that we never use the current gradients in the projection", official code). 1-D leaves run plain
 Adam (the official ``precondition_1d=False``).
+
+Blocks (``block_size``, not in the official code; Distributed Shampoo's blocking, Anil et al. 2020): dimensions
+above ``block_size`` are cut into blocks of ``block_size`` (the last one zero-padded), and every block has its own
+factors and bases (:mod:`~optax_second_order.transforms.blocking`); the moments of a blocked leaf are kept in the
+blocks' eigenbases, ``[blocks, *block_shape]``. A rotation then costs ``2 * sum_i b_i`` flops per entry instead
+of ``2 * sum_i d_i`` (a ``1000 x 500`` layer in blocks of 128: 512 instead of 3000, against a forward and
+backward pass's ``6 * batch``), and a refresh ``O(b^3)`` per block.
+
+Refreshes: ``basis_method="qr"`` (Householder QR, the official code; the fastest on CPU) or ``"cholesky_qr"``
+(:func:`~optax_second_order.curvature.matrix.orthogonal_iteration_step`: products, Cholesky and triangular solves,
+for GPU/TPU); ``stagger`` spreads each refresh over that many steps, a fixed partition of the (leaf, mode, block)
+factors into slots of balanced cost (``b^3``), slot ``r`` refreshed ``r`` steps before the unstaggered schedule.
 
 Non-finite numbers: a step whose gradient, moments or factors come out non-finite (an overflowing square) is
 rejected as a whole (zero update, state kept) and counted in ``state.nonfinite``; a stored moment or factor that
@@ -27,32 +41,41 @@ the previous one (``state.basis_failures``).
 Defaults are the official code's (github.com/nikhilvyas/SOAP, ``soap.py``): ``lr = 3e-3``, ``betas =
 (0.95, 0.95)``, ``shampoo_beta = -1`` meaning ``b2``, ``eps = 1e-8``, ``weight_decay = 0.01`` (in the
 alias), ``precondition_frequency = 10``, ``max_precond_dim = 10000``, ``normalize_grads = False``,
-``correct_bias = True``. Not implemented: ``merge_dims`` (off by default there).
+``correct_bias = True``, no blocks. Not implemented: ``merge_dims`` (off by default there).
 
 Reference: Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam" (2024), arXiv:2409.11321.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_second_order.curvature.matrix import eigh_psd
+from optax_second_order.curvature.matrix import eigh_psd, orthogonal_iteration_step
 from optax_second_order.transforms import blocking
 from optax_second_order.transforms.common import (
     all_finite,
     check,
+    check_choice,
     check_float_leaves,
     discard_nonfinite,
+    due_slot,
+    stagger_slots,
+    stagger_tables,
     stat_dtype,
     static_int,
+    update_slot_units,
 )
 from optax_second_order.transforms.damping import reject_step
 
-__all__ = ["SoapState", "scale_by_soap"]
+__all__ = ["SoapState", "scale_by_soap", "BASIS_METHODS"]
+
+BASIS_METHODS = ("qr", "cholesky_qr")
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class SoapState(NamedTuple):
@@ -60,12 +83,13 @@ class SoapState(NamedTuple):
 
     Attributes:
       count: number of calls so far (the first one only initializes; Adam's step is ``count``).
-      mu: first moments, original space, like the params.
-      nu: second moments, in the eigenbasis, like the params.
-      factors: per leaf (``jax.tree.leaves`` order) the factors ``L_i`` of its preconditioned modes.
+      mu: first moments, in the eigenbasis: like the params, or ``[blocks, *block_shape]`` for a blocked leaf.
+      nu: second moments, in the eigenbasis, shaped as ``mu``.
+      factors: per leaf (``jax.tree.leaves`` order) the factors ``L_i`` of its preconditioned modes (``[d, d]``, or
+        ``[blocks, b, b]`` for a blocked leaf).
       bases: the matching eigenbases ``Q_i`` (identity until the first call).
       basis_failures: number of basis computations that came out non-finite and were skipped
-        (the previous basis and second moments are kept).
+        (the previous basis and moments are kept).
       nonfinite: number of steps rejected because a gradient, moment or factor came out non-finite.
     """
 
@@ -78,32 +102,80 @@ class SoapState(NamedTuple):
     nonfinite: jax.Array
 
 
-def _preconditioned_modes(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
-    """Modes with their own factor: none for scalars and vectors, else those of size <= max_precond_dim."""
+class _Layout(NamedTuple):
+    """How a leaf is preconditioned: its blocks (``blocked``: cut by ``block_size``; else one block, the leaf) and
+    the modes (of a block) with a factor."""
+
+    shape: tuple[int, ...]
+    block_shape: tuple[int, ...]
+    num_blocks: int
+    blocked: bool
+    modes: tuple[int, ...]
+
+
+def _layout(shape: tuple[int, ...], block_size: int | None, max_precond_dim: int) -> _Layout:
+    """Modes with their own factor: none for scalars and vectors, else those of (block) size <= max_precond_dim."""
     if len(shape) <= 1:
-        return ()
-    return tuple(i for i, d in enumerate(shape) if d <= max_precond_dim)
+        return _Layout(tuple(shape), tuple(shape), 1, False, ())
+    if block_size is not None and max(shape) > block_size:
+        counts, block_shape = blocking.block_layout(shape, block_size)
+        blocked, num_blocks = True, math.prod(counts)
+    else:
+        block_shape, blocked, num_blocks = tuple(shape), False, 1
+    modes = tuple(i for i, d in enumerate(block_shape) if d <= max_precond_dim)
+    return _Layout(tuple(shape), block_shape, num_blocks, blocked, modes)
 
 
-def rotate(x: jax.Array, modes, bases, back: bool = False) -> jax.Array:
-    """``x x_i Q_i^T`` over the preconditioned modes (into the eigenbasis), or ``x x_i Q_i`` with ``back``."""
+def _rotate(x: jax.Array, modes, bases, back: bool = False) -> jax.Array:
+    """``x x_i Q_i^T`` over the preconditioned modes of every block of ``x`` (``[blocks, ...]``, ``bases`` ``[blocks,
+    d, d]``): into the eigenbasis, or ``x x_i Q_i`` with ``back``."""
     for mode, q in zip(modes, bases):
-        x = blocking.mode_dot(x, q.T if back else q, mode)
+        x = blocking.batched_mode_dot(x, jnp.swapaxes(q, -1, -2) if back else q, mode)
     return x
 
 
 def _eigenbasis(factor: jax.Array) -> jax.Array:
-    """Eigenvectors of ``L`` as columns, eigenvalues descending."""
-    return eigh_psd(factor)[1][:, ::-1]
+    """Eigenvectors of each ``L`` (``[blocks, d, d]``) as columns, eigenvalues descending."""
+    return eigh_psd(factor)[1][..., ::-1]
 
 
-def _power_qr_refresh(factor, basis, nu, mode):
-    """One power-iteration step with QR; ``nu`` follows the sorted eigenvectors along ``mode``."""
-    estimated = jnp.einsum("ij,ik,kj->j", basis, factor, basis, precision=jax.lax.Precision.HIGHEST)
-    order = jnp.argsort(-estimated, stable=True)
-    nu = jnp.take(nu, order, axis=mode)
-    q, _ = jnp.linalg.qr(jnp.matmul(factor, basis[:, order], precision=jax.lax.Precision.HIGHEST))
+def _sorted_basis(factor, basis, nu, axis):
+    """The columns of each ``Q`` sorted by decreasing ``diag(Q^T L Q)``, and ``nu`` permuted alike along ``axis``
+    (its axis 0 the blocks)."""
+    estimated = jnp.einsum("nij,nik,nkj->nj", basis, factor, basis, precision=_HIGHEST)
+    order = jnp.argsort(-estimated, axis=-1, stable=True)
+    basis = jnp.take_along_axis(basis, order[:, None, :], axis=2)
+    shape = [order.shape[0]] + [1] * (nu.ndim - 1)
+    shape[axis] = order.shape[1]
+    return basis, jnp.take_along_axis(nu, order.reshape(shape), axis=axis)
+
+
+def _power_qr_refresh(factor, basis, nu, axis):
+    """One power-iteration step with Householder QR (the official code) for each block; ``nu`` follows the sorted
+    eigenvectors along ``axis``."""
+    basis, nu = _sorted_basis(factor, basis, nu, axis)
+    q, _ = jnp.linalg.qr(jnp.matmul(factor, basis, precision=_HIGHEST))
     return q, nu
+
+
+def _cholesky_qr_refresh(factor, basis, nu, axis):
+    """The same step with :func:`~optax_second_order.curvature.matrix.orthogonal_iteration_step` (shifted
+    CholeskyQR3 of ``(L / ||L||_F + 1e-5 I) Q``: products, a Cholesky factorization and triangular solves); a
+    basis that fails comes back non-finite, so the caller keeps the previous one."""
+    basis, nu = _sorted_basis(factor, basis, nu, axis)
+    q, ok = orthogonal_iteration_step(factor, basis)
+    return jnp.where(ok[:, None, None], q, jnp.nan), nu
+
+
+def _moved(mu, old, new, axis):
+    """The first moment in the new basis: ``mu x_i (Q'^T Q)``, i.e. back with ``Q`` and forward with ``Q'``."""
+    change = jnp.matmul(jnp.swapaxes(old, -1, -2), new, precision=_HIGHEST)  # Q^T Q'
+    return blocking.batched_mode_dot(mu, change, axis - 1)
+
+
+def _finite_blocks(x: jax.Array) -> jax.Array:
+    """Per block (axis 0): whether every entry is finite."""
+    return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
 
 
 def scale_by_soap(
@@ -115,6 +187,9 @@ def scale_by_soap(
     max_precond_dim: int | None = None,
     normalize_grads: bool = False,
     correct_bias: bool = True,
+    basis_method: str = "qr",
+    stagger: bool | int | None = None,
+    block_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP's update direction (see the module docstring); chain with the learning rate (:func:`soap`).
 
@@ -124,10 +199,21 @@ def scale_by_soap(
       shampoo_beta: the factors' decay; ``None`` uses ``b2`` (official ``shampoo_beta=-1``).
       eps: Adam's epsilon, added to ``sqrt(v)``.
       precondition_frequency: Adam steps between eigenbasis refreshes.
-      max_precond_dim: modes larger than this are not rotated (``None``: 10000; a shape, so under
-        ``optax.inject_hyperparams`` leave it ``None`` or list it in ``static_args``).
+      max_precond_dim: modes (of a block) larger than this are not rotated (``None``: 10000).
       normalize_grads: divide each leaf's direction by its RMS (official option, helps at frequency ~100).
       correct_bias: Adam's bias correction.
+      basis_method: the orthonormalization of the refresh ``L Q``: ``"qr"`` (Householder, the official code's;
+        fastest on CPU) or ``"cholesky_qr"`` (shifted CholeskyQR3 with a relative shift of ``1e-5``: products,
+        Cholesky and triangular solves, for GPU/TPU).
+      stagger: spread each refresh over this many steps (``True``: ``precondition_frequency``; ``None``/``False``:
+        every basis on one step): a fixed partition of the (leaf, mode, block) factors balanced by the cost
+        ``d^3``, slot ``r`` refreshed ``r`` steps before the unstaggered schedule. At most
+        ``precondition_frequency``. The first call still computes every basis (by eigh).
+      block_size: cut dimensions above it into blocks with their own factors (``None``: no blocks, the official
+        algorithm).
+
+    ``max_precond_dim``, ``stagger`` and ``block_size`` set shapes: under ``optax.inject_hyperparams`` leave them
+    ``None`` or list them in ``static_args`` (with ``stagger=True``, list ``precondition_frequency``).
     """
     name = "scale_by_soap"
     shampoo_beta = b2 if shampoo_beta is None else shampoo_beta
@@ -136,23 +222,96 @@ def scale_by_soap(
     check(name, "eps", eps, lambda x: x >= 0, ">= 0")
     check(name, "precondition_frequency", precondition_frequency, lambda x: x >= 1 and float(x).is_integer(), "an integer >= 1")
     max_precond_dim = static_int(name, "max_precond_dim", max_precond_dim, 10000)
+    block_size = None if block_size is None else static_int(name, "block_size", block_size, 0)
+    check_choice(name, "basis_method", basis_method, BASIS_METHODS)
+    slots = stagger_slots(name, stagger, precondition_frequency)
+    check(name, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
+          f"at most precondition_frequency ({precondition_frequency})")
+
+    def layout_of(x) -> _Layout:
+        return _layout(tuple(x.shape), block_size, max_precond_dim)
+
+    def to_blocks(x, layout: _Layout):
+        return blocking.to_blocks(x, block_size) if layout.blocked else x[None]
+
+    def from_blocks(x, layout: _Layout):
+        return blocking.from_blocks(x, layout.shape, block_size) if layout.blocked else x[0]
+
+    def load(x, layout: _Layout):  # a stored moment, factor or basis as a stack of blocks
+        return x if layout.blocked else x[None]
+
+    def store(x, layout: _Layout):
+        return x if layout.blocked else x[0]
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
-        zeros = lambda x: jnp.zeros(x.shape, stat_dtype(x.dtype))  # noqa: E731
-        modes = [_preconditioned_modes(x.shape, max_precond_dim) for x in leaves]
-        factors = tuple(tuple(jnp.zeros((x.shape[i],) * 2, stat_dtype(x.dtype)) for i in m) for x, m in zip(leaves, modes))
-        bases = tuple(tuple(jnp.eye(x.shape[i], dtype=stat_dtype(x.dtype)) for i in m) for x, m in zip(leaves, modes))
-        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (fresh buffers: the state is donatable)
-        return SoapState(zero(), jax.tree.map(zeros, params), jax.tree.map(zeros, params), factors, bases, zero(), zero())
+        layouts = [layout_of(x) for x in leaves]
 
-    def leaf_update(g, mu, nu, factors, bases, count):
-        modes = _preconditioned_modes(g.shape, max_precond_dim)
+        def moment(x, layout):  # fresh buffers: the state is donatable
+            return jnp.zeros(layout.shape if not layout.blocked else (layout.num_blocks, *layout.block_shape),
+                             stat_dtype(x.dtype))
+
+        def per_mode(x, layout, make):
+            return tuple(store(make(layout.num_blocks, layout.block_shape[i], stat_dtype(x.dtype)), layout) for i in layout.modes)
+
+        zeros = lambda n, d, dtype: jnp.zeros((n, d, d), dtype)  # noqa: E731
+        eyes = lambda n, d, dtype: jnp.broadcast_to(jnp.eye(d, dtype=dtype), (n, d, d)) + jnp.zeros((), dtype)  # noqa: E731
+        treedef = jax.tree.structure(params)
+        mu = jax.tree.unflatten(treedef, [moment(x, l) for x, l in zip(leaves, layouts)])
+        nu = jax.tree.unflatten(treedef, [moment(x, l) for x, l in zip(leaves, layouts)])
+        factors = tuple(per_mode(x, l, zeros) for x, l in zip(leaves, layouts))
+        bases = tuple(per_mode(x, l, eyes) for x, l in zip(leaves, layouts))
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+        return SoapState(zero(), mu, nu, factors, bases, zero(), zero())
+
+    def refresh_fn():  # looked up at call time (tests replace it)
+        return _power_qr_refresh if basis_method == "qr" else _cholesky_qr_refresh
+
+    def refresh_all(safe, bases, mu, nu, modes):
+        """Every factor's basis refreshed: ``(bases, mu, nu)``."""
+        new = []
+        for f, q, mode in zip(safe, bases, modes):
+            q_new, nu = refresh_fn()(f, q, nu, mode + 1)
+            mu = _moved(mu, q, q_new, mode + 1)
+            new.append(q_new)
+        return tuple(new), mu, nu
+
+    def staggered(safe, finite, bases, mu, nu, modes, tables, first_stack, count):
+        """The blocks whose slot is due refreshed, each kept as it was if its new basis is not finite."""
+        slot = due_slot(count, precondition_frequency)
+        due = (count > 0) & (slot < slots)
+        bases = list(bases)
+        failed = jnp.zeros((), jnp.int32)
+        for j, (f, mode) in enumerate(zip(safe, modes)):
+
+            def refresh(index, carry, f=f, j=j, mode=mode):
+                bases, mu, nu, failed = carry
+                q = bases[j]
+                q_new, nu_new = refresh_fn()(f[index], q[index], nu[index], mode + 1)
+                mu_new = _moved(mu[index], q[index], q_new, mode + 1)
+                ok = finite & _finite_blocks(q_new)
+                keep = lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
+                bases = list(bases)
+                bases[j] = q.at[index].set(keep(q_new, q[index]))
+                mu = mu.at[index].set(keep(mu_new, mu[index]))
+                nu = nu.at[index].set(keep(nu_new, nu[index]))
+                return bases, mu, nu, failed + jnp.sum(~ok, dtype=jnp.int32)
+
+            bases, mu, nu, failed = update_slot_units(tables, first_stack + j, slot, due, refresh, (bases, mu, nu, failed))
+        return tuple(bases), mu, nu, failed
+
+    def leaf_update(g, mu, nu, factors, bases, count, layout: _Layout, tables, first_stack):
+        modes = layout.modes
         t = jnp.maximum(count, 1).astype(g.dtype)
+        blocks = to_blocks(g, layout)
+        mu, nu = load(mu, layout), load(nu, layout)
+        factors = tuple(load(f, layout) for f in factors)
+        bases = tuple(load(q, layout) for q in bases)
         # Adam in the eigenbasis (skipped on the first call, where the basis does not exist yet).
-        new_mu = b1 * mu + (1.0 - b1) * g
-        new_nu = b2 * nu + (1.0 - b2) * jnp.square(rotate(g, modes, bases))
-        direction = rotate(rotate(new_mu, modes, bases) / (jnp.sqrt(new_nu) + eps), modes, bases, back=True)
+        rotated = _rotate(blocks, modes, bases)
+        new_mu = b1 * mu + (1.0 - b1) * rotated
+        new_nu = b2 * nu + (1.0 - b2) * jnp.square(rotated)
+        direction = from_blocks(_rotate(new_mu / (jnp.sqrt(new_nu) + eps), modes, bases, back=True), layout)
         if normalize_grads:
             direction = direction / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
         if correct_bias:
@@ -162,38 +321,51 @@ def scale_by_soap(
         mu, nu = jnp.where(started, new_mu, mu), jnp.where(started, new_nu, nu)
         # Shampoo's factors take in G after the step; then the basis: eigh first, power-QR every f steps.
         factors = tuple(
-            shampoo_beta * f + (1.0 - shampoo_beta) * blocking.mode_gram(g, mode) for f, mode in zip(factors, modes)
+            shampoo_beta * f + (1.0 - shampoo_beta) * blocking.batched_mode_gram(blocks, mode)
+            for f, mode in zip(factors, modes)
         )
 
         # LAPACK's result on non-finite input is undefined: such factors are replaced by I and flagged.
         finite = all_finite(factors)
-        safe = tuple(jnp.where(finite, f, jnp.eye(f.shape[0], dtype=f.dtype)) for f in factors)
+        safe = tuple(jnp.where(finite, f, jnp.eye(f.shape[-1], dtype=f.dtype)) for f in factors)
 
-        def first_basis(bases, nu):
-            return tuple(_eigenbasis(f) for f in safe), nu
+        def first_basis(bases, mu, nu):
+            return tuple(_eigenbasis(f) for f in safe), mu, nu
 
-        def refresh(bases, nu):
-            new = []
-            for f, q, mode in zip(safe, bases, modes):
-                q, nu = _power_qr_refresh(f, q, nu, mode)
-                new.append(q)
-            return tuple(new), nu
-
-        branch = jnp.where(count == 0, 0, jnp.where(count % precondition_frequency == 0, 1, 2))
-        new_bases, new_nu = jax.lax.switch(branch, (first_basis, refresh, lambda b, v: (b, v)), bases, nu)
-        ok = finite & all_finite(new_bases)
-        bases = tuple(jnp.where(ok, q, old) for q, old in zip(new_bases, bases))
-        nu = jnp.where(ok, new_nu, nu)
-        return direction, mu, nu, factors, bases, ((branch != 2) & ~ok).astype(jnp.int32)
+        if slots > 1:
+            new_bases, mu, nu = jax.lax.cond(count == 0, first_basis, lambda *a: a, bases, mu, nu)
+            ok = finite & all_finite(new_bases)
+            bases = tuple(jnp.where(ok, q, old) for q, old in zip(new_bases, bases))
+            failed = ((count == 0) & ~ok).astype(jnp.int32)
+            bases, mu, nu, more = staggered(safe, finite, bases, mu, nu, modes, tables, first_stack, count)
+            failed += more
+        else:
+            branch = jnp.where(count == 0, 0, jnp.where(count % precondition_frequency == 0, 1, 2))
+            new_bases, new_mu, new_nu = jax.lax.switch(
+                branch, (first_basis, lambda b, m, v: refresh_all(safe, b, m, v, modes), lambda *a: a), bases, mu, nu
+            )
+            ok = finite & all_finite(new_bases)
+            bases = tuple(jnp.where(ok, q, old) for q, old in zip(new_bases, bases))
+            mu, nu = jnp.where(ok, new_mu, mu), jnp.where(ok, new_nu, nu)
+            failed = ((branch != 2) & ~ok).astype(jnp.int32)
+        return (direction, store(mu, layout), store(nu, layout), tuple(store(f, layout) for f in factors),
+                tuple(store(q, layout) for q in bases), failed)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
+        layouts = [layout_of(x) for x in leaves]
         mu, nu, factors = discard_nonfinite((state.mu, state.nu, state.factors))  # a corrupt statistic restarts
+        # stagger: one stack of units (blocks) per (leaf, mode), costing b^3 each
+        stacks = [(l.num_blocks, float(l.block_shape[i]) ** 3) for l in layouts for i in l.modes]
+        tables = stagger_tables([n for n, _ in stacks], [c for _, c in stacks], slots) if slots > 1 else None
+        first_stacks = [sum(len(l.modes) for l in layouts[:j]) for j in range(len(layouts))]
         results = [
-            leaf_update(g.astype(m.dtype), m, v, f, q, state.count)
-            for g, m, v, f, q in zip(leaves, jax.tree.leaves(mu), jax.tree.leaves(nu), factors, state.bases)
+            leaf_update(g.astype(m.dtype), m, v, f, q, state.count, layout, tables, first)
+            for g, m, v, f, q, layout, first in zip(
+                leaves, jax.tree.leaves(mu), jax.tree.leaves(nu), factors, state.bases, layouts, first_stacks
+            )
         ]
         direction, mu, nu, factors, bases, failed = zip(*results) if results else ((),) * 6
         out = [d.astype(g.dtype) for d, g in zip(direction, leaves)]

@@ -78,6 +78,22 @@ def test_hvp_matches_dense_hessian(case, vectors, hessian):
         assert_relative_close(flat(result), hessian @ flat(v))
 
 
+def test_grad_and_hvp_fn_matches_grad_and_dense_hessian(case, vectors, hessian):
+    @jax.jit
+    def products(params, v0):
+        grads, hvp_fn = oso.grad_and_hvp_fn(case.value_fn, params)
+        value, grads2, hvp_fn2 = oso.grad_and_hvp_fn(case.value_fn, params, return_value=True)
+        return grads, hvp_fn(v0), value, grads2, hvp_fn2(v0)
+
+    grads, product, value, grads2, product2 = products(case.params, vectors[0])
+    reference = jax.grad(case.value_fn)(case.params)
+    assert_relative_close(flat(grads), flat(reference))
+    assert_relative_close(flat(grads2), flat(reference))
+    assert_relative_close(jnp.atleast_1d(value), jnp.atleast_1d(case.value_fn(case.params)))
+    for result in (product, product2):
+        assert_relative_close(flat(result), hessian @ flat(vectors[0]))
+
+
 def test_gnvp_matches_explicit_ggn(case, vectors, ggn):
     @jax.jit
     def products(loss, params, v0, v1):

@@ -159,6 +159,52 @@ def test_adahessian_matches_official_loop(conv_problem, hessian_power, statistic
     assert state[0].curvature["kernel"].shape == (1, 1) + params["kernel"].shape[2:]
 
 
+@pytest.mark.parametrize(
+    "make",
+    [lambda: oso.adahessian(0.05, weight_decay=1e-2, seed=3),
+     lambda: oso.sophia(0.01, estimator="hutchinson", statistics_frequency=2, seed=3)],
+    ids=["adahessian", "sophia-h"],
+)
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+def test_hvp_fn_of_the_training_step_gives_the_same_steps(conv_problem, make, masked):
+    """``oso.grad_and_hvp_fn`` (one linearization for the gradient and H z) against differentiating ``value_fn``
+    again: the same probes and steps (also inside ``optax.masked``, with ``full_params``)."""
+    params, value_fn = conv_problem
+    tx = make()
+    if masked:
+        tx = optax.masked(tx, {name: name != "dense" for name in params})
+
+    def step(p, s, with_hvp_fn):
+        extra = dict(full_params=p) if masked else {}
+        if with_hvp_fn:
+            value, grads, hvp_fn = oso.grad_and_hvp_fn(value_fn, p, return_value=True)
+            np.testing.assert_equal(np.ndim(value), 0)
+            return tx.update(grads, s, p, value_fn=value_fn, hvp_fn=hvp_fn, **extra)
+        return tx.update(jax.grad(value_fn)(p), s, p, value_fn=value_fn, **extra)
+
+    runs = []
+    for with_hvp_fn in (False, True):
+        update = jax.jit(lambda p, s: step(p, s, with_hvp_fn))
+        p, state, trajectory = params, tx.init(params), []
+        for _ in range(4):
+            updates, state = update(p, state)
+            p = optax.apply_updates(p, updates)
+            trajectory.append(p)
+        runs.append(trajectory)
+    for a, b in zip(*runs):
+        _tree_allclose(a, b, tol=1e-12)
+
+
+def test_hutchinson_needs_value_fn_or_hvp_fn():
+    tx = oso.scale_by_adahessian()
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match="value_fn"):
+        tx.update(params, tx.init(params), params)
+    hvp_fn = lambda v: jax.tree.map(lambda x: 2.0 * x, v)  # noqa: E731 (H = 2 I)
+    updates, state = tx.update(params, tx.init(params), params, hvp_fn=hvp_fn)
+    np.testing.assert_allclose(state.curvature["w"], (1 - 0.999) * 4.0 * np.ones(3))
+
+
 # ---------------------------------------------------------------------------------------------
 # Sophia-G against the official algorithm.
 

@@ -193,6 +193,57 @@ def test_eigenvalue_corrected_kfac_matches_the_papers_diagonal_and_a_dense_solve
     _check_ekfac_direction(updates, grads, state1, expected1)
 
 
+def _layer_matrices(tree, index):
+    layer = LAYERS.layers[index]
+    path = "l1" if layer.kernel.startswith("['l1']") else "l2"
+    return kronecker.kernel_matrix(layer, tree[path]["w"], tree[path].get("b"))
+
+
+@pytest.mark.parametrize("mode", ["factored", "exact"])
+def test_staggered_refreshes_follow_the_layer_schedule(mode):
+    """stagger=2, inverses every 2 steps: both layers on step 0, then the costlier l1 (4 x 4 factors, slot 0) on
+    steps 2, 4 and l2 (4 x 4 and 3 x 3, slot 1) on steps 1, 3; each layer's step is the dense solve with the
+    factors of its last refresh."""
+    tx = oso.scale_by_kfac(LAYERS, damping=LAM, damping_mode=mode, kl_clip=None, precondition_frequency=2, stagger=2)
+    params, state = _params(), None
+    update = _jit_update(tx)
+    state = tx.init(params)
+    history = []
+    last_refresh = {0: [0, 0, 2, 2, 4], 1: [0, 1, 1, 3, 3]}
+    for step in range(5):
+        grads, updates, state = _step(tx, state, params, step + 1, update)
+        history.append(state)
+        for index in (0, 1):
+            a, g = history[last_refresh[index][step]].factors[index]
+            want = _dense_direction(a, g, _layer_matrices(grads, index), mode)
+            np.testing.assert_allclose(_layer_matrices(updates, index), want, rtol=1e-9, atol=1e-12, err_msg=f"{step}")
+    assert int(state.nonfinite) == 0
+
+
+def test_staggered_ekfac_restarts_a_refreshed_layers_scales_at_the_next_statistics_step():
+    """A layer refreshed on its slot's step takes K-FAC's diagonal outer(a, g) in its new eigenbasis, and on the
+    next statistics step the batch's own scales in that basis (decay 0)."""
+    params = _params()
+    tx = oso.scale_by_kfac(
+        LAYERS, damping=LAM, approximation="eigenvalue_corrected", fisher="empirical", kl_clip=None,
+        precondition_frequency=2, stagger=True,
+    )
+    update = _jit_update(tx)
+    _, _, state0 = _step(tx, tx.init(params), params, 1, update)
+    grads, updates, state1 = _step(tx, state0, params, 2, update)  # step 1: l2's slot
+    (a, _), (g, _) = state1.preconditioners[1]
+    np.testing.assert_allclose(state1.scales[1], np.outer(a, g), rtol=1e-12)
+    _check_ekfac_direction(updates, grads, state1, state1.scales)
+    # l1, refreshed on step 0 with every layer, restarted from this batch's scales in its basis
+    np.testing.assert_allclose(state1.scales[0], _ekfac_scales(params, 2, state0)[0], rtol=1e-10, atol=1e-14)
+    np.testing.assert_array_equal(np.asarray(state1.num_scales), [1, 0])
+    _, _, state2 = _step(tx, state1, params, 3, update)  # step 2: statistics first (l2 restarts), then l1's slot
+    np.testing.assert_allclose(state2.scales[1], _ekfac_scales(params, 3, state1)[1], rtol=1e-10, atol=1e-14)
+    (a, _), (g, _) = state2.preconditioners[0]
+    np.testing.assert_allclose(state2.scales[0], np.outer(a, g), rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(state2.num_scales), [0, 1])
+
+
 def _dense_fisher(factors, diagonal, damped):
     """Block-diagonal Kronecker (+ diagonal) Fisher over [layer vecs..., fallback leaves...], damped or not."""
     blocks = []

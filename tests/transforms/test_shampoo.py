@@ -55,7 +55,7 @@ def fold(m, i, shape):
 def numpy_root(h, p):
     w, v = np.linalg.eigh(h)
     w = np.maximum(w, 0.0)
-    delta = EPS + RELATIVE_EPS * w.max()
+    delta = EPS + RELATIVE_EPS * w.max()  # module globals: a test may patch them
     return (v * (w + delta) ** (-1.0 / p)) @ v.T
 
 
@@ -222,6 +222,121 @@ def test_order3_sixth_roots_against_dense_kronecker_product():
         np.testing.assert_allclose(np.linalg.matrix_power(f, 6) @ (h + delta * np.eye(len(h))), np.eye(len(h)), atol=1e-8)
 
 
+# ----------------------------------------------------------------------------- refresh methods and staggering
+
+
+@pytest.mark.parametrize("grafting", ["adam", "none"])
+def test_newton_roots_match_the_numpy_loop(grafting, monkeypatch):
+    """root_method="newton" (coupled Newton, float64) against the eigh loop: the same steps to 1e-7.
+
+    Without relative damping: Newton takes ``lambda_max`` from 20 power-iteration steps, which for these 3 x 3
+    factors (close eigenvalues) is a few percent low, so ``relative_eps`` would damp differently (by design)."""
+    monkeypatch.setitem(globals(), "RELATIVE_EPS", 0.0)
+    grads = gradient_sequence(6, shapes=EVEN_SHAPES)
+    tx = oso.scale_by_shampoo(
+        eps=EPS, relative_eps=0.0, precondition_frequency=2, start_preconditioning_step=2, block_size=3,
+        merge_dims=False, grafting=grafting, graft_b2=GRAFT_BETA2, graft_eps=GRAFT_EPS, root_method="newton",
+    )
+    outs, state = run_library(tx, grads)
+    loops = {k: NumpyShampoo(s, 3, grafting) for k, s in EVEN_SHAPES.items()}
+    for step, g in enumerate(grads):
+        for k in g:
+            np.testing.assert_allclose(outs[step][k], loops[k].step(g[k]), rtol=1e-7, atol=1e-10, err_msg=f"{step} {k}")
+    assert int(state.root_failures) == 0
+
+
+def test_newton_in_float32_is_within_eigh_accuracy_and_a_fractional_exponent_uses_eigh():
+    """float32 statistics of condition number up to ~1e4: Newton's roots within 1e-3 of eigh's; p = 2.5 is eigh's."""
+    rng = np.random.default_rng(7)
+    grads = [{"m": jnp.asarray(rng.standard_normal((40, 24)) * np.logspace(0, -2, 24), jnp.float32)} for _ in range(8)]
+    params = {"m": jnp.zeros((40, 24), jnp.float32)}
+
+    def final_roots(**kwargs):
+        tx = oso.scale_by_shampoo(precondition_frequency=4, **kwargs)
+        state = tx.init(params)
+        for g in grads:
+            _, state = jax.jit(tx.update)(g, state, params)
+        return state.roots, int(state.root_failures)
+
+    eigh, _ = final_roots()
+    newton, failures = final_roots(root_method="newton")
+    assert failures == 0
+    for a, b in zip(newton, eigh):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < 1e-3
+    fractional = final_roots(root_method="newton", exponent_override=2.5)[0]
+    jax.tree.map(np.testing.assert_array_equal, fractional, final_roots(exponent_override=2.5)[0])
+
+
+def _stagger_run(stagger, frequency=4, start=4, statistics_frequency=1, steps=12):
+    grads = gradient_sequence(steps, seed=8, shapes={"m": (6, 9), "t": (3, 6, 6), "v": (4,)})
+    tx = oso.scale_by_shampoo(
+        eps=EPS, relative_eps=RELATIVE_EPS, precondition_frequency=frequency, start_preconditioning_step=start,
+        statistics_frequency=statistics_frequency, block_size=3, merge_dims=False, stagger=stagger,
+    )
+    params = {k: jnp.zeros(v.shape) for k, v in grads[0].items()}
+    state, update = tx.init(params), jax.jit(tx.update)
+    outs, states = [], []
+    for g in grads:
+        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
+        outs.append(u)
+        states.append(state)
+    return outs, states
+
+
+def test_unstaggered_options_are_the_default():
+    reference, _ = _stagger_run(None)
+    for stagger in (False, 1):
+        outs, _ = _stagger_run(stagger)
+        for a, b in zip(outs, reference):
+            jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_staggered_roots_follow_a_fixed_balanced_schedule():
+    """stagger=True: every factor's root is recomputed from the current statistics exactly on the steps
+    ``start - r + k f`` of its slot ``r`` (slot 0 on the unstaggered schedule), each step recomputes
+    ``ceil(n / f)`` of the ``n`` equal-sized factors, and the roots between refreshes are kept."""
+    frequency, start = 4, 4
+    _, states = _stagger_run(True, frequency, start)
+    refreshed_at: dict = {}
+    previous = None
+    for step, state in enumerate(states):
+        for group, (stats, roots) in enumerate(zip(state.stats, state.roots)):
+            for i in range(stats.shape[0]):
+                changed = previous is None or not np.array_equal(roots[i], previous.roots[group][i])
+                if changed and not np.array_equal(roots[i], np.eye(stats.shape[-1])):
+                    refreshed_at.setdefault((group, i), []).append(step)
+        previous = state
+    n = sum(s.shape[0] for s in states[0].stats)
+    per_step = [sum(step in steps for steps in refreshed_at.values()) for step in range(len(states))]
+    assert max(per_step) == -(-n // frequency), per_step
+    assert len(refreshed_at) == n  # every factor got a root
+    for key, steps in refreshed_at.items():
+        slot = (start - steps[0]) % frequency
+        expected = [t for t in range(len(states)) if t >= start - slot and (t - start + slot) % frequency == 0]
+        assert steps == expected, (key, steps, expected)
+
+
+def test_staggered_roots_are_roots_of_the_statistics_of_their_step():
+    """Every root that changes equals the eigh root (NumPy) of that step's statistics."""
+    _, states = _stagger_run(3, frequency=3, start=3)
+    for before, after in zip(states, states[1:]):
+        for group, (stats, roots) in enumerate(zip(after.stats, after.roots)):
+            p = 4 if group == 0 else 6  # the stacks of the matrix's and of the order-3 tensor's factors
+            for i in range(stats.shape[0]):
+                if not np.array_equal(roots[i], before.roots[group][i]):
+                    np.testing.assert_allclose(roots[i], numpy_root(np.asarray(stats[i]), p), rtol=1e-9, atol=1e-12)
+
+
+def test_staggered_equals_unstaggered_once_the_statistics_stop_changing():
+    """Statistics from step 0 only (statistics_frequency 100): after one window of f steps every staggered root
+    is the unstaggered one, and so are the updates."""
+    plain, _ = _stagger_run(None, statistics_frequency=100)
+    staggered, _ = _stagger_run(True, statistics_frequency=100)
+    for step in range(4, 12):
+        for k in plain[step]:
+            np.testing.assert_allclose(staggered[step][k], plain[step][k], rtol=1e-10, atol=1e-13, err_msg=f"{step} {k}")
+
+
 # ----------------------------------------------------------------------------- numerical failure
 
 
@@ -287,7 +402,9 @@ def test_rank_deficient_statistics_stay_finite():
     "kwargs,name",
     [({"b2": 0.0}, "b2"), ({"grafting": "lamb"}, "grafting"), ({"block_size": 0}, "block_size"),
      ({"precondition_frequency": 0}, "precondition_frequency"), ({"eps": -1.0}, "eps"),
-     ({"exponent_override": 0}, "exponent_override"), ({"max_precond_dim": 0}, "max_precond_dim")],
+     ({"exponent_override": 0}, "exponent_override"), ({"max_precond_dim": 0}, "max_precond_dim"),
+     ({"root_method": "qr"}, "root_method"), ({"stagger": 0}, "stagger"),
+     ({"stagger": 11, "precondition_frequency": 10}, "stagger")],
 )
 def test_bad_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -339,6 +456,12 @@ DISTRIBUTED = textwrap.dedent(
     shapes = sorted(set(re.findall(r"f64\\[(\\d+),4,4\\][^\\n]*custom_call_target=\\"lapack_dsyevd", hlo)))
     print("EIGH_BATCHES", shapes)
     assert shapes == ["4"], shapes
+    # staggered refreshes (2 slots) spread over the devices too: the same steps on one device and on four
+    kwargs["stagger"] = True
+    single, _ = run(oso.shampoo(0.05, **kwargs), shard=False)
+    sharded, _ = run(oso.shampoo(0.05, precondition_sharding=NamedSharding(mesh, P("data")), **kwargs), shard=True)
+    for k in single:
+        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12)
     print("OK")
     """
 )

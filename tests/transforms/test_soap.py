@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_second_order as oso
@@ -36,8 +37,11 @@ def project(x, bases, back=False):
 class NumpySoap:
     """One leaf of SOAP, following the paper's Algorithm 3 and the official code step by step."""
 
-    def __init__(self, shape, b1=0.95, b2=0.95, eps=1e-8, frequency=3, max_dim=10000, normalize=False, bias=True):
+    def __init__(self, shape, b1=0.95, b2=0.95, eps=1e-8, frequency=3, max_dim=10000, normalize=False, bias=True,
+                 slots=None, shift=None):
         self.b1, self.b2, self.eps, self.f, self.normalize, self.bias = b1, b2, eps, frequency, normalize, bias
+        self.slots = slots  # staggered: mode -> its refresh slot r, refreshed when (-step) mod f == r
+        self.shift = shift  # the refresh orthonormalizes (L / ||L||_F + shift I) Q instead of L Q
         modes = range(len(shape)) if len(shape) > 1 else []
         self.modes = [i for i in modes if shape[i] <= max_dim]
         self.GG = {i: np.zeros((shape[i], shape[i])) for i in self.modes}
@@ -58,13 +62,17 @@ class NumpySoap:
             self.GG[i] = self.b2 * self.GG[i] + (1 - self.b2) * np.tensordot(g, g, axes=(others, others))
         if self.Q is None:
             self.Q = {i: np.linalg.eigh(self.GG[i])[1][:, ::-1] for i in self.modes}
-        if self.step_count > 0 and self.step_count % self.f == 0:
-            for i in self.modes:
+        for i in self.modes:
+            due = self.step_count % self.f == 0 if self.slots is None else (-self.step_count) % self.f == self.slots[i]
+            if self.step_count > 0 and due:
                 o = self.Q[i]
                 est = np.diag(o.T @ self.GG[i] @ o)
                 order = np.argsort(-est, kind="stable")
                 self.exp_avg_sq = np.take(self.exp_avg_sq, order, axis=i)
-                self.Q[i] = np.linalg.qr(self.GG[i] @ o[:, order])[0]
+                product = self.GG[i] @ o[:, order]
+                if self.shift is not None:
+                    product = product / np.linalg.norm(self.GG[i]) + self.shift * o[:, order]
+                self.Q[i] = np.linalg.qr(product)[0]
         if self.step_count > 0:
             self.exp_avg = project(self.exp_avg, self.bases())
 
@@ -108,6 +116,80 @@ def test_matches_numpy_loop(kwargs):
         for k in g:
             expected = -lr * (loops[k].step(g[k]) + wd * np.asarray(params[k]))
             np.testing.assert_allclose(u[k], expected, rtol=1e-8, atol=1e-12, err_msg=f"step {step}, leaf {k}")
+    assert int(state[0].basis_failures) == 0
+
+
+def _lpt(costs, slots):
+    """Longest processing time first: units by decreasing cost (ties by position) to the least loaded slot."""
+    loads, out = [0.0] * slots, [0] * len(costs)
+    for unit in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        out[unit] = min(range(slots), key=lambda r: (loads[r], r))
+        loads[out[unit]] += costs[unit]
+    return out
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"basis_method": "cholesky_qr"}, {"stagger": True}, {"stagger": 2, "basis_method": "cholesky_qr"}],
+    ids=["cholesky_qr", "stagger", "both"],
+)
+def test_refresh_options_match_numpy_loop(kwargs):
+    """basis_method="cholesky_qr" is the official refresh with the 1e-5 relative shift (QR up to column signs,
+    which the second moments do not see); stagger refreshes each (leaf, mode) factor on its slot's steps, the
+    slots a partition of the factors balanced by d^3 (longest processing time first)."""
+    rng = np.random.default_rng(4)
+    grads = [{k: rng.standard_normal(s) for k, s in SHAPES.items()} for _ in range(10)]
+    lr, frequency = 0.01, 3
+    tx = oso.soap(lr, weight_decay=0.0, precondition_frequency=frequency, **kwargs)
+    params = {k: jnp.zeros(s) for k, s in SHAPES.items()}
+    state, update = tx.init(params), jax.jit(tx.update)
+    stagger = kwargs.get("stagger")
+    slots = _lpt([6**3, 5**3, 3**3, 4**3, 5**3], frequency if stagger is True else stagger) if stagger else None
+    per_leaf = {"m": slots[:2], "t": slots[2:]} if slots else {}
+    shift = 1e-5 if kwargs.get("basis_method") == "cholesky_qr" else None
+    loops = {k: NumpySoap(s, frequency=frequency, slots=per_leaf.get(k), shift=shift) for k, s in SHAPES.items()}
+    for step, g in enumerate(grads):
+        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
+        for k in g:
+            np.testing.assert_allclose(u[k], -lr * loops[k].step(g[k]), rtol=1e-8, atol=1e-12, err_msg=f"{step} {k}")
+    assert int(state[0].basis_failures) == 0
+
+
+def test_blocks_are_independent_soaps_of_their_blocks():
+    """block_size=3 on a 6 x 3 matrix (2 blocks) and a 3 x 6 x 6 tensor (4 blocks of 3 x 3 x 3): each block runs the
+    NumPy loop of its own, as a leaf of that shape would (no padding here)."""
+    rng = np.random.default_rng(5)
+    shapes = {"m": (6, 3), "t": (3, 6, 6), "v": (5,)}
+    grads = [{k: rng.standard_normal(s) for k, s in shapes.items()} for _ in range(8)]
+    tx = oso.scale_by_soap(precondition_frequency=3, block_size=3)
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    state, update = tx.init(params), jax.jit(tx.update)
+    cuts = {"m": [(slice(0, 3), slice(None)), (slice(3, 6), slice(None))],
+            "t": [(slice(None), slice(a, a + 3), slice(b, b + 3)) for a in (0, 3) for b in (0, 3)],
+            "v": [(slice(None),)]}
+    loops = {k: [NumpySoap(np.zeros(shapes[k])[c].shape, frequency=3) for c in cuts[k]] for k in shapes}
+    for step, g in enumerate(grads):
+        u, state = update(jax.tree.map(jnp.asarray, g), state, params)
+        for k in g:
+            expected = np.zeros(shapes[k])
+            for c, loop in zip(cuts[k], loops[k]):
+                expected[c] = loop.step(g[k][c])
+            np.testing.assert_allclose(u[k], expected, rtol=1e-8, atol=1e-12, err_msg=f"step {step}, leaf {k}")
+    assert state.factors[0][0].shape == (2, 3, 3) and state.mu["t"].shape == (4, 3, 3, 3)
+
+
+def test_padded_blocks_train():
+    """A 5 x 7 matrix in blocks of 3 (zero-padded to 6 x 9): finite steps that reduce a quadratic."""
+    rng = np.random.default_rng(6)
+    target = jnp.asarray(rng.standard_normal((5, 7)))
+    value_fn = lambda p: 0.5 * jnp.sum((p["w"] - target) ** 2)  # noqa: E731
+    tx = oso.soap(0.1, weight_decay=0.0, precondition_frequency=2, block_size=3, stagger=True)
+    params = {"w": jnp.zeros((5, 7))}
+    state = tx.init(params)
+    step = jax.jit(lambda p, s: tx.update(jax.grad(value_fn)(p), s, p))
+    for _ in range(30):
+        u, state = step(params, state)
+        params = optax.apply_updates(params, u)
+    assert float(value_fn(params)) < 0.1 * float(value_fn({"w": jnp.zeros((5, 7))}))
     assert int(state[0].basis_failures) == 0
 
 
@@ -164,7 +246,10 @@ def test_rank_deficient_factors_stay_finite():
 
 
 @pytest.mark.parametrize(
-    "kwargs,name", [({"b1": 1.0}, "b1"), ({"shampoo_beta": -0.5}, "shampoo_beta"), ({"max_precond_dim": 0}, "max_precond_dim")]
+    "kwargs,name",
+    [({"b1": 1.0}, "b1"), ({"shampoo_beta": -0.5}, "shampoo_beta"), ({"max_precond_dim": 0}, "max_precond_dim"),
+     ({"basis_method": "householder"}, "basis_method"), ({"stagger": 0}, "stagger"),
+     ({"stagger": 4, "precondition_frequency": 3}, "stagger"), ({"block_size": 0}, "block_size")],
 )
 def test_bad_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
