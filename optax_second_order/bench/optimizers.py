@@ -230,6 +230,8 @@ OPTIMIZERS["natural-gradient"] = OptimizerSpec(
     learning_rates=_NEWTON_LRS,
     description="Natural gradient: sampled true Fisher + CG (at most 20 iterations), damping 1e-3, KL-normalized step "
     "eta = sqrt(2 * 0.01 / g^T F^-1 g) (KL per step 0.01 lr^2)",
+)
+
 # --- quasi-Newton and K-BFGS (transforms/quasi_newton.py, transforms/kbfgs.py) ---------------------------
 # On minibatches the quasi-Newton methods run in their stochastic mode: a fixed learning rate, no line search,
 # pairs formed on the same minibatch (one extra gradient per step). Deterministic problems, with line searches
