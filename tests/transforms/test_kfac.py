@@ -226,7 +226,7 @@ def test_staggered_ekfac_restarts_a_refreshed_layers_scales_at_the_next_statisti
     params = _params()
     tx = oso.scale_by_kfac(
         LAYERS, damping=LAM, approximation="eigenvalue_corrected", fisher="empirical", kl_clip=None,
-        precondition_frequency=2, stagger=True,
+        statistics_frequency=1, precondition_frequency=2, stagger=True,
     )
     update = _jit_update(tx)
     _, _, state0 = _step(tx, tx.init(params), params, 1, update)
