@@ -43,7 +43,8 @@ it) and the keyword arguments it is built with; ``uses_layers`` adds ``layers=``
   only the names in ``needs`` works;
 * ``linen`` / ``nnx`` / ``threads`` (``contract_flax.py``): the same model written as a linen module in
   :class:`optax_second_order.flax.TrainState` and as an NNX module in ``nnx.Optimizer`` (K-FAC through the layers
-  Flax capture finds) takes the plain run's steps; two models traced at once in two threads each take their own.
+  Flax capture finds) takes the plain run's steps; two models traced at once in two threads each take their own (cases with
+  ``uses_layers``: layer capture is the only state a trace keeps).
 
 "Names the transformation" means: the message contains the case name up to its first ``-``, ``[``,
 ``(``, ``:`` or space, compared without case and underscores (case ``"sophia_h-clip"`` is matched by

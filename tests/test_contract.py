@@ -62,8 +62,22 @@ UPSTREAM_FAILURES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-@pytest.mark.parametrize("check", [name for name in CHECKS if name != "checkpoint"])
+def _group(case: ContractCase) -> pytest.MarkDecorator:
+    """Under ``pytest -n 2 --dist loadgroup`` (the Makefile) every check of a case runs in one worker, so the plain
+    run each check compares with (``contract._plain``, cached per process) compiles once, not once per worker."""
+    return pytest.mark.xdist_group(case.name)
+
+
+def _applies(check: str, case: ContractCase) -> bool:
+    """``threads`` is about layer capture, the only state a trace of ``model_fn`` keeps: cases that capture layers."""
+    return check != "threads" or case.uses_layers
+
+
+@pytest.mark.parametrize(
+    "check, case",
+    [pytest.param(check, case, marks=_group(case), id=f"{check}-{case.name}")
+     for check in CHECKS if check != "checkpoint" for case in CASES if _applies(check, case)],
+)
 def test_contract(check, case, request):
     if (check, case.name) in UPSTREAM_FAILURES:
         reason = UPSTREAM_FAILURES[check, case.name]
@@ -71,7 +85,7 @@ def test_contract(check, case, request):
     CHECKS[check](case)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+@pytest.mark.parametrize("case", [pytest.param(case, marks=_group(case), id=case.name) for case in CASES])
 def test_contract_checkpoint(case, tmp_path):
     contract.check_checkpoint(case, tmp_path)
 
