@@ -12,8 +12,9 @@ from contract import ContractCase
 CASES = [
     ContractCase("newton", oso.newton, dict(damping=0.1), needs=("value_fn",), inject="damping"),
     ContractCase(
-        # the adapted damping lives in the state; min_damping applies at every update
-        "newton_cg", oso.newton_cg, dict(maxiter=20), needs=("value_fn",), inject="min_damping",
+        # the adapted damping lives in the state; min_damping applies at every update. A floor above the initial
+        # damping (1.0) binds from the second step, so the injected value acts within the two steps compared
+        "newton_cg", oso.newton_cg, dict(maxiter=20), needs=("value_fn",), inject="min_damping", injected_value=2.0,
     ),
     ContractCase(
         "gauss_newton-row_space", oso.gauss_newton, dict(solver="row_space", damping=0.1), needs=("model_fn", "loss"),

@@ -102,6 +102,7 @@ from optax_second_order.transforms.common import (
     check,
     check_choice,
     extra_arg,
+    masked_extras,
     require_params,
     stat_dtype,
     static_int,
@@ -474,7 +475,9 @@ def scale_by_newton(
       name: the name errors give (an alias's own name).
 
     ``update(grads, state, params, ...)`` needs ``value_fn`` for the Hessian, the adaptive rules and
-    backtracking, and ``model_fn`` and ``loss`` for the other curvatures and the preconditioner.
+    backtracking, and ``model_fn`` and ``loss`` for the other curvatures and the preconditioner. Inside
+    ``optax.masked`` / ``multi_transform`` / ``partition`` it also needs ``full_params`` (the whole tree): the
+    curvature is then that of the visible leaves, the masked ones held fixed (:func:`~.common.masked_extras`).
     """
     decrease_default, increase_default, threshold_default = RULE_DEFAULTS.get(damping_rule, (None, None, None))
     _validate(name, curvature, solver, damping_rule, preconditioner, damping, min_damping, saddle_free, kl_budget,
@@ -554,7 +557,7 @@ def scale_by_newton(
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
-        fns = _extras(config, extra, name)
+        fns = _extras(config, masked_extras(params, extra, name), name)
         key, curvature_key = jax.random.split(state.key)
         damping_now = state.damping if config.adaptive else jnp.asarray(damping, state.damping.dtype)
         rate = 1.0 if learning_rate is None else value_at(learning_rate, state.count)
