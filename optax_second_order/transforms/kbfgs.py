@@ -44,9 +44,12 @@ Deviations from the paper (also in the docs):
 * Gradient momentum and the fallback are inside the transformation; weight decay (the paper's L2 term
   ``tau = 1e-5``, added to the gradient) is :func:`~optax_second_order.kbfgs`'s ``weight_decay`` (default 0).
 
-A non-finite gradient is never folded in (zero update, state kept, ``state.nonfinite`` counts it); a pass whose
+A non-finite gradient, or a finite one whose squares overflow (a loss spike: its momentum would meet the kept
+factors in a huge step), is never folded in (zero update, state kept, ``state.nonfinite`` counts it); a pass whose
 statistics are not finite leaves the factors unchanged and is counted; a pair an update rejects is counted in
-``state.skipped``.
+``state.skipped``. Inside ``optax.masked`` (with the extra argument ``full_params``) the step runs on the whole
+tree with zero gradients where masked, as K-FAC's, and returns the visible leaves' part; the state covers every
+layer.
 
 Defaults (the authors' ``train_model``): ``learning_rate = 0.3`` in the alias docs, ``damping`` ``lambda = 0.3``,
 ``momentum = 0.9``, ``ema_decay = 0.9``, ``pair_decay = 0.9``, ``memory_size = 100``.
@@ -68,7 +71,9 @@ from optax_second_order.transforms.common import (
     all_finite,
     check,
     extra_arg,
+    has_masked_leaves,
     is_refresh_step,
+    masked_view,
     require_params,
     stat_dtype,
     static_int,
@@ -86,7 +91,7 @@ class KBFGSState(NamedTuple):
     """K-BFGS state; tuples follow ``layers.layers`` / ``layers.fallback`` order."""
 
     count: jax.Array  # int32, finite steps taken
-    momentum: PyTree  # gradient momentum m (float32 or better)
+    momentum: tuple  # gradient momentum m per leaf of the parameters (float32 or better), in jax.tree.leaves order
     factors: tuple  # A per layer, (d_in, d_in)
     inverse_factors: tuple  # H_a per layer, (d_in, d_in)
     curvature: tuple  # H_g per layer, (d_out, d_out); K-BFGS(L): an LBFGSMemory of (d_out,) pairs
@@ -190,8 +195,8 @@ def _layer_direction(h_a, v, curvature) -> jax.Array:
     return jnp.matmul(left, curvature, precision=_HIGHEST)
 
 
-def _direction(layers: kronecker.Layers, momentum, inverse_factors, curvature, diagonal, damping) -> PyTree:
-    leaves, treedef = jax.tree.flatten(momentum)
+def _direction(layers: kronecker.Layers, leaves, inverse_factors, curvature, diagonal, damping) -> list:
+    """Each leaf's direction from the momentum's leaves: ``H_a V H_g`` per layer, ``m / (d + lambda)`` else."""
     out = list(leaves)
     for layer, h_a, h_g in zip(layers.layers, inverse_factors, curvature):
         bias = leaves[layer.bias_index] if layer.bias_index is not None else None
@@ -201,7 +206,13 @@ def _direction(layers: kronecker.Layers, momentum, inverse_factors, curvature, d
             out[layer.bias_index] = bias
     for i, d in zip(layers.fallback_indices, diagonal):
         out[i] = leaves[i] / (d + jnp.asarray(damping, d.dtype))
-    return jax.tree.unflatten(treedef, out)
+    return out
+
+
+def _squares_finite(leaves: list) -> jax.Array:
+    """Whether the gradient's squared norm is finite: false for a non-finite gradient and for a finite one whose
+    squares overflow (the fallback's statistic ``d``, and a momentum too large for the kept factors)."""
+    return jnp.isfinite(sum(jnp.sum(jnp.square(g)) for g in leaves)) if leaves else jnp.asarray(True)
 
 
 # --- the transformation -----------------------------------------------------------------------------------
@@ -224,7 +235,10 @@ def _validate(layers, learning_rate, damping, momentum, ema_decay, pair_decay, s
 
 
 def _init(layers: kronecker.Layers, params, limited_memory: bool, memory_size: int) -> KBFGSState:
-    leaves = layers.check_params(params, NAME)
+    if has_masked_leaves(params):  # optax.masked: the whole tree's state, from the shapes find_layers saw
+        leaves = list(layers.leaves)
+    else:
+        leaves = layers.check_params(params, NAME)
 
     def dtype(index):
         return stat_dtype(jnp.result_type(leaves[index]))
@@ -246,7 +260,7 @@ def _init(layers: kronecker.Layers, params, limited_memory: bool, memory_size: i
 
     return KBFGSState(
         count=zero(),
-        momentum=jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), stat_dtype(jnp.result_type(p))), params),
+        momentum=tuple(zeros(jnp.shape(p), i) for i, p in enumerate(leaves)),
         factors=tuple(eye(l.input_dim, l.kernel_index) for l in layers.layers),
         inverse_factors=tuple(eye(l.input_dim, l.kernel_index) for l in layers.layers),
         curvature=tuple(curvature(l) for l in layers.layers),
@@ -328,16 +342,25 @@ def scale_by_kbfgs(
         return tuple(curvature), tuple(pairs), tuple(inverse_out), skipped, (~ok).astype(jnp.int32)
 
     def update_fn(updates, state, params=None, **extra):
+        """The K-BFGS step; inside ``optax.masked`` it runs on the whole tree (``full_params``, zero gradients
+        where masked) and returns the masked part."""
         params = require_params(params, NAME)
+        if not has_masked_leaves(params):
+            return step(updates, state, params, **extra)
+        view = masked_view(params, extra, NAME)
+        v, state = step(view.embed_zeros(updates), state, view.embed(params), **extra)
+        return view.restrict(v), state
+
+    def step(updates, state, params, **extra):
         layers.check_params(updates, NAME)
         model_fn = extra_arg(extra, "model_fn", NAME)
         loss = extra_arg(extra, "loss", NAME)
         rate = value_at(learning_rate, state.count)
         refresh = is_refresh_step(state.count, statistics_frequency)
 
-        grads = jax.tree.map(lambda g, m0: g.astype(m0.dtype), updates, state.momentum)
-        moment = jax.tree.map(lambda m0, g: momentum * m0 + (1 - momentum) * g, state.momentum, grads)
-        leaves = jax.tree.leaves(grads)
+        leaves, treedef = jax.tree.flatten(updates)
+        leaves = [g.astype(m0.dtype) for g, m0 in zip(leaves, state.momentum)]
+        moment = tuple(momentum * m0 + (1 - momentum) * g for m0, g in zip(state.momentum, leaves))
         diagonal_decay = jnp.where(state.count == 0, 0.0, ema_decay)  # the first gradient sets d
         diagonal = tuple(
             (diagonal_decay * d + (1 - diagonal_decay) * leaves[i] ** 2).astype(d.dtype)
@@ -354,7 +377,9 @@ def scale_by_kbfgs(
         factors, inverse_factors, means, stats_ok = jax.lax.cond(
             refresh, lambda: statistics_step(state, params, model_fn, loss), no_statistics
         )
-        direction = _direction(layers, moment, inverse_factors, state.curvature, diagonal, damping)
+        direction = jax.tree.unflatten(
+            treedef, _direction(layers, moment, inverse_factors, state.curvature, diagonal, damping)
+        )
         params_next = jax.tree.map(lambda p, d: (p - rate * d).astype(jnp.result_type(p)), params, direction)
 
         curvature, pairs, inverse_factors, skipped, bad = jax.lax.cond(
@@ -374,7 +399,9 @@ def scale_by_kbfgs(
             skipped=skipped,
             nonfinite=state.nonfinite + bad,
         )
-        finite = all_finite(grads) & all_finite(direction)
+        # A gradient whose squares overflow (a loss spike) would enter the momentum while the factors, from
+        # model_fn and loss, are kept: a huge step. It is rejected as a whole, as a non-finite one.
+        finite = _squares_finite(leaves) & all_finite(direction)
         new_state = jax.tree.map(
             lambda n, o: jnp.where(finite, n, o), new_state, state._replace(nonfinite=state.nonfinite + 1)
         )

@@ -36,7 +36,9 @@ Safeguards (sources in :mod:`~optax_second_order.curvature.secant`):
   or singular) is replaced by that scaled gradient and counted in ``state.fallbacks``;
 * a non-finite gradient is never folded into the state: the update is zero, the state is kept and
   ``state.nonfinite`` counts the step (the next finite step forms its pair with the last finite step's point,
-  the step that was actually taken). A finite pair that fails its test is counted in ``state.skipped``.
+  the step that was actually taken). A pair whose squared norms or update overflow (a finite gradient near
+  overflow, a loss spike) is not folded in either: ``state.nonfinite`` counts it and the step is the scaled
+  gradient. A finite pair that fails its test is counted in ``state.skipped``.
 
 Pairs. By default (``same_batch_pairs=False``) ``y_k = g_{k+1} - g_k`` comes from the gradients ``update``
 receives, the full-batch setting of the textbooks, where a line search (:func:`scale_by_linesearch`) chooses the
@@ -72,6 +74,9 @@ from optax_second_order.transforms.common import (
     check,
     check_choice,
     extra_arg,
+    has_masked_leaves,
+    masked_extras,
+    masked_view,
     require_params,
     stat_dtype,
     static_int,
@@ -166,6 +171,12 @@ def _count(flag: jax.Array) -> jax.Array:
     return flag.astype(jnp.int32)
 
 
+def _pair_finite(s: PyTree, y: PyTree) -> jax.Array:
+    """Whether ``s``, ``y`` and their squared norms are finite: a gradient near overflow (a loss spike) is finite
+    while ``y^T y`` is not, and such a pair would put infinities into the matrix or the memory."""
+    return all_finite((s, y)) & jnp.isfinite(optax.tree.vdot(s, s) + optax.tree.vdot(y, y))
+
+
 def _keep_state_if(ok: jax.Array, new: NamedTuple, old: NamedTuple) -> NamedTuple:
     """``new`` where ``ok``, else ``old`` (leafwise)."""
     return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
@@ -217,28 +228,35 @@ def _precondition(method: str, matrix: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def _dense_step(method, state: QuasiNewtonState, x, g, g_previous, min_cosine, damp):
-    """Pair, update, direction: the new state (before the non-finite guard) and ``+H g``."""
+    """Pair, update, direction: the new state (before the non-finite guard) and ``+H g``.
+
+    A pair that is not finite, or whose update (or first scaling) is not, is not folded in: it is counted in
+    ``nonfinite`` and the step falls back to the capped gradient (the kept matrix does not fit such a gradient).
+    """
     n = x.shape[0]
     has_pair = state.count > 0
     s, y = x - state.params, g - g_previous
-    pair_finite = jnp.all(jnp.isfinite(s)) & jnp.all(jnp.isfinite(y))
     # The first finite pair scales the initial matrix (N&W eq. 6.20), once, whether or not the update then
     # takes it (scipy's HessianUpdateStrategy does the same).
-    first = has_pair & pair_finite & (state.num_pairs + state.skipped == 0)
+    first = has_pair & (state.num_pairs + state.skipped == 0)
     start = _initial_matrix(method, secant.initial_inverse_scale(s, y), n, state.matrix.dtype)
     current = jnp.where(first, start, state.matrix)
     updated, used = _secant_update(method, current, s, y, min_cosine, damp)
-    used = has_pair & pair_finite & used
-    matrix = jnp.where(used, updated, current)
+    candidate = jnp.where(used, updated, current)
+    pair_finite = _pair_finite(s, y) & all_finite(candidate)
+    taken = has_pair & pair_finite
+    matrix = jnp.where(taken, candidate, state.matrix)
+    used = taken & used
     num_pairs = state.num_pairs + _count(used)
-    skipped = state.skipped + _count(has_pair & pair_finite & ~used)
+    skipped = state.skipped + _count(taken & ~used)
 
     direction = _precondition(method, matrix, g)
     safe = _capped_gradient(g)
     descent = _is_descent(jnp.dot(direction, g), jnp.all(jnp.isfinite(direction)), jnp.linalg.norm(g))
     scaled = num_pairs + skipped > 0  # H_0 has its scale: from now on H g
     fallback = scaled & ~descent
-    direction = jnp.where(~scaled | fallback, safe, direction)
+    overflow = has_pair & ~pair_finite
+    direction = jnp.where(~scaled | fallback | overflow, safe, direction)
     new_state = QuasiNewtonState(
         count=state.count + 1,
         matrix=matrix,
@@ -247,7 +265,7 @@ def _dense_step(method, state: QuasiNewtonState, x, g, g_previous, min_cosine, d
         num_pairs=num_pairs,
         skipped=skipped,
         fallbacks=state.fallbacks + _count(fallback),
-        nonfinite=state.nonfinite + _count(has_pair & ~pair_finite),
+        nonfinite=state.nonfinite + _count(overflow),
     )
     return new_state, direction
 
@@ -299,6 +317,7 @@ def scale_by_quasi_newton(
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
+        extra = masked_extras(params, extra, name)
         value_fn = extra_arg(extra, "value_fn", name) if same_batch_pairs else None
         dtype = state.matrix.dtype
         g, x = _flatten(updates, dtype), _flatten(params, dtype)
@@ -322,11 +341,12 @@ def scale_by_quasi_newton(
 
 
 def _lbfgs_step(state: LBFGSState, x, g, g_previous, min_cosine):
-    """Pair into the memory, then the two-loop direction: the new state and ``+H g``."""
+    """Pair into the memory, then the two-loop direction: the new state and ``+H g``. A pair that is not finite
+    (or whose squared norms overflow) is counted in ``nonfinite``, and the step is the capped gradient."""
     has_pair = state.count > 0
     s = jax.tree.map(jnp.subtract, x, state.params)
     y = jax.tree.map(jnp.subtract, g, g_previous)
-    pair_finite = all_finite((s, y))
+    pair_finite = _pair_finite(s, y)
     memory, used = secant.lbfgs_update_memory(state.memory, s, y, min_cosine)
     used = has_pair & pair_finite & used
     memory = jax.tree.map(lambda new, old: jnp.where(used, new, old), memory, state.memory)
@@ -337,7 +357,7 @@ def _lbfgs_step(state: LBFGSState, x, g, g_previous, min_cosine):
     descent = _is_descent(optax.tree.vdot(direction, g), all_finite(direction), grad_norm)
     fallback = (memory.count > 0) & ~descent
     scale = jnp.minimum(1.0, 1.0 / jnp.where(grad_norm > 0, grad_norm, 1.0))
-    use_safe = (memory.count == 0) | fallback
+    use_safe = (memory.count == 0) | fallback | (has_pair & ~pair_finite)
     direction = jax.tree.map(lambda d, gi: jnp.where(use_safe, scale * gi, d), direction, g)
     new_state = LBFGSState(
         count=state.count + 1,
@@ -391,6 +411,7 @@ def scale_by_lbfgs(
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
+        extra = masked_extras(params, extra, name)
         value_fn = extra_arg(extra, "value_fn", name) if same_batch_pairs else None
         g = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, state.params)
         x = jax.tree.map(lambda v, p: v.astype(p.dtype), params, state.params)
@@ -427,6 +448,20 @@ class LinesearchState(NamedTuple):
 def _default_float_value(value_fn: Callable) -> Callable:
     """``value_fn`` returning its value in the default float type (float64 under ``jax_enable_x64``)."""
     return lambda params: jnp.asarray(value_fn(params), jnp.result_type(float))
+
+
+def _restore_evaluation(inner_state, stale: jax.Array, value_fn: Callable, params: PyTree, step: PyTree):
+    """The line-search state with the value and gradient at ``params + step`` when ``stale`` (a learning rate that
+    is not 1 moved the parameters elsewhere than the accepted point): one more evaluation of ``value_fn`` and its
+    gradient, so that ``optax.value_and_grad_from_state`` reuses correct (and finite) ones."""
+
+    def evaluate():
+        value, grad = jax.value_and_grad(value_fn)(optax.apply_updates(params, step))
+        cast = jax.tree.map(lambda new, old: new.astype(jnp.result_type(old)), grad, inner_state.grad)
+        return jnp.asarray(value, jnp.result_type(inner_state.value)), cast
+
+    value, grad = jax.lax.cond(stale, evaluate, lambda: (inner_state.value, inner_state.grad))
+    return inner_state._replace(value=value, grad=grad)
 
 
 def _optax_linesearch(kind, max_linesearch_steps, slope_rtol, curv_rtol):
@@ -469,8 +504,14 @@ def scale_by_linesearch(
     not given (one more evaluation per step): pass them, e.g. from ``optax.value_and_grad_from_state``, which
     reuses the line search's last evaluation. ``learning_rate`` (default 1) multiplies the accepted step,
     after the search (``optax.lbfgs`` scales the direction before it instead), so the update is linear in it;
-    where it is not 1 the value and gradient stored in the state are not those at the new parameters, and the
-    stored value is set to ``inf`` so that ``optax.value_and_grad_from_state`` recomputes them.
+    where it is not 1 the value and gradient the search stored are not those at the new parameters, and they are
+    evaluated there (one more evaluation of ``value_fn`` and its gradient per step), so that
+    ``optax.value_and_grad_from_state`` reuses correct ones.
+
+    Inside ``optax.masked`` (with the extra argument ``full_params``) the search runs on the visible leaves, the
+    masked ones held fixed; a given ``grad`` of the whole tree is cut to the visible leaves. A search whose step
+    or state is not finite (a non-finite direction or loss) is rejected: zero update, the previous search's state
+    kept, counted in ``nonfinite``.
 
     Args:
       linesearch: ``"zoom"``, ``"backtracking"`` or an optax line-search transformation.
@@ -500,10 +541,13 @@ def scale_by_linesearch(
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
+        extra = masked_extras(params, extra, name)
         value_fn = extra_arg(extra, "value_fn", name)
         value, grad = extra.get("value"), extra.get("grad")
         if value is None or grad is None:
             value, grad = jax.value_and_grad(value_fn)(params)
+        elif has_masked_leaves(params):  # the whole tree's gradient, cut to the leaves the mask lets through
+            grad = masked_view(params, extra, name).restrict(grad)
         if backtracking:
             # optax's backtracking search with store_grad transposes the value's jvp against the Python float 1.0,
             # which under jax_enable_x64 is float64: a float32 loss fails there. The default float type matches it.
@@ -511,12 +555,10 @@ def scale_by_linesearch(
         step, inner_state = inner.update(updates, state.linesearch, params, value=value, grad=grad, value_fn=value_fn)
         factor = value_at(learning_rate, state.count)
         step = jax.tree.map(lambda u: (factor * u).astype(u.dtype), step)
-        if hasattr(inner_state, "value"):
-            stale = jnp.asarray(factor) != 1
-            inner_state = inner_state._replace(
-                value=jnp.where(stale, jnp.inf, inner_state.value).astype(jnp.result_type(inner_state.value))
-            )
-        ok = all_finite(step)
+        if getattr(inner_state, "value", None) is not None and getattr(inner_state, "grad", None) is not None:
+            inner_state = _restore_evaluation(inner_state, jnp.asarray(factor) != 1, value_fn, params, step)
+        # a search that gave a non-finite step or state is rejected: zero update, the previous search's state kept
+        ok = all_finite((step, inner_state))
         step = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), step)
         inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state, state.linesearch)
         return step, LinesearchState(state.count + _count(ok), inner_state, state.nonfinite + _count(~ok))
