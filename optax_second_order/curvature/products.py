@@ -65,7 +65,7 @@ def grad_and_hvp_fn(value_fn: Callable[[PyTree], jax.Array], params: PyTree, *, 
         updates, state = tx.update(grads, state, params, value_fn=value_fn, hvp_fn=hvp_fn)
 
     Under ``jax.jit`` the linear map costs nothing where it is not called (its work is only traced where used),
-    but the forward pass keeps the residuals it needs; ``docs/optimizers/adahessian.md`` has measurements.
+    but the forward pass keeps the residuals it needs (``docs/optimizers/adahessian.md``).
 
     Args:
       value_fn: params -> scalar loss of the batch.
