@@ -8,8 +8,9 @@ from contract import ContractCase
 CASES = [
     ContractCase(
         # a KL clip that does not bind, so the update stays linear in the learning rate (a contract clause)
-        "kfac", oso.kfac, dict(precondition_frequency=2, kl_clip=1.0), needs=("model_fn", "loss"), inject="damping",
-        uses_layers=True,
+        # the conv and dense layers' inverses staggered over two slots
+        "kfac", oso.kfac, dict(precondition_frequency=2, stagger=2, kl_clip=1.0), needs=("model_fn", "loss"),
+        inject="damping", uses_layers=True, static_args=("stagger",),
     ),
     ContractCase(
         "kfac-ekfac-adaptive",
@@ -23,11 +24,5 @@ CASES = [
         inject="ema_decay",
         injected_value=0.2,
         uses_layers=True,
-    ),
-    ContractCase(
-        # the conv and dense layers' refreshes in two slots; EK-FAC's interim scales
-        "kfac-ekfac-staggered", oso.kfac, dict(approximation="eigenvalue_corrected", precondition_frequency=2, stagger=2,
-                                               kl_clip=1.0),
-        needs=("model_fn", "loss"), inject="damping", uses_layers=True, static_args=("stagger",),
     ),
 ]
