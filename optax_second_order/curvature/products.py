@@ -53,7 +53,9 @@ def hvp_operator(value_fn: Callable[[PyTree], jax.Array], params: PyTree) -> Lin
     return hessian_vp
 
 
-def grad_and_hvp_fn(value_fn: Callable[[PyTree], jax.Array], params: PyTree, *, return_value: bool = False):
+def grad_and_hvp_fn(
+    value_fn: Callable[[PyTree], jax.Array], params: PyTree, *, return_value: bool = False
+) -> tuple[PyTree, Callable] | tuple[jax.Array, PyTree, Callable]:
     """The gradient of ``value_fn`` at ``params`` and the map ``v -> H v``, from one linearization.
 
     ``jax.linearize(jax.grad(value_fn), params)``: the forward and backward pass run once and give the gradient,

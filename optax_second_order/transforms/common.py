@@ -62,6 +62,7 @@ __all__ = [
     "MaskedView",
     "masked_view",
     "masked_extras",
+    "update_on_whole_tree",
     "check_float_leaves",
 ]
 
@@ -394,6 +395,20 @@ def masked_view(params: PyTree, extra: dict[str, Any], transform: str) -> Masked
             "tx.update(grads, state, params, full_params=params, ...)"
         )
     return MaskedView(params, full)
+
+
+def update_on_whole_tree(step: Callable, updates: PyTree, state: Any, params: PyTree, extra: dict[str, Any], transform: str):
+    """``step(updates, state, params, **extra)``, run on the whole tree when ``params`` is masked.
+
+    Inside ``optax.masked`` / ``multi_transform`` the step sees the whole parameters (``full_params``) with zero
+    gradients where masked, so a state kept per layer covers every layer; the result is cut back to the masked
+    structure. Unmasked ``params``: the step as it is.
+    """
+    if not has_masked_leaves(params):
+        return step(updates, state, params, **extra)
+    view = masked_view(params, extra, transform)
+    direction, state = step(view.embed_zeros(updates), state, view.embed(params), **extra)
+    return view.restrict(direction), state
 
 
 def masked_extras(params: PyTree, extra: dict[str, Any], transform: str) -> dict[str, Any]:

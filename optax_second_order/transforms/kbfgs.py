@@ -73,10 +73,10 @@ from optax_second_order.transforms.common import (
     extra_arg,
     has_masked_leaves,
     is_refresh_step,
-    masked_view,
     require_params,
     stat_dtype,
     static_int,
+    update_on_whole_tree,
     value_at,
 )
 
@@ -345,11 +345,7 @@ def scale_by_kbfgs(
         """The K-BFGS step; inside ``optax.masked`` it runs on the whole tree (``full_params``, zero gradients
         where masked) and returns the masked part."""
         params = require_params(params, NAME)
-        if not has_masked_leaves(params):
-            return step(updates, state, params, **extra)
-        view = masked_view(params, extra, NAME)
-        v, state = step(view.embed_zeros(updates), state, view.embed(params), **extra)
-        return view.restrict(v), state
+        return update_on_whole_tree(step, updates, state, params, extra, NAME)
 
     def step(updates, state, params, **extra):
         layers.check_params(updates, NAME)

@@ -95,11 +95,11 @@ from optax_second_order.transforms.common import (
     is_refresh_step,
     keep_if_nonfinite,
     map_over_devices,
-    masked_view,
     partition_by_cost,
     require_params,
     stagger_slots,
     stat_dtype,
+    update_on_whole_tree,
     value_at,
 )
 
@@ -543,11 +543,7 @@ def scale_by_kfac(
         where masked) and returns the masked part."""
         params = require_params(params, NAME)
         check_float_leaves(updates, NAME)
-        if not has_masked_leaves(params):
-            return step(updates, state, params, **extra)
-        view = masked_view(params, extra, NAME)
-        v, state = step(view.embed_zeros(updates), state, view.embed(params), **extra)
-        return view.restrict(v), state
+        return update_on_whole_tree(step, updates, state, params, extra, NAME)
 
     def step(updates, state, params, **extra):
         layers.check_params(updates, NAME)
