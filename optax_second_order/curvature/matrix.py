@@ -7,7 +7,9 @@ For ``M = Q diag(lambda) Q^T`` (``lambda`` clipped at 0, so round-off cannot mak
   ``delta = eps + relative_eps * lambda_max`` and an optional pseudo-inverse cutoff;
 * :func:`damped_inverse`: ``(M + damping I)^{-1}`` (K-FAC's factors) by LU, not eigh: the ``p = 1`` root
   without the eigendecomposition, several times faster on XLA:CPU and on accelerators;
-* :func:`eigh_psd`: the eigendecomposition itself (SOAP's eigenbases, EKFAC).
+* :func:`eigh_psd`: the eigendecomposition itself (SOAP's eigenbases, EKFAC);
+* :func:`one_matrix_at_a_time`: how every batched factorization here runs on CPU (one matrix per LAPACK call,
+  which avoids a deadlock of jaxlib 0.10's batched CPU kernels).
 
 Every function works on a batch of matrices (leading dimensions are blocks), symmetrizes its input
 ``(M + M^T) / 2``, computes in float32 or better whatever the input dtype, and returns the result in
@@ -50,13 +52,15 @@ Anil et al., "Scalable second order optimization for deep learning" (2020).
 from __future__ import annotations
 
 import functools
+import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "symmetrize", "eigh_psd", "inverse_pth_root", "damped_inverse",
+    "symmetrize", "one_matrix_at_a_time", "eigh_psd", "inverse_pth_root", "damped_inverse",
     "inverse_pth_root_newton", "inverse_pth_root_in_basis", "orthonormalize", "orthogonal_iteration_step",
 ]
 
@@ -76,6 +80,32 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
+def one_matrix_at_a_time(fn: Callable[..., Any], *matrices: jax.Array) -> Any:
+    """``fn(*matrices)`` for a factorization ``fn`` batched over the leading axes; on CPU, one matrix per call.
+
+    jaxlib 0.10's CPU LAPACK kernels (``eigh``, ``cholesky``, ``qr``, ``inv``, ...) split a batch into tasks on
+    XLA:CPU's intra-op thread pool and block their own pool thread until those finish. When as many batched calls
+    run at once as the pool has threads (independent calls in one jitted step, which XLA runs concurrently: two on
+    a 2-core machine), every thread waits for tasks no thread is left to run, and the step never returns (seen
+    with SOAP's staggered refreshes; ``tests/curvature/test_matrix.py`` has a reproducer with plain
+    ``jnp.linalg.eigh``). A single matrix makes no such tasks, so on CPU the batch goes through
+    :func:`jax.lax.map`, one matrix per call (measured on 2 cores: the same time for a stack of 128 x 128
+    ``eigh``, 1.5x longer for two 1000 x 1000). Other backends get the batched call
+    (:func:`jax.lax.platform_dependent`).
+
+    Args:
+      fn: ``fn(*matrices) -> pytree`` on ``[..., m, n]`` arrays, batched over the leading axes like
+        ``jnp.linalg.eigh``; every output leaf has those leading axes.
+      matrices: ``[..., m_i, n_i]`` arrays with the same leading axes.
+    """
+    batch = matrices[0].shape[:-2]
+    if math.prod(batch) <= 1:
+        return fn(*matrices)
+    flat = tuple(m.reshape((-1, *m.shape[len(batch):])) for m in matrices)
+    out = jax.lax.platform_dependent(*flat, cpu=lambda *ms: jax.lax.map(lambda one: fn(*one), ms), default=fn)
+    return jax.tree.map(lambda x: x.reshape((*batch, *x.shape[1:])), out)
+
+
 def eigh_psd(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Eigenvalues (clipped at 0) and eigenvectors (columns, ascending order) of the symmetrized ``M``.
 
@@ -86,7 +116,7 @@ def eigh_psd(matrix: jax.Array) -> tuple[jax.Array, jax.Array]:
     in float32 or better; batched over leading dimensions.
     """
     m = symmetrize(matrix.astype(_compute_dtype(matrix.dtype)))
-    _, eigenvectors = jnp.linalg.eigh(m, symmetrize_input=False)
+    eigenvectors = one_matrix_at_a_time(lambda x: jnp.linalg.eigh(x, symmetrize_input=False)[1], m)
     eigenvalues = jnp.sum(eigenvectors * _matmul(m, eigenvectors), axis=-2)
     return jnp.maximum(eigenvalues, 0.0), eigenvectors
 
@@ -173,7 +203,7 @@ def damped_inverse(matrix: jax.Array, damping: float | jax.Array) -> tuple[jax.A
     dtype = _compute_dtype(matrix.dtype)
     m = symmetrize(matrix.astype(dtype))
     damping = jnp.asarray(damping, dtype)[..., None, None]
-    inverse = jnp.linalg.inv(m + damping * jnp.eye(m.shape[-1], dtype=dtype))
+    inverse = one_matrix_at_a_time(jnp.linalg.inv, m + damping * jnp.eye(m.shape[-1], dtype=dtype))
     ok = _finite_per_matrix(m) & _finite_per_matrix(inverse)
     return inverse, ok
 
@@ -395,9 +425,14 @@ def _cholesky_qr_pass(a: jax.Array, shift: float) -> tuple[jax.Array, jax.Array]
     gram = _matmul(jnp.swapaxes(a, -1, -2), a)
     if shift:
         gram = gram + shift * jnp.eye(a.shape[-1], dtype=a.dtype)
-    lower = jnp.linalg.cholesky(gram)
-    q = jax.lax.linalg.triangular_solve(lower, a, left_side=False, lower=True, transpose_a=True)
+    q = one_matrix_at_a_time(_divide_by_cholesky_factor, gram, a)
     return q, gram
+
+
+def _divide_by_cholesky_factor(gram: jax.Array, a: jax.Array) -> jax.Array:
+    """``A R^{-1}`` for ``G = R^T R`` (Cholesky)."""
+    lower = jnp.linalg.cholesky(gram)
+    return jax.lax.linalg.triangular_solve(lower, a, left_side=False, lower=True, transpose_a=True)
 
 
 def orthonormalize(a: jax.Array) -> tuple[jax.Array, jax.Array]:

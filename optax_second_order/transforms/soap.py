@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_second_order.curvature.matrix import eigh_psd, orthogonal_iteration_step
+from optax_second_order.curvature.matrix import eigh_psd, one_matrix_at_a_time, orthogonal_iteration_step
 from optax_second_order.transforms import blocking
 from optax_second_order.transforms.common import (
     all_finite,
@@ -154,7 +154,7 @@ def _power_qr_refresh(factor, basis, nu, axis):
     """One power-iteration step with Householder QR (the official code) for each block; ``nu`` follows the sorted
     eigenvectors along ``axis``."""
     basis, nu = _sorted_basis(factor, basis, nu, axis)
-    q, _ = jnp.linalg.qr(jnp.matmul(factor, basis, precision=_HIGHEST))
+    q = one_matrix_at_a_time(lambda m: jnp.linalg.qr(m)[0], jnp.matmul(factor, basis, precision=_HIGHEST))
     return q, nu
 
 

@@ -14,6 +14,10 @@ matrix are only determined to ``u * lambda_max``. Measured: ``<= 2e-5`` for ever
 ``<= 4 u cond / p`` for every case.
 """
 
+import re
+import subprocess
+import sys
+
 import jax
 
 jax.config.update("jax_enable_x64", True)
@@ -29,6 +33,7 @@ from optax_second_order.curvature.matrix import (  # noqa: E402
     inverse_pth_root,
     inverse_pth_root_in_basis,
     inverse_pth_root_newton,
+    one_matrix_at_a_time,
     orthogonal_iteration_step,
     orthonormalize,
     symmetrize,
@@ -446,3 +451,60 @@ def test_orthogonal_iteration_step_needs_its_shift_for_a_rank_deficient_factor()
 def test_orthogonal_iteration_step_bad_shift_raises():
     with pytest.raises(ValueError, match="shift"):
         orthogonal_iteration_step(jnp.eye(2), jnp.eye(2), shift=-1.0)
+
+
+# --- one matrix per LAPACK call on CPU (the deadlock of jaxlib 0.10's batched CPU kernels) --------------------
+
+def random_spd(batch, n, rng):
+    a = rng.standard_normal((*batch, n, n))
+    return jnp.asarray(a @ np.swapaxes(a, -1, -2) + n * np.eye(n))
+
+
+BATCHED_FACTORIZATIONS = {
+    "inverse_pth_root": lambda x: inverse_pth_root(x, 4.0)[0],
+    "damped_inverse": lambda x: damped_inverse(x, 1.0)[0],
+    "orthonormalize": lambda x: orthonormalize(x)[0],
+    "one_matrix_at_a_time(qr)": lambda x: one_matrix_at_a_time(lambda m: jnp.linalg.qr(m)[0], x),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHED_FACTORIZATIONS))
+def test_cpu_lowering_calls_lapack_on_single_matrices_and_matches_the_batched_call(name):
+    fn = BATCHED_FACTORIZATIONS[name]
+    x = random_spd((2, 3), 8, np.random.default_rng(0))
+    text = jax.jit(fn).lower(x).as_text()
+    batch_dims = re.findall(r"custom_call @lapack_\w+\(.*?num_batch_dims = \"(\d+)\"", text)
+    assert batch_dims and set(batch_dims) == {"0"}, batch_dims
+    looped = np.stack([np.stack([fn(x[i, j]) for j in range(3)]) for i in range(2)])
+    np.testing.assert_allclose(fn(x), looped, rtol=1e-12, atol=1e-12)
+
+
+def test_one_matrix_at_a_time_keeps_pytree_outputs_and_passes_single_matrices_through():
+    x = random_spd((4,), 6, np.random.default_rng(1))
+    w, v = one_matrix_at_a_time(jnp.linalg.eigh, x)
+    ref_w, ref_v = jnp.linalg.eigh(x)
+    np.testing.assert_allclose(w, ref_w, rtol=1e-12)
+    np.testing.assert_allclose(np.abs(v), np.abs(ref_v), atol=1e-10)
+    assert one_matrix_at_a_time(jnp.linalg.inv, x[0]).shape == (6, 6)
+
+
+# Eight independent batched factorizations in one jitted step: XLA:CPU runs them at once, and with jaxlib 0.10's
+# batched kernels (plain jnp.linalg.qr / cholesky / inv here) the step never returned on a 2-core machine, at
+# its first to fifth call (docs/api/matrix.md). The watchdog turns a hang into a failure.
+CONCURRENT_FACTORIZATIONS = """
+import faulthandler, jax, jax.numpy as jnp
+from optax_second_order.curvature.matrix import damped_inverse, one_matrix_at_a_time, orthonormalize
+qr = lambda x: one_matrix_at_a_time(lambda m: jnp.linalg.qr(m)[0], x)
+step = jax.jit(lambda xs: [f(x) for x in xs for f in (qr, lambda x: damped_inverse(x, 1.0), orthonormalize)])
+xs = [jax.random.normal(jax.random.key(i), (4, 64, 64)) for i in range(8)]
+xs = [x @ jnp.swapaxes(x, -1, -2) + 64 * jnp.eye(64) for x in xs]
+for _ in range(30):
+    faulthandler.dump_traceback_later(30, exit=True)
+    jax.block_until_ready(step(xs))
+print("finished")
+"""
+
+
+def test_concurrent_batched_factorizations_finish_on_cpu():
+    result = subprocess.run([sys.executable, "-c", CONCURRENT_FACTORIZATIONS], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "finished" in result.stdout, result.stderr[-2000:]

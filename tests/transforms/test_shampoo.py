@@ -452,10 +452,12 @@ DISTRIBUTED = textwrap.dedent(
     for k in single:
         np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12)
     # w1 (8 x 12) has 2 x 3 blocks of 4 x 4 and w2 (12 x 3) 3 blocks of 4 x 3: 6 + 6 + 3 = 15 factors of size 4,
-    # padded to 16 = 4 devices x 4. Each device's eigendecomposition sees its 4 factors, not all 16 (or 15).
-    shapes = sorted(set(re.findall(r"f64\\[(\\d+),4,4\\][^\\n]*custom_call_target=\\"lapack_dsyevd", hlo)))
-    print("EIGH_BATCHES", shapes)
-    assert shapes == ["4"], shapes
+    # padded to 16 = 4 devices x 4. Each device loops over its 4 factors, not all 16 (or 15), one eigh per matrix
+    # on CPU (curvature/matrix.py, one_matrix_at_a_time).
+    loops = sorted(set(re.findall(r"f64\\[(\\d+),4,4\\]\\{[^}]*\\}\\) while\\([^\\n]*known_trip_count\\":\\{\\"n\\":\\"(\\d+)", hlo)))
+    batched = re.findall(r"f64\\[\\d+,4,4\\][^\\n]*custom_call_target=\\"lapack_dsyevd", hlo)
+    print("EIGH_LOOPS", loops, batched)
+    assert loops == [("4", "4")] and not batched, (loops, batched)
     # staggered refreshes (2 slots) spread over the devices too: the same steps on one device and on four
     kwargs["stagger"] = True
     single, _ = run(oso.shampoo(0.05, **kwargs), shard=False)
