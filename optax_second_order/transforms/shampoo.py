@@ -291,11 +291,11 @@ def scale_by_shampoo(
             failures += jnp.sum(~ok, dtype=jnp.int32)
         return tuple(new_roots), failures
 
-    def staggered_roots(stats, roots, plan, count):
-        """The roots of the slot due at ``count`` (if any); the others keep theirs."""
+    def staggered_roots(stats, roots, plan, count, fresh_ok):
+        """The roots of the slot due at ``count`` (if any, and if ``fresh_ok``); the others keep theirs."""
         tables = stagger_tables(plan.sizes, [float(d) ** 3 for d, _ in plan.groups], slots)
         slot = due_slot(count, precondition_frequency, start)
-        due = (slot < slots) & (count >= start - slot)
+        due = (slot < slots) & (count >= start - slot) & fresh_ok
         new_roots, failures = [], jnp.zeros((), jnp.int32)
         for group, ((_, order), h, group_roots) in enumerate(zip(plan.groups, stats, roots)):
 
@@ -350,13 +350,21 @@ def scale_by_shampoo(
                 is_refresh_step(count, statistics_frequency),
                 lambda s: accumulate(s, grads, plan), lambda s: s, old_stats,
             )
+        # non-finite policy: a gradient or statistic that is not finite (an overflowing G G^T) is not folded in,
+        # refreshes no root, and the step is rejected (the kept graft statistic would pair with the fresh gradient
+        # into a huge step). Selecting the statistics here (elementwise, fused with their update) and gating the
+        # refresh keeps them and the roots out of the whole-state select below, which would copy both every step
+        # (a quarter of the autoencoder's update). A step rejected only for a non-finite direction keeps its
+        # finite statistics and roots.
+        fresh_ok = all_finite((grads, stats))
+        stats = tuple(jnp.where(fresh_ok, new, old) for new, old in zip(stats, old_stats))
         if slots == 1:
             roots, failures = jax.lax.cond(
-                is_refresh_step(count, precondition_frequency, start),
+                is_refresh_step(count, precondition_frequency, start) & fresh_ok,
                 lambda s, r: inverse_roots(s, r, plan), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats, state.roots,
             )
         else:
-            roots, failures = staggered_roots(stats, state.roots, plan, count)
+            roots, failures = staggered_roots(stats, state.roots, plan, count, fresh_ok)
         rules = [diagonal_rule(leaf) for leaf in plan.leaves]
         diagonal = tuple(update_diagonal(v, g, r) for v, g, r in zip(discard_nonfinite(state.diagonal), grads, rules))
         t = (count + 1).astype(dtype)
@@ -370,10 +378,8 @@ def scale_by_shampoo(
         new_state = ShampooState(
             optax.safe_int32_increment(count), stats, roots, diagonal, state.root_failures + failures, state.nonfinite
         )
-        # non-finite policy: a gradient or statistic that is not finite (an overflowing G G^T) is not folded in, and
-        # the step is rejected (the kept graft statistic would pair with the fresh gradient into a huge step)
-        ok = all_finite((grads, stats, diagonal, out))
-        kept = state._replace(nonfinite=state.nonfinite + 1)
+        ok = fresh_ok & all_finite((diagonal, out))
+        kept = state._replace(stats=stats, roots=roots, nonfinite=state.nonfinite + 1)
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, kept)
         return jax.tree.unflatten(treedef, reject_step(~ok, out)), new_state
 
