@@ -87,8 +87,8 @@ def one_matrix_at_a_time(fn: Callable[..., Any], *matrices: jax.Array) -> Any:
     XLA:CPU's intra-op thread pool and block their own pool thread until those finish. When as many batched calls
     run at once as the pool has threads (independent calls in one jitted step, which XLA runs concurrently: two on
     a 2-core machine), every thread waits for tasks no thread is left to run, and the step never returns (seen
-    with SOAP's staggered refreshes; ``tests/curvature/test_matrix.py`` has a reproducer with plain
-    ``jnp.linalg.eigh``). A single matrix makes no such tasks, so on CPU the batch goes through
+    with SOAP's staggered refreshes; ``docs/api/matrix.md`` has a reproducer with plain ``jnp.linalg.qr``).
+    A single matrix makes no such tasks, so on CPU the batch goes through
     :func:`jax.lax.map`, one matrix per call (measured on 2 cores: the same time for a stack of 128 x 128
     ``eigh``, 1.5x longer for two 1000 x 1000). Other backends get the batched call
     (:func:`jax.lax.platform_dependent`).
