@@ -28,8 +28,13 @@ Safeguards (sources in :mod:`~optax_second_order.curvature.secant`):
 * a pair is skipped unless ``s^T y > min_cosine ||s|| ||y||`` (BFGS, DFP, L-BFGS) or
   ``|s^T (y - B s)| > min_cosine ||s|| ||y - B s||`` (SR1; on ``H`` its dual), ``min_cosine = 1e-8``; with
   ``damp=True`` BFGS and DFP use Powell's damped pair instead (N&W Procedure 18.2);
-* the first accepted pair sets the scale of the initial matrix, ``H_0 = gamma I``,
-  ``gamma = s^T y / y^T y`` (N&W eq. 6.20; scipy's ``init_scale='auto'``);
+* the first finite pair sets the scale of the initial matrix, ``H_0 = gamma I``,
+  ``gamma = s^T y / y^T y`` (N&W eq. 6.20; scipy's ``init_scale='auto'``); BFGS and DFP then fold that pair in,
+  SR1 does not: it counts it in ``state.skipped`` and its next step is ``gamma g``. For ``s^T y > 0`` the SR1 update
+  of ``B_0 = c I``, ``c = 1 / gamma``, by the same pair is exactly singular: with ``u = y - c s``,
+  ``det(c I + u u^T / u^T s) = c^{n-1} (c u^T s + u^T u) / u^T s`` and ``c u^T s + u^T u = y^T y - c s^T y = 0``,
+  so ``B_1^{-1} g`` would be rounding noise (a step of 1e17 or a fallback, by the sign of an ulp). On ``H`` the
+  dual denominator ``(s - gamma y)^T y`` is exactly zero, so that form skips the pair by its own test;
 * before any pair is accepted the step is the gradient scaled by ``min(1, 1 / ||g||)`` (optax's ``lbfgs``:
   a first step no longer than 1 times the learning rate or the line search's step);
 * a direction that is not a descent direction (``g^T H g <= 0`` or not finite: SR1's ``B`` may be indefinite
@@ -237,11 +242,14 @@ def _dense_step(method, state: QuasiNewtonState, x, g, g_previous, min_cosine, d
     has_pair = state.count > 0
     s, y = x - state.params, g - g_previous
     # The first finite pair scales the initial matrix (N&W eq. 6.20), once, whether or not the update then
-    # takes it (scipy's HessianUpdateStrategy does the same).
+    # takes it (scipy's HessianUpdateStrategy does the same). SR1 does not fold that pair in: the module docstring
+    # shows that the update would make B_1 exactly singular.
     first = has_pair & (state.num_pairs + state.skipped == 0)
     start = _initial_matrix(method, secant.initial_inverse_scale(s, y), n, state.matrix.dtype)
     current = jnp.where(first, start, state.matrix)
     updated, used = _secant_update(method, current, s, y, min_cosine, damp)
+    if method in ("sr1", "sr1_inverse"):
+        used = used & ~first
     candidate = jnp.where(used, updated, current)
     pair_finite = _pair_finite(s, y) & all_finite(candidate)
     taken = has_pair & pair_finite

@@ -82,7 +82,8 @@ class Reference:
                 m = {"sr1": np.eye(len(s)) / gamma, "bfgs_cholesky": np.eye(len(s)) / np.sqrt(gamma)}.get(
                     self.method, gamma * np.eye(len(s))
                 )
-            new = self._update(m, s, y)
+            # SR1 takes only its scale from the first pair (its update of that B_0 is exactly singular)
+            new = None if self.seen == 0 and self.method.startswith("sr1") else self._update(m, s, y)
             self.seen += 1
             self.skipped += new is None
             self.matrix = m if new is None else new
@@ -122,8 +123,6 @@ def test_directions_and_matrices_match_numpy_loop(method):
         params = jax.tree.map(lambda p, u: p - 0.05 * u, params, d)
     assert int(state.skipped) == reference.skipped and int(state.fallbacks) == reference.fallbacks
     assert int(state.num_pairs) + int(state.skipped) == 11
-    if method == "sr1":
-        assert reference.fallbacks > 0  # the run exercises the fallback (an indefinite B)
 
 
 @pytest.mark.parametrize("method", ("bfgs", "bfgs_cholesky", "dfp"))
@@ -179,12 +178,35 @@ def test_negative_curvature_pair_is_skipped_or_damped(method):
 
 
 def test_sr1_ascent_direction_falls_back_to_the_scaled_gradient():
-    """s = e1, y = -e1: B_1 = I - 2 e1 e1^T (indefinite), B_1^{-1} g is an ascent direction for g = -e1."""
-    points = [(np.zeros(2), np.zeros(2)), (np.array([1.0, 0.0]), np.array([-1.0, 0.0]))]
+    """First pair s = y = e1: only the scale, B_0 = I. Second s = e1, y = -e1: B = I - 2 e1 e1^T (indefinite), and
+    B^{-1} g is an ascent direction for g = -e1."""
+    points = [(np.zeros(2), np.array([-1.0, 0.0])), (np.array([1.0, 0.0]), np.zeros(2)),
+              (np.array([2.0, 0.0]), np.array([-1.0, 0.0]))]
     for method in ("sr1", "sr1_inverse"):
         directions, state = scripted(oso.scale_by_quasi_newton(method), points)
-        assert (int(state.num_pairs), int(state.fallbacks)) == (1, 1), method
-        np.testing.assert_allclose(directions[1], [-1.0, 0.0])  # min(1, 1/||g||) g
+        assert (int(state.skipped), int(state.num_pairs), int(state.fallbacks)) == (1, 1, 1), method
+        np.testing.assert_allclose(np.asarray(state.matrix), np.diag([-1.0, 1.0]), atol=1e-15)
+        np.testing.assert_allclose(directions[2], [-1.0, 0.0])  # min(1, 1/||g||) g
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sr1_takes_only_the_scale_from_the_first_pair(seed):
+    """The SR1 update of B_0 = (y^T y / s^T y) I by the pair that scaled it is singular (NumPy: its smallest singular
+    value is rounding, 1e-12 of the largest), so both SR1 forms skip that pair and step with gamma g."""
+    rng = np.random.default_rng(seed)
+    n = 6
+    s = rng.normal(size=n)
+    y = s + 0.3 * rng.normal(size=n)  # s^T y > 0
+    c = (y @ y) / (s @ y)
+    u = y - c * s
+    singular_values = np.linalg.svd(c * np.eye(n) + np.outer(u, u) / (u @ s), compute_uv=False)
+    assert singular_values[-1] < 1e-12 * singular_values[0]
+    g = rng.normal(size=n)
+    points = [(np.zeros(n), g - y), (s, g)]
+    for method in ("sr1", "sr1_inverse"):
+        directions, state = scripted(oso.scale_by_quasi_newton(method), points)
+        assert (int(state.skipped), int(state.num_pairs)) == (1, 0), method
+        np.testing.assert_allclose(directions[1], g / c, rtol=1e-12, err_msg=method)
 
 
 def test_nonfinite_gradient_gives_zero_update_and_keeps_the_state():
