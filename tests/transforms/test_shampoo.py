@@ -470,7 +470,8 @@ DISTRIBUTED = textwrap.dedent(
 
 
 def test_data_parallel_step_equals_single_device_and_roots_are_spread():
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"  # the suite's flags kept
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     root = pathlib.Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", DISTRIBUTED], env=env, cwd=root, capture_output=True,
                             text=True, timeout=600)
