@@ -28,7 +28,7 @@ it) and the keyword arguments it is built with; ``uses_layers`` adds ``layers=``
 * ``bf16``: with bfloat16 params the updates come back bfloat16 and finite;
 * ``donate``: a few steps of ``jax.jit(step, donate_argnums=(0, 1))`` over fresh params and the state of an
   eager ``tx.init`` (as a Flax ``TrainState`` builds it), each step fed the previous step's outputs, run,
-  stay finite and give bit-for-bit the results of the same step jitted without donation -- so no two
+  stay finite and give the results of the same step jitted without donation, to 4 ulps -- so no two
   leaves of params and state may share a buffer (e.g. one ``jnp.zeros`` in two fields, or ``params``
   itself kept in the state);
 * ``nonfinite`` (this library's cases): a step with NaN/Inf gradients and a step with the loss scaled by
@@ -532,16 +532,34 @@ def _training_run(case: ContractCase, donate: bool) -> list:
     return trajectory
 
 
+def assert_trees_equal_to_ulps(a, b, what: str, max_ulps: int) -> None:
+    """Same structure and dtypes; integers equal, floats within ``max_ulps`` units in the last place (NaN at the
+    same places)."""
+    assert jax.tree.structure(a) == jax.tree.structure(b), f"{what}: tree structures differ"
+    for x, y in zip(_arrays(a), _arrays(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape, f"{what}: {x.dtype}{x.shape} vs {y.dtype}{y.shape}"
+        if not np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_array_equal(x, y, err_msg=what)
+            continue
+        np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=what)
+        finite = ~np.isnan(x)
+        np.testing.assert_array_max_ulp(x[finite], y[finite], maxulp=max_ulps)
+
+
 def check_donate(case: ContractCase) -> None:
     """``jax.jit(step, donate_argnums=(0, 1))`` over (params, state) runs, stays finite and matches the
-    same step without donation bit-for-bit (run second, so it also fails if an ``init`` handed out an
-    array that outlives it, such as a module-level constant, and the donated run deleted it)."""
+    same step without donation (run second, so it also fails if an ``init`` handed out an array that outlives it,
+    such as a module-level constant, and the donated run deleted it).
+
+    Within 4 ulps, not bit for bit: XLA compiles the two programs apart, and the buffer aliasing of the donated one
+    may change its fusions and so their rounding (SOAP's bias moved by one ulp at step 2); a donation bug (a
+    buffer read after it was overwritten) moves numbers by far more."""
     donated = _training_run(case, donate=True)
     kept = _training_run(case, donate=False)
     for index, (a, b) in enumerate(zip(donated, kept)):
         finite = all(_is_finite(x) for x in jax.tree.leaves(a[:2]))
         assert finite, f"{case.name}: non-finite loss or params at step {index}"
-        assert_trees_bitwise_equal(a, b, f"{case.name}: donated vs kept buffers, step {index}")
+        assert_trees_equal_to_ulps(a, b, f"{case.name}: donated vs kept buffers, step {index}", max_ulps=4)
 
 
 def _transform_word(name: str) -> str:

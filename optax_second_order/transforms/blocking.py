@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 __all__ = [
     "mode_gram", "mode_dot", "merge_small_dims", "block_layout", "to_blocks", "from_blocks", "batched_mode_gram",
-    "batched_mode_dot",
+    "batched_mode_dot", "block_norms",
 ]
 
 
@@ -88,6 +88,16 @@ def to_blocks(x: jax.Array, block_size: int) -> jax.Array:
     k = len(bshape)
     x = x.transpose([2 * i for i in range(k)] + [2 * i + 1 for i in range(k)])
     return x.reshape((-1, *bshape))
+
+
+def block_norms(x: jax.Array, block_size: int) -> jax.Array:
+    """The Frobenius norm of every block of ``x``, ``[n]`` in :func:`to_blocks`' order, without moving the blocks
+    together: a sum of squares over the within-block axes of ``x`` reshaped to ``(c_1, b_1, ..., c_k, b_k)``
+    (zero padding adds nothing)."""
+    counts, bshape = block_layout(x.shape, block_size)
+    x = jnp.pad(x, [(0, c * b - d) for d, c, b in zip(x.shape, counts, bshape)])
+    x = x.reshape([v for c, b in zip(counts, bshape) for v in (c, b)])
+    return jnp.sqrt(jnp.sum(jnp.square(x), axis=tuple(range(1, 2 * len(bshape), 2)))).reshape(-1)
 
 
 def from_blocks(blocks: jax.Array, shape: Sequence[int], block_size: int) -> jax.Array:

@@ -23,6 +23,7 @@ alone) and :func:`static_int` says what to do when one arrives as an array.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -55,6 +56,8 @@ __all__ = [
     "keep_if_nonfinite",
     "finite_ema",
     "discard_nonfinite",
+    "discard_nonfinite_matrices",
+    "gram_update_finite",
     "value_at",
     "map_over_devices",
     "is_masked",
@@ -315,6 +318,35 @@ def discard_nonfinite(tree: PyTree, like: PyTree | None = None, batch_ndim: int 
         return jnp.where(finite, x, replacement.astype(x.dtype))
 
     return jax.tree.map(clean, tree, like)
+
+
+def discard_nonfinite_matrices(stacks: tuple[jax.Array, ...]) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """``[n, d, d]`` stacks with every matrix that holds a non-finite number replaced by zeros (a corrupt factor
+    restarts), and the largest ``|entry|`` of the matrices kept (0 if none).
+
+    One reduction (``max |F|`` per matrix, NaN for a corrupt one: XLA's maximum propagates NaN) gives both; the
+    replacement is elementwise and fuses into the factor's update.
+    """
+    largest = [jnp.max(jnp.abs(f), axis=(-2, -1), keepdims=True) for f in stacks]
+    finite = [jnp.isfinite(m) for m in largest]
+    cleaned = tuple(jnp.where(ok, f, jnp.zeros((), f.dtype)) for ok, f in zip(finite, stacks))
+    kept = [jnp.max(jnp.where(ok, m, 0.0)) for ok, m in zip(finite, largest)]
+    return cleaned, functools.reduce(jnp.maximum, kept, jnp.zeros((), jnp.float32))
+
+
+def gram_update_finite(grads: PyTree, largest_factor: jax.Array, decay: Any, weight: Any) -> jax.Array:
+    """Whether every factor ``decay * F + weight * G_(i) G_(i)^T`` will be finite, decided before the products.
+
+    Every entry of a mode Gram matrix of a block of ``G`` is at most ``||G||_F^2`` in magnitude (Cauchy-Schwarz:
+    ``|sum_l a_l b_l| <= sqrt(sum a^2 sum b^2)``, for every partial sum too, and rounding adds a relative ``n u``),
+    and ``|F| <= largest_factor``; so the new factors are finite when ``2 (decay largest_factor + weight ||G||^2)``
+    is. It is false for a non-finite ``G`` and, conservatively, for one whose squared norm overflows.
+
+    Checking the inputs instead of the new factors keeps the check off the products' critical path: the new
+    factors' own ``all_finite`` made Shampoo's update on the autoencoder benchmark about 20 ms (30%) slower.
+    """
+    squared_norm = optax.tree.norm(grads, squared=True) if jax.tree.leaves(grads) else jnp.zeros(())
+    return jnp.isfinite(2.0 * (decay * largest_factor + weight * squared_norm))
 
 
 # --- devices ---------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ the AlgoPerf external-tuning track):
   ``statistics_frequency`` steps, both under ``jax.lax.cond`` inside the compiled step (the statistics
   without one when they are taken every step);
 * a root that comes out non-finite keeps the previous one; ``state.root_failures`` counts these; a step whose
-  gradient or new statistic is not finite (``G G^T`` overflowing) is rejected (zero update, state kept) and
+  gradient is not finite or could overflow ``G G^T`` (its squared norm overflows:
+  :func:`~optax_second_order.transforms.common.gram_update_finite`) is rejected (zero update, state kept) and
   counted in ``state.nonfinite``; a stored factor that is not finite (a corrupt state) restarts from zero;
 * grafting: the step keeps Shampoo's direction and takes its norm, block by block, from a diagonal
   method ``D`` (``"sgd"``: ``D = G``; ``"adagrad"``, ``"rmsprop"``, ``"adam"``: ``D = G / (sqrt(v) + eps)``
@@ -74,7 +75,9 @@ from optax_second_order.transforms.common import (
     check_float_leaves,
     check_choice,
     discard_nonfinite,
+    discard_nonfinite_matrices,
     due_slot,
+    gram_update_finite,
     is_refresh_step,
     map_over_devices,
     stagger_slots,
@@ -169,12 +172,12 @@ def _factor_statistics(grads, plan: _Plan, block_size: int) -> tuple[jax.Array, 
     return tuple(jnp.concatenate(c) for c in per_group)
 
 
-def _graft(direction: jax.Array, graft: jax.Array) -> jax.Array:
-    """Each block of ``direction`` rescaled to the Frobenius norm of the same block of ``graft``
-    (Anil et al. 2020, sec. 4.1); blocks along the leading axis."""
+def _graft(direction: jax.Array, graft_norms: jax.Array) -> jax.Array:
+    """Each block of ``direction`` (blocks along the leading axis) rescaled to the Frobenius norm of the same block
+    of the graft (``graft_norms``, ``[n]``; Anil et al. 2020, sec. 4.1)."""
     axes = tuple(range(1, direction.ndim))
-    norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=True))  # noqa: E731
-    return direction * (norm(graft) / (norm(direction) + 1e-16))
+    norms = jnp.sqrt(jnp.sum(jnp.square(direction), axis=axes))
+    return direction * (graft_norms / (norms + 1e-16)).reshape((-1,) + (1,) * len(axes))
 
 
 def _sum_weight(decay):
@@ -331,7 +334,7 @@ def scale_by_shampoo(
             block_roots = jax.lax.dynamic_slice_in_dim(roots[f.group], f.offset, leaf.num_blocks)
             blocks = blocking.batched_mode_dot(blocks, block_roots, mode)
         if graft is not None:
-            blocks = _graft(blocks, blocking.to_blocks(graft.reshape(leaf.shape), block_size))
+            blocks = _graft(blocks, blocking.block_norms(graft.reshape(leaf.shape), block_size))
         return blocking.from_blocks(blocks, leaf.shape, block_size).reshape(g.shape)
 
     def update_fn(updates, state, params=None, **extra):
@@ -342,7 +345,14 @@ def scale_by_shampoo(
         grads = [g.astype(dtype) for g in leaves]
         count = state.count
 
-        old_stats = discard_nonfinite(state.stats, batch_ndim=1)  # a corrupt factor restarts (per block)
+        old_stats, largest = discard_nonfinite_matrices(state.stats)  # a corrupt factor restarts (per block)
+        # non-finite policy: a gradient that is not finite, or whose statistic could overflow (its squared norm
+        # does; gram_update_finite), is not folded in, refreshes no root, and the step is rejected (the kept graft
+        # statistic would pair with the fresh gradient into a huge step). Deciding this from the inputs lets the
+        # select fuse with the statistics' update, and gating the refresh keeps the statistics and roots out of
+        # the whole-state select below, which would copy both every step. A step rejected only for a non-finite
+        # direction keeps its finite statistics and roots.
+        fresh_ok = gram_update_finite(grads, largest, b2, _sum_weight(b2))
         if isinstance(statistics_frequency, int) and statistics_frequency == 1:
             stats = accumulate(old_stats, grads, plan)
         else:
@@ -350,13 +360,6 @@ def scale_by_shampoo(
                 is_refresh_step(count, statistics_frequency),
                 lambda s: accumulate(s, grads, plan), lambda s: s, old_stats,
             )
-        # non-finite policy: a gradient or statistic that is not finite (an overflowing G G^T) is not folded in,
-        # refreshes no root, and the step is rejected (the kept graft statistic would pair with the fresh gradient
-        # into a huge step). Selecting the statistics here (elementwise, fused with their update) and gating the
-        # refresh keeps them and the roots out of the whole-state select below, which would copy both every step
-        # (a quarter of the autoencoder's update). A step rejected only for a non-finite direction keeps its
-        # finite statistics and roots.
-        fresh_ok = all_finite((grads, stats))
         stats = tuple(jnp.where(fresh_ok, new, old) for new, old in zip(stats, old_stats))
         if slots == 1:
             roots, failures = jax.lax.cond(

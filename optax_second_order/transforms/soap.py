@@ -33,7 +33,8 @@ Refreshes: ``basis_method="qr"`` (Householder QR, the official code; the fastest
 for GPU/TPU); ``stagger`` spreads each refresh over that many steps, a fixed partition of the (leaf, mode, block)
 factors into slots of balanced cost (``b^3``), slot ``r`` refreshed ``r`` steps before the unstaggered schedule.
 
-Non-finite numbers: a step whose gradient, moments or factors come out non-finite (an overflowing square) is
+Non-finite numbers: a step whose gradient or moments come out non-finite, or whose factors could overflow (the
+gradient's squared norm does: :func:`~optax_second_order.transforms.common.gram_update_finite`), is
 rejected as a whole (zero update, state kept) and counted in ``state.nonfinite``; a stored moment or factor that
 is not finite (a corrupt state) restarts from zero; a basis that comes out non-finite from finite factors keeps
 the previous one (``state.basis_failures``).
@@ -63,7 +64,9 @@ from optax_second_order.transforms.common import (
     check_choice,
     check_float_leaves,
     discard_nonfinite,
+    discard_nonfinite_matrices,
     due_slot,
+    gram_update_finite,
     stagger_slots,
     stagger_tables,
     stat_dtype,
@@ -300,7 +303,7 @@ def scale_by_soap(
             bases, mu, nu, failed = update_slot_units(tables, first_stack + j, slot, due, refresh, (bases, mu, nu, failed))
         return tuple(bases), mu, nu, failed
 
-    def leaf_update(g, mu, nu, factors, bases, count, layout: _Layout, tables, first_stack):
+    def leaf_update(g, mu, nu, factors, bases, count, layout: _Layout, tables, first_stack, finite):
         modes = layout.modes
         t = jnp.maximum(count, 1).astype(g.dtype)
         blocks = to_blocks(g, layout)
@@ -325,8 +328,8 @@ def scale_by_soap(
             for f, mode in zip(factors, modes)
         )
 
-        # LAPACK's result on non-finite input is undefined: such factors are replaced by I and flagged.
-        finite = all_finite(factors)
+        # LAPACK's result on non-finite input is undefined: factors that may not be finite are replaced by I (and the
+        # step is rejected).
         safe = tuple(jnp.where(finite, f, jnp.eye(f.shape[-1], dtype=f.dtype)) for f in factors)
 
         def first_basis(bases, mu, nu):
@@ -356,13 +359,19 @@ def scale_by_soap(
         check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
         layouts = [layout_of(x) for x in leaves]
-        mu, nu, factors = discard_nonfinite((state.mu, state.nu, state.factors))  # a corrupt statistic restarts
+        mu, nu = discard_nonfinite((state.mu, state.nu))  # a corrupt statistic restarts
+        flat_factors, largest = discard_nonfinite_matrices(tuple(jax.tree.leaves(state.factors)))
+        factors = jax.tree.unflatten(jax.tree.structure(state.factors), flat_factors)
+        # decided from the inputs, so that the refreshes need not wait for a check of the new factors
+        fresh_ok = gram_update_finite(
+            [g.astype(m.dtype) for g, m in zip(leaves, jax.tree.leaves(mu))], largest, shampoo_beta, 1.0 - shampoo_beta
+        )
         # stagger: one stack of units (blocks) per (leaf, mode), costing b^3 each
         stacks = [(l.num_blocks, float(l.block_shape[i]) ** 3) for l in layouts for i in l.modes]
         tables = stagger_tables([n for n, _ in stacks], [c for _, c in stacks], slots) if slots > 1 else None
         first_stacks = [sum(len(l.modes) for l in layouts[:j]) for j in range(len(layouts))]
         results = [
-            leaf_update(g.astype(m.dtype), m, v, f, q, state.count, layout, tables, first)
+            leaf_update(g.astype(m.dtype), m, v, f, q, state.count, layout, tables, first, fresh_ok)
             for g, m, v, f, q, layout, first in zip(
                 leaves, jax.tree.leaves(mu), jax.tree.leaves(nu), factors, state.bases, layouts, first_stacks
             )
@@ -378,9 +387,9 @@ def scale_by_soap(
             state.basis_failures + sum(failed, jnp.zeros((), jnp.int32)),
             state.nonfinite,
         )
-        # non-finite policy: a step whose gradient, moments or factors are not finite (an overflowing square) is
+        # non-finite policy: a step whose gradient or moments are not finite, or whose factors could overflow, is
         # rejected as a whole (zero update, state kept), rather than freezing an infinite second moment in the state
-        ok = all_finite((leaves, new_state.mu, new_state.nu, new_state.factors, out))
+        ok = fresh_ok & all_finite((new_state.mu, new_state.nu, out))
         kept = state._replace(nonfinite=state.nonfinite + 1)
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, kept)
         return jax.tree.unflatten(treedef, reject_step(~ok, out)), new_state

@@ -80,6 +80,42 @@ def test_finite_ema_keeps_the_old_value_and_counts():
     np.testing.assert_array_equal(new["a"], [2.0, 3.0])
 
 
+def test_discard_nonfinite_matrices_zeroes_only_the_corrupt_ones_and_gives_the_largest_kept_entry():
+    rng = np.random.default_rng(0)
+    stack = rng.standard_normal((4, 3, 3))
+    stack[1, 0, 2] = np.nan  # off the diagonal
+    stack[3, 2, 1] = -np.inf
+    single = rng.standard_normal((2, 2))
+    (clean_stack, clean_single), largest = common.discard_nonfinite_matrices((jnp.asarray(stack), jnp.asarray(single)))
+    expected = stack.copy()
+    expected[[1, 3]] = 0.0
+    np.testing.assert_array_equal(clean_stack, expected)
+    np.testing.assert_array_equal(clean_single, single)
+    assert float(largest) == np.abs(np.concatenate([stack[[0, 2]].ravel(), single.ravel()])).max()
+    assert float(common.discard_nonfinite_matrices((jnp.full((2, 2), jnp.nan),))[1]) == 0.0
+
+
+@pytest.mark.parametrize("decay, weight", [(1.0, 1.0), (0.95, 0.05)])
+def test_gram_update_finite_is_false_for_bad_gradients_and_never_true_for_an_overflowing_factor(decay, weight):
+    """Soundness against the factors computed in float32: wherever the check passes, every mode Gram update
+    ``decay F + weight G_(i) G_(i)^T`` is finite; it fails for NaN/Inf gradients; and it passes for ordinary ones."""
+    rng = np.random.default_rng(1)
+    for scale in 10.0 ** np.arange(16, 21, 0.25):
+        for factor_scale in (0.0, 1e30, 1e37, 3e38):
+            g = (scale * rng.standard_normal((6, 5))).astype(np.float32)
+            factor = np.float32(factor_scale) * np.ones((6, 6), np.float32)
+            ok = common.gram_update_finite({"g": jnp.asarray(g)}, jnp.float32(factor_scale), decay, weight)
+            new = decay * jnp.asarray(factor) + weight * jnp.asarray(g) @ jnp.asarray(g).T
+            if ok:
+                assert np.all(np.isfinite(new)), (scale, factor_scale)
+    g = jnp.ones((3, 2), jnp.float32)
+    assert common.gram_update_finite({"g": g, "b": jnp.ones(3)}, jnp.float32(1e3), decay, weight)
+    for bad in (jnp.nan, jnp.inf):
+        assert not common.gram_update_finite({"g": g.at[1, 1].set(bad)}, jnp.float32(1.0), decay, weight)
+    assert not common.gram_update_finite({"g": g * 1e20}, jnp.float32(1.0), decay, weight)  # squares overflow
+    assert common.gram_update_finite({}, jnp.float32(0.0), decay, weight)
+
+
 def test_levenberg_marquardt_follows_the_rule_on_a_scripted_sequence():
     """rho > 3/4: shrink; rho < 1/4 (or -inf): grow; else keep; never below the floor."""
     rhos = [0.9, 0.5, 0.1, -2.0, 1.0, 0.8, 0.76, 0.24, 0.25, 0.75]

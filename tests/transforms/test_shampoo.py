@@ -184,6 +184,16 @@ def test_ema_exponent_frequencies_and_nesterov_momentum():
     assert_steps_equal(outs, refs)
 
 
+def test_block_norms_are_the_norms_of_the_stacked_blocks():
+    x = np.random.default_rng(3).standard_normal((7, 5, 9))
+    expected = [np.linalg.norm(x[i:i + 3, j:j + 3, k:k + 3]) for i in range(0, 7, 3) for j in range(0, 5, 3)
+                for k in range(0, 9, 3)]  # row-major block order, the last blocks cut short (their padding is zero)
+    np.testing.assert_allclose(blocking.block_norms(jnp.asarray(x), 3), expected, rtol=1e-12)
+    np.testing.assert_allclose(
+        blocking.block_norms(jnp.asarray(x), 3), jnp.sqrt(jnp.sum(blocking.to_blocks(jnp.asarray(x), 3) ** 2, axis=(1, 2, 3)))
+    )
+
+
 def test_merged_small_dims_match_loop_on_reshaped_tensor():
     assert blocking.merge_small_dims((3, 3, 64, 128), 1024) == (576, 128)
     assert blocking.merge_small_dims((1, 10), 1024) == (10,)
@@ -385,6 +395,26 @@ def test_an_overflowing_gradient_is_rejected_and_counted():
     u, bad = update({"m": jnp.asarray(1e20 * grads[1]["m"], jnp.float32)}, state, params)
     assert np.all(u["m"] == 0) and int(bad.nonfinite) == 1
     jax.tree.map(np.testing.assert_array_equal, bad._replace(nonfinite=state.nonfinite), state)
+
+
+def test_a_statistic_that_would_overflow_from_its_stored_factor_is_rejected_and_a_corrupt_one_restarts():
+    """b2 = 1 sums G G^T: a stored factor near float32's limit plus an ordinary gradient would overflow, so the
+    step is rejected with the state kept; a NaN off the diagonal of a stored factor makes it restart instead."""
+    g = {"m": jnp.asarray(gradient_sequence(1, seed=7, shapes={"m": (5, 4)})[0]["m"], jnp.float32)}
+    tx = oso.scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0)
+    params = {"m": jnp.zeros((5, 4), jnp.float32)}
+    update = jax.jit(tx.update)
+    _, state = update(g, tx.init(params), params)
+    huge = state._replace(stats=(jnp.full_like(state.stats[0], 3e38), *state.stats[1:]))
+    u, bad = update({"m": g["m"] * 1e10}, huge, params)
+    assert np.all(u["m"] == 0) and int(bad.nonfinite) == 1
+    jax.tree.map(np.testing.assert_array_equal, bad._replace(nonfinite=huge.nonfinite), huge)
+
+    corrupt = state._replace(stats=(state.stats[0].at[0, 1, 3].set(jnp.nan), *state.stats[1:]))
+    u, fresh = update(g, corrupt, params)
+    assert np.all(np.isfinite(u["m"])) and int(fresh.nonfinite) == 0
+    m = np.asarray(g["m"], np.float64)
+    np.testing.assert_allclose(fresh.stats[0][0], m @ m.T, rtol=1e-5)
 
 
 def test_rank_deficient_statistics_stay_finite():
