@@ -160,16 +160,15 @@ def _stats_dtype(leaves) -> jnp.dtype:
     return functools.reduce(jnp.promote_types, [stat_dtype(x.dtype) for x in leaves], jnp.float32)
 
 
-def _factor_statistics(grads, plan: _Plan, block_size: int) -> tuple[jax.Array, ...]:
-    """``G_(i) G_(i)^T`` of every block and mode, stacked in plan order."""
-    per_group: list[list[jax.Array]] = [[] for _ in plan.groups]
+def _factor_statistics(grads, plan: _Plan, block_size: int):
+    """``(factor, G_(i) G_(i)^T)`` of every leaf's blocks for every mode ``i``: where in the stacks the Gram
+    matrices belong, and the ``[num_blocks, d, d]`` matrices."""
     for g, leaf in zip(grads, plan.leaves):
         if leaf is None:
             continue
         blocks = blocking.to_blocks(g.reshape(leaf.shape), block_size)
         for mode, f in enumerate(leaf.factors):
-            per_group[f.group].append(blocking.batched_mode_gram(blocks, mode))
-    return tuple(jnp.concatenate(c) for c in per_group)
+            yield f, blocking.batched_mode_gram(blocks, mode)
 
 
 def _graft(direction: jax.Array, graft_norms: jax.Array) -> jax.Array:
@@ -262,9 +261,15 @@ def scale_by_shampoo(
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (fresh buffers: the state is donatable)
         return ShampooState(zero(), stats, roots, diagonal, zero(), zero())
 
-    def accumulate(stats, grads, plan):
-        new = _factor_statistics(grads, plan, block_size)
-        return tuple(b2 * h + _sum_weight(b2) * c for h, c in zip(stats, new))
+    def accumulate(stats, grads, plan, fresh_ok):
+        """``b2 H + w G_(i) G_(i)^T`` (``H`` if not ``fresh_ok``), written slice by slice into the stacks: in place,
+        where concatenating the Gram matrices first copied them (3.5 ms of the autoencoder's 75 ms step)."""
+        stats = list(stats)
+        for f, gram in _factor_statistics(grads, plan, block_size):
+            h = jax.lax.dynamic_slice_in_dim(stats[f.group], f.offset, gram.shape[0])
+            new = jnp.where(fresh_ok, b2 * h + _sum_weight(b2) * gram, h)
+            stats[f.group] = jax.lax.dynamic_update_slice_in_dim(stats[f.group], new, f.offset, 0)
+        return tuple(stats)
 
     def root_fn(order):
         """``h -> (root, ok)`` for a ``[n, d, d]`` stack of factors of tensor order ``order``."""
@@ -354,13 +359,12 @@ def scale_by_shampoo(
         # direction keeps its finite statistics and roots.
         fresh_ok = gram_update_finite(grads, largest, b2, _sum_weight(b2))
         if isinstance(statistics_frequency, int) and statistics_frequency == 1:
-            stats = accumulate(old_stats, grads, plan)
+            stats = accumulate(old_stats, grads, plan, fresh_ok)
         else:
             stats = jax.lax.cond(
                 is_refresh_step(count, statistics_frequency),
-                lambda s: accumulate(s, grads, plan), lambda s: s, old_stats,
+                lambda s: accumulate(s, grads, plan, fresh_ok), lambda s: s, old_stats,
             )
-        stats = tuple(jnp.where(fresh_ok, new, old) for new, old in zip(stats, old_stats))
         if slots == 1:
             roots, failures = jax.lax.cond(
                 is_refresh_step(count, precondition_frequency, start) & fresh_ok,
