@@ -543,7 +543,10 @@ def assert_trees_equal_to_ulps(a, b, what: str, max_ulps: int) -> None:
             continue
         np.testing.assert_array_equal(np.isnan(x), np.isnan(y), err_msg=what)
         finite = ~np.isnan(x)
-        np.testing.assert_array_max_ulp(x[finite], y[finite], maxulp=max_ulps)
+        try:
+            np.testing.assert_array_max_ulp(x[finite], y[finite], maxulp=max_ulps)
+        except AssertionError as error:
+            raise AssertionError(f"{what}: {error}") from None
 
 
 def check_donate(case: ContractCase) -> None:

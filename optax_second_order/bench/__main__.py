@@ -7,7 +7,9 @@
 family's evaluations to ``||g|| < 1e-6`` on Rosenbrock beside scipy, run its methods over a learning-rate x damping
 grid counting non-finite steps, and time one CG iteration against a gradient (see :mod:`optax_second_order.bench.newton`).
 ``quasi-newton`` counts iterations and evaluations of the line-search methods on deterministic problems (see
-:mod:`optax_second_order.bench.quasi_newton`).
+:mod:`optax_second_order.bench.quasi_newton`). ``ab`` times the step of ``--optimizers`` on ``--tasks`` (default
+``digits-autoencoder``) with this checkout's library against the one at ``--rev``, in one process (see
+:mod:`optax_second_order.bench.ab`).
 
 The default run is kept small so that it finishes in a few minutes on 2 CPU cores with every registered
 optimizer: the tasks in :data:`DEFAULT_TASKS` at their default step budgets, one seed, each optimizer's
@@ -52,7 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "command", nargs="?", default="run",
-        choices=("run", "primitives", "shampoo-roots", "newton-rosenbrock", "newton-grid", "newton-cost", "quasi-newton"),
+        choices=("run", "primitives", "shampoo-roots", "newton-rosenbrock", "newton-grid", "newton-cost", "quasi-newton",
+                 "ab"),
         help="default: run",
     )
     parser.add_argument("--tasks", default=None, help=f"comma list or 'all' (default: {','.join(DEFAULT_TASKS)})")
@@ -65,7 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help=f"'{REFERENCE}' (its best final loss, default), 'task' (per-task default) or a number")
     parser.add_argument("--data", default=None, help="a .npz with arrays x and y: adds an MLP task on it")
     parser.add_argument("--evaluations", type=int, default=50, help="eval-loss measurements per run")
-    parser.add_argument("--repeats", type=int, default=20, help="primitives: timed repeats per product")
+    parser.add_argument("--repeats", type=int, default=20,
+                        help="primitives: timed repeats per product; ab: rounds of 20 steps (5 give a first look)")
+    parser.add_argument("--rev", default="HEAD", help="ab: the git revision to time this checkout against")
     args = parser.parse_args(argv)
     if args.target not in (REFERENCE, "task"):
         try:
@@ -155,6 +160,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         from optax_second_order.bench import newton
 
         newton.main(args.command, args.repeats)
+    elif args.command == "ab":  # this checkout's step against the one at --rev, in one process
+        from optax_second_order.bench import ab
+
+        tasks = _names(args.tasks or "digits-autoencoder", list(TASKS), "task")
+        names = [n for n in _names(args.optimizers, list(OPTIMIZERS), "optimizer") if n != REFERENCE]
+        ab.main(args.rev, tasks, names, args.repeats)
     elif args.command == "quasi-newton":  # evaluations to a tolerance on deterministic problems
         from optax_second_order.bench import quasi_newton
 

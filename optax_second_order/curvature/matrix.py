@@ -192,7 +192,9 @@ def damped_inverse(matrix: jax.Array, damping: float | jax.Array) -> tuple[jax.A
     triangular solves against ``I``; 7.4 against 9.2 ms at 500), with a relative error of 9e-7 against 5e-7 in
     float32 (damping 0.1). It is several times faster than :func:`inverse_pth_root`'s ``eigh``: the cost of K-FAC's
     factor inverses ``(A + pi sqrt(lambda) I)^{-1}`` (Martens & Grosse 2015, section 6.3). A matrix that is not
-    positive definite (``damping = 0`` and a singular ``M``) gives a non-finite inverse and ``ok = False``.
+    numerically positive definite (``damping = 0`` and a singular ``M``, or in float32 a damping below about
+    ``1e-7 ||M||`` with a rank-deficient ``M``) fails the factorization: a non-finite inverse and ``ok = False``,
+    where LU returned a finite but wrong inverse (K-FAC then keeps the previous one and counts it).
 
     Args:
       matrix: ``[..., n, n]`` symmetric PSD matrices (symmetrized here); leading dimensions are blocks.

@@ -20,8 +20,9 @@ the AlgoPerf external-tuning track):
   ``statistics_frequency`` steps, both under ``jax.lax.cond`` inside the compiled step (the statistics
   without one when they are taken every step);
 * a root that comes out non-finite keeps the previous one; ``state.root_failures`` counts these; a step whose
-  gradient is not finite or could overflow ``G G^T`` (its squared norm overflows:
-  :func:`~optax_second_order.transforms.common.gram_update_finite`) is rejected (zero update, state kept) and
+  gradient is not finite or could overflow the statistics (by a bound from ``||G||_F^2`` and the largest stored
+  entry: :func:`~optax_second_order.transforms.common.gram_update_finite`; on a step that takes no statistics, only a
+  non-finite gradient) is rejected (zero update, state kept) and
   counted in ``state.nonfinite``; a stored factor that is not finite (a corrupt state) restarts from zero;
 * grafting: the step keeps Shampoo's direction and takes its norm, block by block, from a diagonal
   method ``D`` (``"sgd"``: ``D = G``; ``"adagrad"``, ``"rmsprop"``, ``"adam"``: ``D = G / (sqrt(v) + eps)``
@@ -357,13 +358,14 @@ def scale_by_shampoo(
         # select fuse with the statistics' update, and gating the refresh keeps the statistics and roots out of
         # the whole-state select below, which would copy both every step. A step rejected only for a non-finite
         # direction keeps its finite statistics and roots.
-        fresh_ok = gram_update_finite(grads, largest, b2, _sum_weight(b2))
+        fresh_ok = gram_update_finite(grads, largest, b2, _sum_weight(b2), dtype)
         if isinstance(statistics_frequency, int) and statistics_frequency == 1:
             stats = accumulate(old_stats, grads, plan, fresh_ok)
         else:
+            statistics_step = is_refresh_step(count, statistics_frequency)
+            fresh_ok = jnp.where(statistics_step, fresh_ok, all_finite(grads))  # no statistic to overflow
             stats = jax.lax.cond(
-                is_refresh_step(count, statistics_frequency),
-                lambda s: accumulate(s, grads, plan, fresh_ok), lambda s: s, old_stats,
+                statistics_step, lambda s: accumulate(s, grads, plan, fresh_ok), lambda s: s, old_stats,
             )
         if slots == 1:
             roots, failures = jax.lax.cond(

@@ -33,8 +33,9 @@ Refreshes: ``basis_method="qr"`` (Householder QR, the official code; the fastest
 for GPU/TPU); ``stagger`` spreads each refresh over that many steps, a fixed partition of the (leaf, mode, block)
 factors into slots of balanced cost (``b^3``), slot ``r`` refreshed ``r`` steps before the unstaggered schedule.
 
-Non-finite numbers: a step whose factors could overflow (the gradient is not finite or its squared norm
-overflows: :func:`~optax_second_order.transforms.common.gram_update_finite`) is rejected as a whole (zero update,
+Non-finite numbers: a step whose factors could overflow (the gradient is not finite, or a bound from its squared
+norm and the largest stored factor entry overflows: :func:`~optax_second_order.transforms.common.gram_update_finite`)
+is rejected as a whole (zero update,
 state kept) and counted in ``state.nonfinite``; so is a step whose moments or direction come out non-finite, except
 that its factors take in ``G`` (finite). Both are decided before the refreshes, which are skipped on a rejected
 step, so the factors and bases never pass through a select of the whole state after the step (a copy of both every
@@ -94,9 +95,10 @@ class SoapState(NamedTuple):
       factors: per leaf (``jax.tree.leaves`` order) the factors ``L_i`` of its preconditioned modes (``[d, d]``, or
         ``[blocks, b, b]`` for a blocked leaf).
       bases: the matching eigenbases ``Q_i`` (identity until the first call).
-      basis_failures: number of basis computations that came out non-finite and were skipped
+      basis_failures: number of bases (one per block and mode) that came out non-finite and were skipped
         (the previous basis and moments are kept).
-      nonfinite: number of steps rejected because a gradient, moment or factor came out non-finite.
+      nonfinite: number of steps rejected because the gradient could overflow the factors or the moments or the
+        direction came out non-finite.
     """
 
     count: jax.Array
@@ -381,7 +383,8 @@ def scale_by_soap(
         # no refresh). The factors take in G unless it could overflow them. Deciding before the refreshes, which
         # are gated, keeps the large factors and bases out of a whole-state select after the step, which copied
         # them every step.
-        fresh_ok = gram_update_finite(grads, largest, shampoo_beta, 1.0 - shampoo_beta)
+        narrowest = min((f.dtype for f in flat_factors), key=lambda d: jnp.finfo(d).max, default=jnp.float32)
+        fresh_ok = gram_update_finite(grads, largest, shampoo_beta, 1.0 - shampoo_beta, narrowest)
         steps = [adam_in_eigenbasis(g, m, v, q, state.count, layout)
                  for g, m, v, q, layout in zip(grads, old_mu, old_nu, state.bases, layouts)]
         direction, new_mu, new_nu = zip(*steps) if steps else ((),) * 3

@@ -189,3 +189,40 @@ def test_charlm_corpus_is_reproducible():
     np.testing.assert_array_equal(x1, x2)
     assert x1.shape == (32, 64) and int(x1.max()) < 256
     np.testing.assert_array_equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
+
+
+def _in_git_checkout() -> bool:
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _in_git_checkout(), reason="ab needs a git checkout")
+def test_ab_times_this_checkout_against_the_package_at_a_revision(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    import optax_second_order
+    from optax_second_order.bench import ab
+
+    # the package as committed at the revision, extracted apart from this checkout
+    folder = ab.package_at("HEAD~1", str(tmp_path))
+    for path in ("optax_second_order/__init__.py", "optax_second_order/transforms/shampoo.py"):
+        shown = subprocess.run(["git", "show", f"HEAD~1:{path}"], capture_output=True, text=True,
+                               cwd=os.path.dirname(__file__), check=True).stdout
+        with open(os.path.join(folder, path)) as f:
+            assert f.read() == shown
+    with pytest.raises(SystemExit, match="ab: needs"):
+        ab.package_at("no-such-revision", str(tmp_path))
+
+    results = ab.main("HEAD", ["rosenbrock-2"], ["sgd"], repeats=1)
+    assert set(results["rosenbrock-2"]) == {"adam tree", "sgd tree", "sgd HEAD"}
+    assert all(t > 0 for t in results["rosenbrock-2"].values())
+    assert "mean x adam" in capsys.readouterr().out
+    # afterwards the package is this checkout's again
+    import optax_second_order as again
+    assert os.path.dirname(again.__file__) == os.path.dirname(optax_second_order.__file__)
+    package_dir = os.path.dirname(optax_second_order.__file__)
+    loaded = [m for name, m in list(sys.modules.items()) if name.startswith("optax_second_order")]
+    assert all((getattr(m, "__file__", None) or package_dir).startswith(package_dir) for m in loaded)

@@ -7,7 +7,9 @@ import optax
 import pytest
 
 import optax_second_order as oso
-from optax_second_order.transforms import common, damping
+from optax_second_order.transforms import blocking, common, damping
+
+F32 = jnp.float32
 
 
 def test_a_plain_callable_as_loss_is_a_type_error_that_says_how_to_build_one():
@@ -104,16 +106,38 @@ def test_gram_update_finite_is_false_for_bad_gradients_and_never_true_for_an_ove
         for factor_scale in (0.0, 1e30, 1e37, 3e38):
             g = (scale * rng.standard_normal((6, 5))).astype(np.float32)
             factor = np.float32(factor_scale) * np.ones((6, 6), np.float32)
-            ok = common.gram_update_finite({"g": jnp.asarray(g)}, jnp.float32(factor_scale), decay, weight)
+            ok = common.gram_update_finite({"g": jnp.asarray(g)}, jnp.float32(factor_scale), decay, weight, F32)
             new = decay * jnp.asarray(factor) + weight * jnp.asarray(g) @ jnp.asarray(g).T
             if ok:
                 assert np.all(np.isfinite(new)), (scale, factor_scale)
     g = jnp.ones((3, 2), jnp.float32)
-    assert common.gram_update_finite({"g": g, "b": jnp.ones(3)}, jnp.float32(1e3), decay, weight)
+    assert common.gram_update_finite({"g": g, "b": jnp.ones(3)}, jnp.float32(1e3), decay, weight, F32)
     for bad in (jnp.nan, jnp.inf):
-        assert not common.gram_update_finite({"g": g.at[1, 1].set(bad)}, jnp.float32(1.0), decay, weight)
-    assert not common.gram_update_finite({"g": g * 1e20}, jnp.float32(1.0), decay, weight)  # squares overflow
-    assert common.gram_update_finite({}, jnp.float32(0.0), decay, weight)
+        assert not common.gram_update_finite({"g": g.at[1, 1].set(bad)}, jnp.float32(1.0), decay, weight, F32)
+    assert not common.gram_update_finite({"g": g * 1e20}, jnp.float32(1.0), decay, weight, F32)  # squares overflow
+    assert common.gram_update_finite({}, jnp.float32(0.0), decay, weight, F32)
+
+
+@pytest.mark.parametrize("decay, weight", [(1.0, 1.0), (0.95, 0.05)])
+def test_gram_update_finite_holds_at_the_edge_of_overflow(decay, weight):
+    """For random gradients scaled to the largest size the check accepts (bisection), the Gram matrices and the
+    factor update computed in float32 are finite; in float64 storage the same gradients pass."""
+    rng = np.random.default_rng(2)
+    check = jax.jit(lambda g, f: common.gram_update_finite({"g": g}, f, decay, weight, F32))
+    # one row (its Gram matrix is 1 x 1: ||G||^2 itself, summed in another order) or many
+    for trial in range(16):
+        direction = rng.standard_normal((1, int(rng.integers(3, 64))) if trial % 2 else (int(rng.integers(3, 40)), 5))
+        direction /= np.linalg.norm(direction)
+        factor = np.float32(rng.choice([0.0, 1e38]))
+        low, high = 1e17, 1e20
+        for _ in range(40):
+            middle = np.sqrt(low * high)
+            low, high = (middle, high) if check(jnp.asarray(direction * middle, jnp.float32), factor) else (low, middle)
+        g = jnp.asarray(direction * low, jnp.float32)
+        for mode in (0, 1):
+            gram = blocking.batched_mode_gram(g[None], mode)
+            assert np.all(np.isfinite(gram)) and np.all(np.isfinite(decay * factor + weight * gram)), (low, factor)
+    assert common.gram_update_finite({"g": jnp.asarray(direction * 1e25)}, 0.0, decay, weight, jnp.float64)
 
 
 def test_levenberg_marquardt_follows_the_rule_on_a_scripted_sequence():

@@ -398,15 +398,18 @@ def test_an_overflowing_gradient_is_rejected_and_counted():
 
 
 def test_a_statistic_that_would_overflow_from_its_stored_factor_is_rejected_and_a_corrupt_one_restarts():
-    """b2 = 1 sums G G^T: a stored factor near float32's limit plus an ordinary gradient would overflow, so the
-    step is rejected with the state kept; a NaN off the diagonal of a stored factor makes it restart instead."""
+    """b2 = 1 sums G G^T: a stored factor of 3e38 plus G G^T = 6.4e37 (G = 4e18 everywhere, ||G||^2 = 3.2e38 still
+    finite in float32) overflows, so the step is rejected with the state kept; a NaN off the diagonal of a stored
+    factor makes it restart instead."""
     g = {"m": jnp.asarray(gradient_sequence(1, seed=7, shapes={"m": (5, 4)})[0]["m"], jnp.float32)}
     tx = oso.scale_by_shampoo(precondition_frequency=1, start_preconditioning_step=0)
     params = {"m": jnp.zeros((5, 4), jnp.float32)}
     update = jax.jit(tx.update)
     _, state = update(g, tx.init(params), params)
     huge = state._replace(stats=(jnp.full_like(state.stats[0], 3e38), *state.stats[1:]))
-    u, bad = update({"m": g["m"] * 1e10}, huge, params)
+    big = jnp.full((5, 4), 4e18, jnp.float32)
+    assert np.isfinite(np.sum(np.square(big))) and not np.all(np.isfinite(3e38 + big @ big.T))
+    u, bad = update({"m": big}, huge, params)
     assert np.all(u["m"] == 0) and int(bad.nonfinite) == 1
     jax.tree.map(np.testing.assert_array_equal, bad._replace(nonfinite=huge.nonfinite), huge)
 
@@ -415,6 +418,23 @@ def test_a_statistic_that_would_overflow_from_its_stored_factor_is_rejected_and_
     assert np.all(np.isfinite(u["m"])) and int(fresh.nonfinite) == 0
     m = np.asarray(g["m"], np.float64)
     np.testing.assert_allclose(fresh.stats[0][0], m @ m.T, rtol=1e-5)
+
+
+def test_a_step_without_statistics_rejects_only_a_non_finite_gradient():
+    """statistics_frequency = 2: on step 1 no G G^T is taken, so a gradient of 1e19 (squared norm 2e39, beyond
+    float32) is used, not rejected; a NaN one is. (No grafting: a graft's norm of it would overflow to a zero step.)"""
+    g = jnp.asarray(gradient_sequence(1, seed=8, shapes={"m": (5, 4)})[0]["m"], jnp.float32)
+    tx = oso.scale_by_shampoo(
+        precondition_frequency=1, start_preconditioning_step=0, statistics_frequency=2, grafting="none"
+    )
+    params = {"m": jnp.zeros((5, 4), jnp.float32)}
+    update = jax.jit(tx.update)
+    _, state = update({"m": g}, tx.init(params), params)
+    u, after = update({"m": jnp.full((5, 4), 1e19, jnp.float32)}, state, params)
+    assert np.all(np.isfinite(u["m"])) and np.any(u["m"] != 0) and int(after.nonfinite) == 0
+    jax.tree.map(np.testing.assert_array_equal, after.stats, state.stats)
+    u, after = update({"m": g.at[0, 0].set(jnp.nan)}, state, params)
+    assert np.all(u["m"] == 0) and int(after.nonfinite) == 1
 
 
 def test_rank_deficient_statistics_stay_finite():
