@@ -305,16 +305,15 @@ def finite_ema(old: PyTree, new: PyTree, decay: Any) -> tuple[PyTree, jax.Array]
     return keep_if_nonfinite(old, jax.tree.map(average, old, new))
 
 
-def discard_nonfinite(tree: PyTree, like: PyTree | None = None, batch_ndim: int = 0) -> PyTree:
-    """``tree`` with every leaf (or, with ``batch_ndim``, every slice along its leading ``batch_ndim`` axes) that
-    holds a non-finite number replaced by the same part of ``like`` (default zeros): a corrupt statistic restarts."""
+def discard_nonfinite(tree: PyTree, like: PyTree | None = None) -> PyTree:
+    """``tree`` with every leaf that holds a non-finite number replaced by the same leaf of ``like`` (default zeros):
+    a corrupt statistic restarts. (Stacks of matrices, one check per matrix: :func:`discard_nonfinite_matrices`.)"""
     like = jax.tree.map(jnp.zeros_like, tree) if like is None else like
 
     def clean(x, replacement):
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             return x
-        axes = tuple(range(batch_ndim, x.ndim))
-        finite = jnp.all(jnp.isfinite(x), axis=axes, keepdims=True)
+        finite = jnp.all(jnp.isfinite(x))
         return jnp.where(finite, x, replacement.astype(x.dtype))
 
     return jax.tree.map(clean, tree, like)
