@@ -215,6 +215,7 @@ def soap(
     basis_method: str = "qr",
     stagger: bool | int | None = None,
     block_size: int | None = None,
+    precondition_sharding: NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
 
@@ -237,6 +238,7 @@ def soap(
             basis_method=basis_method,
             stagger=stagger,
             block_size=block_size,
+            precondition_sharding=precondition_sharding,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -33,6 +33,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from optax_second_order.curvature.bank import (  # the staggering of refreshes lives with the factor bank
+    StaggerTables,
+    due_slot,
+    partition_by_cost,
+    stagger_tables,
+    update_slot_units,
+)
 from optax_second_order.curvature.losses import OutputLoss
 
 __all__ = [
@@ -45,6 +52,7 @@ __all__ = [
     "check_choice",
     "static_int",
     "stat_dtype",
+    "tree_stat_dtype",
     "is_refresh_step",
     "stagger_slots",
     "partition_by_cost",
@@ -186,6 +194,12 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def tree_stat_dtype(leaves: Sequence[Any]) -> jnp.dtype:
+    """One dtype for statistics shared by several leaves (a factor bank's stacks): :func:`stat_dtype` of them all,
+    promoted together."""
+    return functools.reduce(jnp.promote_types, [stat_dtype(x.dtype) for x in leaves], jnp.float32)
+
+
 def is_refresh_step(count: jax.Array, every: Any, start: Any = 0) -> jax.Array:
     """True on steps ``start, start + every, ...`` (``count`` counts completed updates; ``every`` may be traced)."""
     return (count >= start) & ((count - start) % every == 0)
@@ -200,78 +214,6 @@ def stagger_slots(transform: str, stagger: Any, precondition_frequency: Any) -> 
     if stagger is True:
         return static_int(transform, "precondition_frequency", precondition_frequency, 1)
     return static_int(transform, "stagger", stagger, 1)
-
-
-def partition_by_cost(costs: Any, slots: int) -> tuple[int, ...]:
-    """A static partition of refresh units into ``slots`` slots with balanced total cost: the slot of each unit.
-
-    Greedy longest-processing-time: units by decreasing cost (ties by position) each go to the slot with the least
-    cost so far (ties: the lowest slot). The most expensive slot costs at most ``4/3`` of the best partition's
-    (Graham 1969), and never less than ``max(costs)`` or ``sum(costs) / slots``.
-    """
-    loads = [0.0] * slots
-    slot_of = [0] * len(costs)
-    for unit in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        slot = min(range(slots), key=lambda r: (loads[r], r))
-        slot_of[unit] = slot
-        loads[slot] += costs[unit]
-    return tuple(slot_of)
-
-
-def due_slot(count: jax.Array, every: Any, offset: Any = 0) -> jax.Array:
-    """The slot whose refresh falls on step ``count``: ``(offset - count) mod every`` (int32).
-
-    Slot ``r`` is refreshed on steps ``offset - r + k every``: slot 0 on the unstaggered schedule, slot ``r`` that
-    many steps earlier, so by step ``offset`` every slot has been refreshed once (where ``offset - r >= 0``). A slot
-    index ``>=`` the number of slots means that no slot is due.
-    """
-    return jnp.mod(jnp.asarray(offset, jnp.int32) - count.astype(jnp.int32), jnp.asarray(every, jnp.int32))
-
-
-class StaggerTables(NamedTuple):
-    """Which units of each stack a refresh slot recomputes (from :func:`stagger_tables`).
-
-    ``counts[s][r]``: how many units of stack ``s`` slot ``r`` holds; ``tables[s]``: for each distinct nonzero count
-    ``k`` of stack ``s``, ``(k, table)`` with ``table`` a ``[slots, k]`` int32 array whose row ``r`` lists slot
-    ``r``'s units when it holds ``k`` of them (other rows unused).
-    """
-
-    counts: tuple[np.ndarray, ...]
-    tables: tuple[tuple[tuple[int, np.ndarray], ...], ...]
-
-
-def stagger_tables(sizes: Sequence[int], costs: Sequence[float], slots: int) -> StaggerTables:
-    """A static partition of the units of stacks (``sizes[s]`` units of cost ``costs[s]`` each, such as a stack of
-    ``[n, d, d]`` factors with cost ``d^3``) into ``slots`` slots, balanced by :func:`partition_by_cost`."""
-    units = [(s, i) for s, n in enumerate(sizes) for i in range(n)]
-    slot_of = partition_by_cost([float(costs[s]) for s, _ in units], slots)
-    members: list[list[list[int]]] = [[[] for _ in range(slots)] for _ in sizes]
-    for (s, i), r in zip(units, slot_of):
-        members[s][r].append(i)
-    counts, tables = [], []
-    for per_slot in members:
-        count = np.array([len(m) for m in per_slot], np.int32)
-        stack_tables = []
-        for k in sorted(set(count.tolist()) - {0}):
-            table = np.zeros((slots, k), np.int32)
-            for r, m in enumerate(per_slot):
-                if len(m) == k:
-                    table[r] = m
-            stack_tables.append((k, table))
-        counts.append(count)
-        tables.append(tuple(stack_tables))
-    return StaggerTables(tuple(counts), tuple(tables))
-
-
-def update_slot_units(tables: StaggerTables, stack: int, slot: jax.Array, due: jax.Array, update: Callable, carry: Any):
-    """``update(indices, carry)`` with the (int32) indices of stack ``stack``'s units in ``slot`` when ``due``, else
-    ``carry``: one ``jax.lax.cond`` per distinct number of units a slot holds, so each compiled branch has static
-    shapes and a step pays only for its own slot's units."""
-    slot = jnp.minimum(slot, len(tables.counts[stack]) - 1)
-    for k, table in tables.tables[stack]:
-        holds_k = due & (jnp.asarray(tables.counts[stack])[slot] == k)
-        carry = jax.lax.cond(holds_k, lambda c, t=table: update(jnp.asarray(t)[slot], c), lambda c: c, carry)
-    return carry
 
 
 # --- non-finite numbers ----------------------------------------------------------------------------

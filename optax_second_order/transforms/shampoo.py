@@ -2,7 +2,7 @@
 
 For a gradient ``G`` of order ``k`` (after merging small dimensions and cutting dimensions above
 ``block_size`` into blocks, the last one zero-padded, each block with its own factors; see
-:mod:`~optax_second_order.transforms.blocking`), Gupta, Koren & Singer (2018, Alg. 2) keep
+:mod:`~optax_second_order.curvature.blocking`), Gupta, Koren & Singer (2018, Alg. 2) keep
 per mode ``i`` the statistic
 
     H_i <- b2 H_i + (1 - b2) G_(i) G_(i)^T       (b2 < 1; b2 = 1: H_i <- H_i + G_(i) G_(i)^T, the paper)
@@ -43,11 +43,13 @@ and slot ``r`` is refreshed on steps ``start - r + k * precondition_frequency``,
 ``n / S`` of the ``n`` roots and no step all of them, and by ``start`` every factor has a root. The roots are then
 up to ``precondition_frequency`` steps old, as without staggering.
 
-Sharding. All factors of the same size and tensor order are stacked into one ``[n, d, d]`` array, and with
-``precondition_sharding = NamedSharding(mesh, PartitionSpec(axes))`` the roots of a stack are computed under
-:func:`jax.shard_map` with the stack split over those mesh axes
-(:func:`~optax_second_order.transforms.common.map_over_devices`): each device computes ``n / devices`` roots,
-and XLA gathers them where the preconditioned gradient needs them.
+Sharding. The factors live in a factor bank (:mod:`~optax_second_order.curvature.bank`): the blocks of one shape,
+from every leaf, are stacked, ``[n, b_1, ..., b_k]`` for the gradient's blocks and ``[n, b_i, b_i]`` per mode for the
+statistics and roots. With ``precondition_sharding = NamedSharding(mesh, PartitionSpec(axes))`` every stack is
+stored split over those mesh axes: each device keeps the statistics and roots of ``n / devices`` blocks, updates
+them, computes their roots (:func:`jax.shard_map`) and preconditions only its blocks; the preconditioned gradient
+is gathered once. This runs inside ``jax.jit`` on meshes of either axis type (``Explicit`` under
+``jax.set_mesh``, or ``Auto``).
 
 Defaults: ``b2 = 1`` (the paper), ``eps = 1e-12`` (Distributed Shampoo's epsilon),
 ``relative_eps = 1e-6`` (Anil et al.'s ``matrix_epsilon``, relative to ``lambda_max``), ``block_size =
@@ -68,7 +70,8 @@ import optax
 from jax.sharding import NamedSharding
 
 from optax_second_order.curvature.matrix import inverse_pth_root, inverse_pth_root_newton
-from optax_second_order.transforms import blocking
+from optax_second_order.curvature import blocking
+from optax_second_order.curvature.bank import FactorBank, plan_bank
 from optax_second_order.transforms.damping import reject_step
 from optax_second_order.transforms.common import (
     all_finite,
@@ -80,10 +83,8 @@ from optax_second_order.transforms.common import (
     due_slot,
     gram_update_finite,
     is_refresh_step,
-    map_over_devices,
     stagger_slots,
-    stagger_tables,
-    stat_dtype,
+    tree_stat_dtype,
     static_int,
     update_slot_units,
 )
@@ -101,7 +102,9 @@ class ShampooState(NamedTuple):
 
     Attributes:
       count: number of updates done (int32).
-      stats: one ``[n, d, d]`` stack of factors ``H`` per (size, tensor order) group.
+      stats: the factors ``H`` in the factor bank's layout: one ``[n, d, d]`` stack per (block shape, mode), unit
+        ``j`` of every stack of a block shape belonging to its ``j``-th block
+        (:class:`~optax_second_order.curvature.bank.FactorBank`).
       roots: the matching stacks of ``(H + delta I)^{-1/p}`` (identity until the first root).
       diagonal: per leaf (in ``jax.tree.leaves`` order) the graft's or the diagonal fallback's ``v``,
         a scalar placeholder where neither is needed.
@@ -117,59 +120,16 @@ class ShampooState(NamedTuple):
     nonfinite: jax.Array
 
 
-class _Factor(NamedTuple):
-    group: int  # which stack
-    offset: int  # the leaf's blocks' factors for this mode are stack[offset : offset + num_blocks]
-
-
-class _LeafPlan(NamedTuple):
-    shape: tuple[int, ...]  # merged shape
-    num_blocks: int
-    factors: tuple[_Factor, ...]  # one per mode
-
-
-class _Plan(NamedTuple):
-    leaves: tuple[_LeafPlan | None, ...]  # None: diagonal fallback
-    groups: tuple[tuple[int, int], ...]  # (d, tensor order k) of each stack; its root is p = 2k or the override
-    sizes: tuple[int, ...]  # number of factors in each stack
-
-
-def _make_plan(shapes, block_size, merge_dims, max_dim) -> _Plan:
-    """Which leaves are preconditioned, their blocks, and where each block's factors live in the stacks."""
-    group_ids: dict[tuple[int, int], int] = {}
-    sizes: list[int] = []
-    leaves = []
+def _bank(shapes, block_size, merge_dims, max_dim, sharding) -> FactorBank:
+    """The factor bank of Shampoo's leaves: each leaf with its small dimensions merged, cut into blocks, one factor
+    per mode of each block; scalars, vectors and leaves with a (merged) dimension above ``max_dim`` use the
+    diagonal fallback (not in the bank)."""
+    merged_shapes = []
     for shape in shapes:
         merged = blocking.merge_small_dims(shape, block_size) if merge_dims else tuple(d for d in shape if d > 1)
-        if len(shape) <= 1 or not merged or max(merged) > max_dim:
-            leaves.append(None)
-            continue
-        counts, block_shape = blocking.block_layout(merged, block_size)
-        num_blocks = math.prod(counts)
-        factors = []
-        for d in block_shape:
-            gid = group_ids.setdefault((d, len(merged)), len(group_ids))
-            if gid == len(sizes):
-                sizes.append(0)
-            factors.append(_Factor(gid, sizes[gid]))
-            sizes[gid] += num_blocks
-        leaves.append(_LeafPlan(merged, num_blocks, tuple(factors)))
-    return _Plan(tuple(leaves), tuple(group_ids), tuple(sizes))
-
-
-def _stats_dtype(leaves) -> jnp.dtype:
-    return functools.reduce(jnp.promote_types, [stat_dtype(x.dtype) for x in leaves], jnp.float32)
-
-
-def _factor_statistics(grads, plan: _Plan, block_size: int):
-    """``(factor, G_(i) G_(i)^T)`` of every leaf's blocks for every mode ``i``: where in the stacks the Gram
-    matrices belong, and the ``[num_blocks, d, d]`` matrices."""
-    for g, leaf in zip(grads, plan.leaves):
-        if leaf is None:
-            continue
-        blocks = blocking.to_blocks(g.reshape(leaf.shape), block_size)
-        for mode, f in enumerate(leaf.factors):
-            yield f, blocking.batched_mode_gram(blocks, mode)
+        fallback = len(shape) <= 1 or not merged or max(merged) > max_dim or math.prod(shape) == 0
+        merged_shapes.append(None if fallback else merged)
+    return plan_bank(merged_shapes, lambda block_shape: tuple(range(len(block_shape))), block_size, sharding)
 
 
 def _graft(direction: jax.Array, graft_norms: jax.Array) -> jax.Array:
@@ -243,34 +203,31 @@ def scale_by_shampoo(
     check(NAME, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
           f"at most precondition_frequency ({precondition_frequency})")
     start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
-    plan_of = functools.partial(_make_plan, block_size=block_size, merge_dims=merge_dims, max_dim=max_precond_dim)
+    bank_of = functools.partial(_bank, block_size=block_size, merge_dims=merge_dims, max_dim=max_precond_dim,
+                                sharding=precondition_sharding)
 
-    def diagonal_rule(leaf: _LeafPlan | None) -> str:
+    def diagonal_rule(place) -> str:
         if grafting in _ADAPTIVE_GRAFTS:
             return grafting
-        return "diagonal" if leaf is None else grafting
+        return "diagonal" if place is None else grafting
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
-        plan, dtype = plan_of([x.shape for x in leaves]), _stats_dtype(leaves)
-        stats = tuple(jnp.zeros((n, d, d), dtype) for (d, _), n in zip(plan.groups, plan.sizes))
-        roots = tuple(jnp.broadcast_to(jnp.eye(d, dtype=dtype), (n, d, d)) for (d, _), n in zip(plan.groups, plan.sizes))
+        bank, dtype = bank_of([x.shape for x in leaves]), tree_stat_dtype(leaves)
         diagonal = tuple(
-            jnp.zeros(x.shape, dtype) if diagonal_rule(leaf) in (*_ADAPTIVE_GRAFTS, "diagonal") else jnp.zeros((), dtype)
-            for x, leaf in zip(leaves, plan.leaves)
+            jnp.zeros(x.shape, dtype) if diagonal_rule(place) in (*_ADAPTIVE_GRAFTS, "diagonal") else jnp.zeros((), dtype)
+            for x, place in zip(leaves, bank.places)
         )
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (fresh buffers: the state is donatable)
-        return ShampooState(zero(), stats, roots, diagonal, zero(), zero())
+        return ShampooState(zero(), bank.matrices(dtype), bank.matrices(dtype, identity=True), diagonal, zero(), zero())
 
-    def accumulate(stats, grads, plan, fresh_ok):
-        """``b2 H + w G_(i) G_(i)^T`` (``H`` if not ``fresh_ok``), written slice by slice into the stacks: in place,
-        where concatenating the Gram matrices first copied them (3.5 ms of the autoencoder's 75 ms step)."""
-        stats = list(stats)
-        for f, gram in _factor_statistics(grads, plan, block_size):
-            h = jax.lax.dynamic_slice_in_dim(stats[f.group], f.offset, gram.shape[0])
-            new = jnp.where(fresh_ok, b2 * h + _sum_weight(b2) * gram, h)
-            stats[f.group] = jax.lax.dynamic_update_slice_in_dim(stats[f.group], new, f.offset, 0)
-        return tuple(stats)
+    def accumulate(bank: FactorBank, stats, blocks, fresh_ok):
+        """``b2 H + w G_(i) G_(i)^T`` for every block and mode (``H`` if not ``fresh_ok``): one batched Gram
+        product per factor stack, on each device's own blocks."""
+        return bank.split(tuple(
+            jnp.where(fresh_ok, b2 * h + _sum_weight(b2) * blocking.batched_mode_gram(blocks[g], mode), h)
+            for h, (g, mode) in zip(stats, bank.factor_stacks)
+        ))
 
     def root_fn(order):
         """``h -> (root, ok)`` for a ``[n, d, d]`` stack of factors of tensor order ``order``."""
@@ -292,31 +249,42 @@ def scale_by_shampoo(
 
         return newton_root
 
-    def inverse_roots(stats, roots, plan):
-        new_roots, failures = [], jnp.zeros((), jnp.int32)
-        for (_, order), h, old in zip(plan.groups, stats, roots):
-            root, ok = map_over_devices(root_fn(order), (h,), precondition_sharding)
-            new_roots.append(jnp.where(ok[:, None, None], root, old))
-            failures += jnp.sum(~ok, dtype=jnp.int32)
-        return tuple(new_roots), failures
+    def inverse_roots(bank: FactorBank, stats, roots):
+        """Every root recomputed (each device its own blocks'); a non-finite one keeps the previous root."""
+        orders = [len(bank.groups[g].block_shape) for g, _ in bank.factor_stacks]
 
-    def staggered_roots(stats, roots, plan, count, fresh_ok):
+        def on_device(stats, roots):
+            results = [root_fn(order)(h) for order, h in zip(orders, stats)]
+            new = tuple(jnp.where(ok[:, None, None], root, old) for (root, ok), old in zip(results, roots))
+            return new, tuple(~ok for _, ok in results)
+
+        roots, failed = bank.on_each_device(on_device, stats, roots)
+        return roots, bank.count_real(failed)
+
+    def staggered_roots(bank: FactorBank, stats, roots, count, fresh_ok):
         """The roots of the slot due at ``count`` (if any, and if ``fresh_ok``); the others keep theirs."""
-        tables = stagger_tables(plan.sizes, [float(d) ** 3 for d, _ in plan.groups], slots)
+        tables = bank.stagger_tables(slots)
+        orders = [len(bank.groups[g].block_shape) for g, _ in bank.factor_stacks]
         slot = due_slot(count, precondition_frequency, start)
         due = (slot < slots) & (count >= start - slot) & fresh_ok
-        new_roots, failures = [], jnp.zeros((), jnp.int32)
-        for group, ((_, order), h, group_roots) in enumerate(zip(plan.groups, stats, roots)):
 
-            def refresh(index, carry, fn=root_fn(order), h=h):
-                r, failures = carry
-                root, ok = map_over_devices(fn, (h[index],), precondition_sharding)
-                kept = jnp.where(ok[:, None, None], root, r[index])
-                return r.at[index].set(kept), failures + jnp.sum(~ok, dtype=jnp.int32)
+        def on_device(stats, roots):
+            failed = [jnp.zeros_like(h[:, 0, 0], bool) for h in stats]  # (varying over the devices, as h)
+            carry = (list(roots), failed)
+            for stack, (order, h) in enumerate(zip(orders, stats)):
 
-            group_roots, failures = update_slot_units(tables, group, slot, due, refresh, (group_roots, failures))
-            new_roots.append(group_roots)
-        return tuple(new_roots), failures
+                def refresh(index, carry, fn=root_fn(order), h=h, stack=stack):
+                    roots, failed = list(carry[0]), list(carry[1])
+                    root, ok = fn(h[index])
+                    roots[stack] = roots[stack].at[index].set(jnp.where(ok[:, None, None], root, roots[stack][index]))
+                    failed[stack] = failed[stack].at[index].set(~ok)
+                    return roots, failed
+
+                carry = update_slot_units(tables, stack, slot, due, refresh, carry, bank.device_index())
+            return tuple(carry[0]), tuple(carry[1])
+
+        roots, failed = bank.on_each_device(on_device, stats, roots)
+        return roots, bank.count_real(failed)
 
     def update_diagonal(v, g, rule):
         if rule == "adagrad":
@@ -334,21 +302,26 @@ def scale_by_shampoo(
             return g / (jnp.sqrt(v) + graft_eps)
         return g if rule == "sgd" else None
 
-    def precondition(g, roots, leaf: _LeafPlan, graft):
-        blocks = blocking.to_blocks(g.reshape(leaf.shape), block_size)
-        for mode, f in enumerate(leaf.factors):
-            block_roots = jax.lax.dynamic_slice_in_dim(roots[f.group], f.offset, leaf.num_blocks)
-            blocks = blocking.batched_mode_dot(blocks, block_roots, mode)
-        if graft is not None:
-            blocks = _graft(blocks, blocking.block_norms(graft.reshape(leaf.shape), block_size))
-        return blocking.from_blocks(blocks, leaf.shape, block_size).reshape(g.shape)
+    def precondition(bank: FactorBank, blocks, roots, grafts):
+        """``G x_1 R_1 ... x_k R_k`` for every block (each device its own), rescaled to the block norms of the graft
+        (``grafts``: per leaf, the diagonal method's direction)."""
+        stack_of = {key: s for s, key in enumerate(bank.factor_stacks)}
+        norms = None if grafting == "none" else bank.block_norms(grafts)
+        out = []
+        for g, (group, x) in enumerate(zip(bank.groups, blocks)):
+            for mode in group.modes:
+                x = blocking.batched_mode_dot(x, roots[stack_of[g, mode]], mode)
+            out.append(x if norms is None else _graft(x, norms[g]))
+        return out
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         check_float_leaves(updates, NAME)
         leaves, treedef = jax.tree.flatten(updates)
-        plan, dtype = plan_of([x.shape for x in leaves]), _stats_dtype(leaves)
+        bank, dtype = bank_of([x.shape for x in leaves]), tree_stat_dtype(leaves)
+        state = state._replace(stats=bank.split(state.stats), roots=bank.split(state.roots))  # laid out as planned
         grads = [g.astype(dtype) for g in leaves]
+        blocks = bank.to_stacks(grads)
         count = state.count
 
         old_stats, largest = discard_nonfinite_matrices(state.stats)  # a corrupt factor restarts (per block)
@@ -360,29 +333,29 @@ def scale_by_shampoo(
         # direction keeps its finite statistics and roots.
         fresh_ok = gram_update_finite(grads, largest, b2, _sum_weight(b2), dtype)
         if isinstance(statistics_frequency, int) and statistics_frequency == 1:
-            stats = accumulate(old_stats, grads, plan, fresh_ok)
+            stats = accumulate(bank, old_stats, blocks, fresh_ok)
         else:
             statistics_step = is_refresh_step(count, statistics_frequency)
             fresh_ok = jnp.where(statistics_step, fresh_ok, all_finite(grads))  # no statistic to overflow
             stats = jax.lax.cond(
-                statistics_step, lambda s: accumulate(s, grads, plan, fresh_ok), lambda s: s, old_stats,
+                statistics_step, lambda s: accumulate(bank, s, blocks, fresh_ok), lambda s: s, old_stats,
             )
         if slots == 1:
             roots, failures = jax.lax.cond(
                 is_refresh_step(count, precondition_frequency, start) & fresh_ok,
-                lambda s, r: inverse_roots(s, r, plan), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats, state.roots,
+                lambda s, r: inverse_roots(bank, s, r), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats, state.roots,
             )
         else:
-            roots, failures = staggered_roots(stats, state.roots, plan, count, fresh_ok)
-        rules = [diagonal_rule(leaf) for leaf in plan.leaves]
+            roots, failures = staggered_roots(bank, stats, state.roots, count, fresh_ok)
+        rules = [diagonal_rule(place) for place in bank.places]
         diagonal = tuple(update_diagonal(v, g, r) for v, g, r in zip(discard_nonfinite(state.diagonal), grads, rules))
         t = (count + 1).astype(dtype)
+        directions = [diagonal_direction(v, g, rule, t) for g, v, rule in zip(grads, diagonal, rules)]
+        shampoo = bank.from_stacks(precondition(bank, blocks, roots, directions), grads) if bank.groups else [None] * len(grads)
         out = []
-        for g, v, rule, leaf, orig in zip(grads, diagonal, rules, plan.leaves, leaves):
-            d = diagonal_direction(v, g, rule, t)
-            if leaf is not None:
-                shampoo = precondition(g, roots, leaf, d)
-                d = jnp.where(count >= start, shampoo, g if d is None else d)
+        for g, d, s, orig in zip(grads, directions, shampoo, leaves):
+            if s is not None:
+                d = jnp.where(count >= start, s, g if d is None else d)
             out.append(d.astype(orig.dtype))
         new_state = ShampooState(
             optax.safe_int32_increment(count), stats, roots, diagonal, state.root_failures + failures, state.nonfinite

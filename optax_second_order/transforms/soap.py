@@ -23,7 +23,7 @@ Adam (the official ``precondition_1d=False``).
 
 Blocks (``block_size``, not in the official code; Distributed Shampoo's blocking, Anil et al. 2020): dimensions
 above ``block_size`` are cut into blocks of ``block_size`` (the last one zero-padded), and every block has its own
-factors and bases (:mod:`~optax_second_order.transforms.blocking`); the moments of a blocked leaf are kept in the
+factors and bases (:mod:`~optax_second_order.curvature.blocking`); the moments of a blocked leaf are kept in the
 blocks' eigenbases, ``[blocks, *block_shape]``. A rotation then costs ``2 * sum_i b_i`` flops per entry instead
 of ``2 * sum_i d_i`` (a ``1000 x 500`` layer in blocks of 128: 512 instead of 3000, against a forward and
 backward pass's ``6 * batch``), and a refresh ``O(b^3)`` per block.
@@ -53,15 +53,17 @@ Reference: Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam" (20
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
+from optax_second_order.curvature.bank import FactorBank, plan_bank
 from optax_second_order.curvature.matrix import eigh_psd, one_matrix_at_a_time, orthogonal_iteration_step
-from optax_second_order.transforms import blocking
+from optax_second_order.curvature import blocking
 from optax_second_order.transforms.common import (
     all_finite,
     check,
@@ -72,8 +74,8 @@ from optax_second_order.transforms.common import (
     due_slot,
     gram_update_finite,
     stagger_slots,
-    stagger_tables,
     stat_dtype,
+    tree_stat_dtype,
     static_int,
     update_slot_units,
 )
@@ -90,10 +92,12 @@ class SoapState(NamedTuple):
 
     Attributes:
       count: number of calls so far (the first one only initializes; Adam's step is ``count``).
-      mu: first moments, in the eigenbasis: like the params, or ``[blocks, *block_shape]`` for a blocked leaf.
-      nu: second moments, in the eigenbasis, shaped as ``mu``.
-      factors: per leaf (``jax.tree.leaves`` order) the factors ``L_i`` of its preconditioned modes (``[d, d]``, or
-        ``[blocks, b, b]`` for a blocked leaf).
+      mu: first moments, ``(blocks, leaves)``: per group of the factor bank the moments of its blocks in their
+        eigenbases, ``[n, *block_shape]`` (:class:`~optax_second_order.curvature.bank.FactorBank`); per leaf outside
+        the bank (scalars, vectors, leaves with no mode of at most ``max_precond_dim``) its moment, shaped as the
+        leaf (plain Adam).
+      nu: second moments, laid out as ``mu``.
+      factors: the factors ``L_i``, one ``[n, b, b]`` stack per (block shape, mode) of the bank.
       bases: the matching eigenbases ``Q_i`` (identity until the first call).
       basis_failures: number of bases (one per block and mode) that came out non-finite and were skipped
         (the previous basis and moments are kept).
@@ -102,36 +106,20 @@ class SoapState(NamedTuple):
     """
 
     count: jax.Array
-    mu: optax.Updates
-    nu: optax.Updates
-    factors: tuple[tuple[jax.Array, ...], ...]
-    bases: tuple[tuple[jax.Array, ...], ...]
+    mu: tuple
+    nu: tuple
+    factors: tuple[jax.Array, ...]
+    bases: tuple[jax.Array, ...]
     basis_failures: jax.Array
     nonfinite: jax.Array
 
 
-class _Layout(NamedTuple):
-    """How a leaf is preconditioned: its blocks (``blocked``: cut by ``block_size``; else one block, the leaf) and
-    the modes (of a block) with a factor."""
-
-    shape: tuple[int, ...]
-    block_shape: tuple[int, ...]
-    num_blocks: int
-    blocked: bool
-    modes: tuple[int, ...]
-
-
-def _layout(shape: tuple[int, ...], block_size: int | None, max_precond_dim: int) -> _Layout:
-    """Modes with their own factor: none for scalars and vectors, else those of (block) size <= max_precond_dim."""
-    if len(shape) <= 1:
-        return _Layout(tuple(shape), tuple(shape), 1, False, ())
-    if block_size is not None and max(shape) > block_size:
-        counts, block_shape = blocking.block_layout(shape, block_size)
-        blocked, num_blocks = True, math.prod(counts)
-    else:
-        block_shape, blocked, num_blocks = tuple(shape), False, 1
-    modes = tuple(i for i, d in enumerate(block_shape) if d <= max_precond_dim)
-    return _Layout(tuple(shape), block_shape, num_blocks, blocked, modes)
+def _bank(shapes, block_size: int | None, max_precond_dim: int, sharding) -> FactorBank:
+    """The factor bank of SOAP's leaves: blocks (cut by ``block_size``, else the leaf itself) with a factor for each
+    mode of size <= ``max_precond_dim``; scalars and vectors are not in it (plain Adam)."""
+    shapes = [tuple(shape) if len(shape) > 1 else None for shape in shapes]
+    modes = lambda block_shape: tuple(i for i, d in enumerate(block_shape) if d <= max_precond_dim)  # noqa: E731
+    return plan_bank(shapes, modes, block_size, sharding)
 
 
 def _rotate(x: jax.Array, modes, bases, back: bool = False) -> jax.Array:
@@ -186,6 +174,11 @@ def _finite_blocks(x: jax.Array) -> jax.Array:
     return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
 
 
+def _discard_nonfinite_blocks(stacks: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    """Each block (axis 0) of each stack with a non-finite entry replaced by zeros (a corrupt moment restarts)."""
+    return tuple(jnp.where(_finite_blocks(x).reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0) for x in stacks)
+
+
 def scale_by_soap(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -198,6 +191,7 @@ def scale_by_soap(
     basis_method: str = "qr",
     stagger: bool | int | None = None,
     block_size: int | None = None,
+    precondition_sharding: NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP's update direction (see the module docstring); chain with the learning rate (:func:`soap`).
 
@@ -219,6 +213,9 @@ def scale_by_soap(
         ``precondition_frequency``. The first call still computes every basis (by eigh).
       block_size: cut dimensions above it into blocks with their own factors (``None``: no blocks, the official
         algorithm).
+      precondition_sharding: ``NamedSharding(mesh, PartitionSpec(axes))``: store the factors, bases and moments of
+        the blocks split over those mesh axes, each device updating, refreshing and rotating only its own blocks
+        (:mod:`~optax_second_order.curvature.bank`); the direction is gathered once.
 
     ``max_precond_dim``, ``stagger`` and ``block_size`` set shapes: under ``optax.inject_hyperparams`` leave them
     ``None`` or list them in ``static_args`` (with ``stagger=True``, list ``precondition_frequency``).
@@ -236,41 +233,20 @@ def scale_by_soap(
     check(name, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
           f"at most precondition_frequency ({precondition_frequency})")
 
-    def layout_of(x) -> _Layout:
-        return _layout(tuple(x.shape), block_size, max_precond_dim)
-
-    def to_blocks(x, layout: _Layout):
-        return blocking.to_blocks(x, block_size) if layout.blocked else x[None]
-
-    def from_blocks(x, layout: _Layout):
-        return blocking.from_blocks(x, layout.shape, block_size) if layout.blocked else x[0]
-
-    def load(x, layout: _Layout):  # a stored moment, factor or basis as a stack of blocks
-        return x if layout.blocked else x[None]
-
-    def store(x, layout: _Layout):
-        return x if layout.blocked else x[0]
+    bank_of = functools.partial(_bank, block_size=block_size, max_precond_dim=max_precond_dim,
+                                sharding=precondition_sharding)
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
-        layouts = [layout_of(x) for x in leaves]
+        bank, dtype = bank_of([x.shape for x in leaves]), tree_stat_dtype(leaves)
+        outside = [x for x, place in zip(leaves, bank.places) if place is None]
 
-        def moment(x, layout):  # fresh buffers: the state is donatable
-            return jnp.zeros(layout.shape if not layout.blocked else (layout.num_blocks, *layout.block_shape),
-                             stat_dtype(x.dtype))
+        def moments():  # fresh buffers: the state is donatable
+            return bank.zero_stacks(dtype), tuple(jnp.zeros(x.shape, stat_dtype(x.dtype)) for x in outside)
 
-        def per_mode(x, layout, make):
-            return tuple(store(make(layout.num_blocks, layout.block_shape[i], stat_dtype(x.dtype)), layout) for i in layout.modes)
-
-        zeros = lambda n, d, dtype: jnp.zeros((n, d, d), dtype)  # noqa: E731
-        eyes = lambda n, d, dtype: jnp.broadcast_to(jnp.eye(d, dtype=dtype), (n, d, d)) + jnp.zeros((), dtype)  # noqa: E731
-        treedef = jax.tree.structure(params)
-        mu = jax.tree.unflatten(treedef, [moment(x, l) for x, l in zip(leaves, layouts)])
-        nu = jax.tree.unflatten(treedef, [moment(x, l) for x, l in zip(leaves, layouts)])
-        factors = tuple(per_mode(x, l, zeros) for x, l in zip(leaves, layouts))
-        bases = tuple(per_mode(x, l, eyes) for x, l in zip(leaves, layouts))
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-        return SoapState(zero(), mu, nu, factors, bases, zero(), zero())
+        return SoapState(zero(), moments(), moments(), bank.matrices(dtype), bank.matrices(dtype, identity=True),
+                         zero(), zero())
 
     def refresh_fn():  # looked up at call time (tests replace it)
         return _power_qr_refresh if basis_method == "qr" else _cholesky_qr_refresh
@@ -278,135 +254,152 @@ def scale_by_soap(
     def refreshed(f, q, mu, nu, mode):
         """One refresh of the blocks' bases ``q`` (``[n, d, d]``) of ``mode`` from their factors ``f``, with ``mu``
         moved and ``nu`` permuted alike; a block whose new basis is not finite keeps its basis and moments. Also
-        the number of such blocks."""
+        which blocks those were."""
         q_new, nu_new = refresh_fn()(f, q, nu, mode + 1)
         mu_new = _moved(mu, q, q_new, mode + 1)
         ok = _finite_blocks(q_new)
         keep = lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
-        return keep(q_new, q), keep(mu_new, mu), keep(nu_new, nu), jnp.sum(~ok, dtype=jnp.int32)
+        return keep(q_new, q), keep(mu_new, mu), keep(nu_new, nu), ~ok
 
-    def first_bases(factors, bases, mu, nu):
+    def first_bases(bank: FactorBank, factors, bases, mu, nu):
         """Every basis from ``eigh`` of its factor (the first call); a block whose basis is not finite keeps I."""
-        new, failed = [], jnp.zeros((), jnp.int32)
-        for f, q in zip(factors, bases):
-            q_new = _eigenbasis(f)
-            ok = _finite_blocks(q_new)
-            new.append(jnp.where(ok[:, None, None], q_new, q))
-            failed += jnp.sum(~ok, dtype=jnp.int32)
-        return tuple(new), mu, nu, failed
 
-    def refresh_all(factors, bases, mu, nu, modes):
-        """Every factor's basis refreshed."""
-        new, failed = [], jnp.zeros((), jnp.int32)
-        for f, q, mode in zip(factors, bases, modes):
-            q, mu, nu, more = refreshed(f, q, mu, nu, mode)
-            new.append(q)
-            failed += more
-        return tuple(new), mu, nu, failed
+        def on_device(factors, bases):
+            new = [_eigenbasis(f) for f in factors]
+            ok = [_finite_blocks(q) for q in new]
+            return tuple(jnp.where(k[:, None, None], q, old) for q, k, old in zip(new, ok, bases)), tuple(~k for k in ok)
 
-    def staggered(factors, bases, mu, nu, modes, tables, first_stack, count, ok):
-        """The blocks whose slot is due refreshed (if ``ok``)."""
+        bases, failed = bank.on_each_device(on_device, factors, bases)
+        return bases, mu, nu, failed
+
+    def refresh_all(bank: FactorBank, factors, bases, mu, nu):
+        """Every factor's basis refreshed (each device its own blocks')."""
+
+        def on_device(factors, bases, mu, nu):
+            bases, mu, nu, failed = list(bases), list(mu), list(nu), []
+            for s, (g, mode) in enumerate(bank.factor_stacks):
+                bases[s], mu[g], nu[g], bad = refreshed(factors[s], bases[s], mu[g], nu[g], mode)
+                failed.append(bad)
+            return tuple(bases), tuple(mu), tuple(nu), tuple(failed)
+
+        return bank.on_each_device(on_device, factors, bases, mu, nu)
+
+    def staggered(bank: FactorBank, factors, bases, mu, nu, count, ok):
+        """The blocks whose slot is due refreshed (if ``ok``), each device its own."""
+        tables = bank.stagger_tables(slots)
         slot = due_slot(count, precondition_frequency)
         due = (count > 0) & (slot < slots) & ok
-        bases = list(bases)
-        failed = jnp.zeros((), jnp.int32)
-        for j, (f, mode) in enumerate(zip(factors, modes)):
 
-            def refresh(index, carry, f=f, j=j, mode=mode):
-                bases, mu, nu, failed = carry
-                q, m, v, more = refreshed(f[index], bases[j][index], mu[index], nu[index], mode)
-                bases = list(bases)
-                bases[j] = bases[j].at[index].set(q)
-                return bases, mu.at[index].set(m), nu.at[index].set(v), failed + more
+        def on_device(factors, bases, mu, nu):
+            failed = tuple(jnp.zeros_like(q[:, 0, 0], bool) for q in bases)  # (varying over the devices, as q)
+            carry = (bases, mu, nu, failed)
+            for s, (g, mode) in enumerate(bank.factor_stacks):
 
-            bases, mu, nu, failed = update_slot_units(tables, first_stack + j, slot, due, refresh, (bases, mu, nu, failed))
-        return tuple(bases), mu, nu, failed
+                def refresh(index, carry, s=s, g=g, mode=mode):
+                    bases, mu, nu, failed = (list(c) for c in carry)
+                    q, m, v, bad = refreshed(factors[s][index], bases[s][index], mu[g][index], nu[g][index], mode)
+                    bases[s], failed[s] = bases[s].at[index].set(q), failed[s].at[index].set(bad)
+                    mu[g], nu[g] = mu[g].at[index].set(m), nu[g].at[index].set(v)
+                    return tuple(bases), tuple(mu), tuple(nu), tuple(failed)
 
-    def adam_in_eigenbasis(g, mu, nu, bases, count, layout: _Layout):
-        """``(direction, mu, nu)``: Adam's step in the eigenbasis (none on the first call, where the basis does not
-        exist yet), moments as blocks."""
-        modes = layout.modes
-        t = jnp.maximum(count, 1).astype(g.dtype)
-        mu, nu = load(mu, layout), load(nu, layout)
-        bases = tuple(load(q, layout) for q in bases)
-        rotated = _rotate(to_blocks(g, layout), modes, bases)
-        new_mu = b1 * mu + (1.0 - b1) * rotated
-        new_nu = b2 * nu + (1.0 - b2) * jnp.square(rotated)
-        direction = from_blocks(_rotate(new_mu / (jnp.sqrt(new_nu) + eps), modes, bases, back=True), layout)
-        if normalize_grads:
-            direction = direction / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(direction))))
-        if correct_bias:
-            direction = direction * jnp.sqrt(1.0 - b2**t) / (1.0 - b1**t)
-        started = count > 0
-        return jnp.where(started, direction, 0.0), jnp.where(started, new_mu, mu), jnp.where(started, new_nu, nu)
+                carry = update_slot_units(tables, s, slot, due, refresh, carry, bank.device_index())
+            return carry
 
-    def factors_and_bases(g, mu, nu, factors, bases, count, layout: _Layout, tables, first_stack, fresh_ok, ok):
+        return bank.on_each_device(on_device, factors, bases, mu, nu)
+
+    def adam_step(g, mu, nu):
+        """Adam's moments and normalized direction ``m / (sqrt(v) + eps)`` (in whatever basis ``g`` is given)."""
+        new_mu = b1 * mu + (1.0 - b1) * g
+        new_nu = b2 * nu + (1.0 - b2) * jnp.square(g)
+        return new_mu / (jnp.sqrt(new_nu) + eps), new_mu, new_nu
+
+    def adam_in_eigenbases(bank: FactorBank, blocks, grads, mu, nu, bases, count):
+        """``(directions, mu, nu)``: Adam's step in the eigenbases, each device on its own blocks (none on the first
+        call, where the bases do not exist yet), and plain Adam for the leaves outside the bank."""
+        stack_of = {key: s for s, key in enumerate(bank.factor_stacks)}
+        block_mu, block_nu, rotated_back = [], [], []
+        for g, (group, x, m, v) in enumerate(zip(bank.groups, blocks, mu[0], nu[0])):
+            group_bases = [bases[stack_of[g, mode]] for mode in group.modes]
+            direction, m, v = adam_step(_rotate(x, group.modes, group_bases), m, v)
+            rotated_back.append(_rotate(direction, group.modes, group_bases, back=True))
+            block_mu.append(m)
+            block_nu.append(v)
+        directions = bank.from_stacks(rotated_back, grads) if bank.groups else [None] * len(grads)
+        outside = [i for i, place in enumerate(bank.places) if place is None]
+        leaf_mu, leaf_nu = [], []
+        for i, m, v in zip(outside, mu[1], nu[1]):
+            directions[i], m, v = adam_step(grads[i].astype(m.dtype), m, v)
+            leaf_mu.append(m)
+            leaf_nu.append(v)
+        t = jnp.maximum(count, 1)
+        out = []
+        for d in directions:
+            if normalize_grads:
+                d = d / (1e-30 + jnp.sqrt(jnp.mean(jnp.square(d))))
+            if correct_bias:
+                d = d * jnp.sqrt(1.0 - b2 ** t.astype(d.dtype)) / (1.0 - b1 ** t.astype(d.dtype))
+            out.append(jnp.where(count > 0, d, 0.0))
+        started = lambda new, old: tuple(jnp.where(count > 0, n, o) for n, o in zip(new, old))  # noqa: E731
+        new_mu = (started(block_mu, mu[0]), started(leaf_mu, mu[1]))
+        new_nu = (started(block_nu, nu[0]), started(leaf_nu, nu[1]))
+        return out, new_mu, new_nu
+
+    def factors_and_bases(bank: FactorBank, blocks, mu, nu, factors, bases, count, fresh_ok, ok):
         """Shampoo's factors take in ``G`` (if ``fresh_ok``) after the step; then the bases (if ``ok``): ``eigh`` on
         the first call, power-QR every ``precondition_frequency`` steps (or a slot of them, staggered)."""
-        modes = layout.modes
-        blocks = to_blocks(g, layout)
-        factors = tuple(
-            jnp.where(fresh_ok, shampoo_beta * f + (1.0 - shampoo_beta) * blocking.batched_mode_gram(blocks, mode), f)
-            for f, mode in zip((load(f, layout) for f in factors), modes)
-        )
-        bases = tuple(load(q, layout) for q in bases)
+        factors = bank.split(tuple(
+            jnp.where(fresh_ok, shampoo_beta * f + (1.0 - shampoo_beta) * blocking.batched_mode_gram(blocks[g], mode), f)
+            for f, (g, mode) in zip(factors, bank.factor_stacks)
+        ))
         first = (count == 0) & ok
+        no_refresh = bank.split(tuple(jnp.zeros(f.shape[0], bool) for f in factors))
         if slots > 1:
             bases, mu, nu, failed = jax.lax.cond(
-                first, first_bases, lambda *a: (*a[1:], jnp.zeros((), jnp.int32)), factors, bases, mu, nu
+                first, functools.partial(first_bases, bank), lambda f, b, m, v: (b, m, v, no_refresh),
+                factors, bases, mu, nu,
             )
-            bases, mu, nu, more = staggered(factors, bases, mu, nu, modes, tables, first_stack, count, ok)
-            failed += more
+            bases, mu, nu, more = staggered(bank, factors, bases, mu, nu, count, ok)
+            failed = tuple(a | b for a, b in zip(failed, more))
         else:
             branch = jnp.where(first, 0, jnp.where(ok & (count > 0) & (count % precondition_frequency == 0), 1, 2))
             bases, mu, nu, failed = jax.lax.switch(
                 branch,
-                (first_bases, lambda f, b, m, v: refresh_all(f, b, m, v, modes),
-                 lambda f, b, m, v: (b, m, v, jnp.zeros((), jnp.int32))),
+                (functools.partial(first_bases, bank), functools.partial(refresh_all, bank),
+                 lambda f, b, m, v: (b, m, v, no_refresh)),
                 factors, bases, mu, nu,
             )
-        return (store(mu, layout), store(nu, layout), tuple(store(f, layout) for f in factors),
-                tuple(store(q, layout) for q in bases), failed)
+        return factors, bases, mu, nu, bank.count_real(failed)
 
     def update_fn(updates, state, params=None, **extra):
         del params, extra
         check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
-        layouts = [layout_of(x) for x in leaves]
-        # a corrupt stored statistic restarts from zero
-        old_mu, old_nu = discard_nonfinite((jax.tree.leaves(state.mu), jax.tree.leaves(state.nu)))
-        flat_factors, largest = discard_nonfinite_matrices(tuple(jax.tree.leaves(state.factors)))
-        factors = jax.tree.unflatten(jax.tree.structure(state.factors), flat_factors)
-        grads = [g.astype(m.dtype) for g, m in zip(leaves, old_mu)]
+        bank, dtype = bank_of([x.shape for x in leaves]), tree_stat_dtype(leaves)
+        # laid out as planned; a corrupt stored statistic restarts from zero (a moment per block or leaf)
+        old_mu, old_nu = ((_discard_nonfinite_blocks(bank.split(m[0])), discard_nonfinite(m[1])) for m in (state.mu, state.nu))
+        factors, largest = discard_nonfinite_matrices(bank.split(state.factors))
+        state = state._replace(bases=bank.split(state.bases))
+        grads = [g.astype(dtype if place is not None else stat_dtype(g.dtype)) for g, place in zip(leaves, bank.places)]
+        blocks = bank.to_stacks(grads)
         # non-finite policy: a step whose gradient could overflow the factors (gram_update_finite, decided from the
         # inputs), or whose moments or direction are not finite, is rejected (zero update, count and moments kept,
         # no refresh). The factors take in G unless it could overflow them. Deciding before the refreshes, which
         # are gated, keeps the large factors and bases out of a whole-state select after the step, which copied
         # them every step.
-        narrowest = min((f.dtype for f in flat_factors), key=lambda d: jnp.finfo(d).max, default=jnp.float32)
-        fresh_ok = gram_update_finite(grads, largest, shampoo_beta, 1.0 - shampoo_beta, narrowest)
-        steps = [adam_in_eigenbasis(g, m, v, q, state.count, layout)
-                 for g, m, v, q, layout in zip(grads, old_mu, old_nu, state.bases, layouts)]
-        direction, new_mu, new_nu = zip(*steps) if steps else ((),) * 3
+        fresh_ok = gram_update_finite(grads, largest, shampoo_beta, 1.0 - shampoo_beta, dtype)
+        direction, new_mu, new_nu = adam_in_eigenbases(bank, blocks, grads, old_mu, old_nu, state.bases, state.count)
         ok = fresh_ok & all_finite((new_mu, new_nu, direction))
-        keep = lambda new, old: tuple(jnp.where(ok, n, load(o, l)) for n, o, l in zip(new, old, layouts))  # noqa: E731
-        new_mu, new_nu = keep(new_mu, old_mu), keep(new_nu, old_nu)
-        # stagger: one stack of units (blocks) per (leaf, mode), costing b^3 each
-        stacks = [(l.num_blocks, float(l.block_shape[i]) ** 3) for l in layouts for i in l.modes]
-        tables = stagger_tables([n for n, _ in stacks], [c for _, c in stacks], slots) if slots > 1 else None
-        first_stacks = [sum(len(l.modes) for l in layouts[:j]) for j in range(len(layouts))]
-        results = [
-            factors_and_bases(g, m, v, f, q, state.count, layout, tables, first, fresh_ok, ok)
-            for g, m, v, f, q, layout, first in zip(grads, new_mu, new_nu, factors, state.bases, layouts, first_stacks)
-        ]
-        mu, nu, factors, bases, failed = zip(*results) if results else ((),) * 5
+        new_mu, new_nu = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (new_mu, new_nu), (old_mu, old_nu))
+        factors, bases, mu_blocks, nu_blocks, failed = factors_and_bases(
+            bank, blocks, new_mu[0], new_nu[0], factors, state.bases, state.count, fresh_ok, ok
+        )
         new_state = SoapState(
             jnp.where(ok, optax.safe_int32_increment(state.count), state.count),
-            jax.tree.unflatten(treedef, list(mu)),
-            jax.tree.unflatten(treedef, list(nu)),
-            tuple(factors),
-            tuple(bases),
-            state.basis_failures + sum(failed, jnp.zeros((), jnp.int32)),
+            (mu_blocks, new_mu[1]),
+            (nu_blocks, new_nu[1]),
+            factors,
+            bases,
+            state.basis_failures + failed,
             state.nonfinite + (~ok).astype(jnp.int32),
         )
         out = [d.astype(g.dtype) for d, g in zip(direction, leaves)]

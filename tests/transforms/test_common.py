@@ -7,7 +7,8 @@ import optax
 import pytest
 
 import optax_second_order as oso
-from optax_second_order.transforms import blocking, common, damping
+from optax_second_order.curvature import blocking
+from optax_second_order.transforms import common, damping
 
 F32 = jnp.float32
 

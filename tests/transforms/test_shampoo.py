@@ -21,7 +21,7 @@ import scipy.linalg
 
 import optax_second_order as oso
 from optax_second_order.transforms import shampoo as shampoo_module
-from optax_second_order.transforms import blocking
+from optax_second_order.curvature import blocking
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -331,7 +331,7 @@ def test_staggered_roots_are_roots_of_the_statistics_of_their_step():
     _, states = _stagger_run(3, frequency=3, start=3)
     for before, after in zip(states, states[1:]):
         for group, (stats, roots) in enumerate(zip(after.stats, after.roots)):
-            p = 4 if group == 0 else 6  # the stacks of the matrix's and of the order-3 tensor's factors
+            p = 4 if group < 2 else 6  # the matrix's two factor stacks (3 x 3 blocks), then the order-3 tensor's three
             for i in range(stats.shape[0]):
                 if not np.array_equal(roots[i], before.roots[group][i]):
                     np.testing.assert_allclose(roots[i], numpy_root(np.asarray(stats[i]), p), rtol=1e-9, atol=1e-12)
@@ -501,13 +501,14 @@ DISTRIBUTED = textwrap.dedent(
     sharded, hlo = run(oso.shampoo(0.05, precondition_sharding=NamedSharding(mesh, P("data")), **kwargs), shard=True)
     for k in single:
         np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12)
-    # w1 (8 x 12) has 2 x 3 blocks of 4 x 4 and w2 (12 x 3) 3 blocks of 4 x 3: 6 + 6 + 3 = 15 factors of size 4,
-    # padded to 16 = 4 devices x 4. Each device loops over its 4 factors, not all 16 (or 15), one eigh per matrix
-    # on CPU (curvature/matrix.py, one_matrix_at_a_time).
+    # The factor bank: w1 (8 x 12) has 2 x 3 blocks of 4 x 4 (two stacks of 6 factors, padded to 8 = 4 devices x 2)
+    # and w2 (12 x 3) 3 blocks of 4 x 3 (stacks of 4 x 4 and 3 x 3 factors, padded to 4). Each device computes the
+    # roots of its own units only: loops of 2 over its 2 units of w1's stacks, single eigh calls on its one unit
+    # of w2's; no device loops over or batches more (on CPU one eigh per matrix: curvature/matrix.py).
     loops = sorted(set(re.findall(r"f64\\[(\\d+),4,4\\]\\{[^}]*\\}\\) while\\([^\\n]*known_trip_count\\":\\{\\"n\\":\\"(\\d+)", hlo)))
-    batched = re.findall(r"f64\\[\\d+,4,4\\][^\\n]*custom_call_target=\\"lapack_dsyevd", hlo)
-    print("EIGH_LOOPS", loops, batched)
-    assert loops == [("4", "4")] and not batched, (loops, batched)
+    batches = sorted(set(re.findall(r"f64\\[(\\d+),(\\d),\\d\\][^\\n]*custom_call_target=\\"lapack_dsyevd", hlo)))
+    print("EIGH_LOOPS", loops, batches)
+    assert loops == [("2", "2")] and batches == [("1", "3"), ("1", "4")], (loops, batches)
     # staggered refreshes (2 slots) spread over the devices too: the same steps on one device and on four
     kwargs["stagger"] = True
     single, _ = run(oso.shampoo(0.05, **kwargs), shard=False)

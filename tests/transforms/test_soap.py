@@ -174,7 +174,10 @@ def test_blocks_are_independent_soaps_of_their_blocks():
             for c, loop in zip(cuts[k], loops[k]):
                 expected[c] = loop.step(g[k][c])
             np.testing.assert_allclose(u[k], expected, rtol=1e-8, atol=1e-12, err_msg=f"step {step}, leaf {k}")
-    assert state.factors[0][0].shape == (2, 3, 3) and state.mu["t"].shape == (4, 3, 3, 3)
+    # the factor bank: m's two 3 x 3 blocks stacked (a stack per mode), t's four 3 x 3 x 3 blocks in a group of
+    # their own, whose moments are kept per block; v (a vector) outside the bank, its moments like the leaf
+    assert [f.shape for f in state.factors] == [(2, 3, 3)] * 2 + [(4, 3, 3)] * 3
+    assert [m.shape for m in state.mu[0]] == [(2, 3, 3), (4, 3, 3, 3)] and state.mu[1][0].shape == (5,)
 
 
 def test_padded_blocks_train():
@@ -202,7 +205,7 @@ def test_a_corrupt_factor_restarts_and_a_failed_basis_keeps_the_previous_one(mon
     for _ in range(2):
         _, state = update({"m": jnp.asarray(rng.standard_normal((4, 3)))}, state, params)
     # a NaN in the stored left factor (a corrupt state): it restarts from this step's (1 - beta) G G^T
-    factors = ((state.factors[0][0].at[0, 0].set(jnp.nan), state.factors[0][1]),)
+    factors = (state.factors[0].at[0, 0, 0].set(jnp.nan), state.factors[1])  # the bank's stacks: left, right
     g = rng.standard_normal((4, 3))
     u, state = update({"m": jnp.asarray(g)}, state._replace(factors=factors), params)
     assert np.all(np.isfinite(u["m"])) and int(state.nonfinite) == 0
@@ -216,7 +219,7 @@ def test_a_corrupt_factor_restarts_and_a_failed_basis_keeps_the_previous_one(mon
         u, state = jax.jit(tx.update)({"m": jnp.asarray(rng.standard_normal((4, 3)))}, state, params)
         assert np.all(np.isfinite(u["m"]))
         assert int(state.basis_failures) == 2 * step  # one per basis: the left and the right one
-    for q, old in zip(state.bases[0], kept[0]):
+    for q, old in zip(state.bases, kept):
         np.testing.assert_array_equal(q, old)
 
 

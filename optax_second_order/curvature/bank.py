@@ -1,0 +1,352 @@
+"""The factor bank: one layout for the Kronecker state of every block-structured preconditioner.
+
+Shampoo, SOAP (and in time K-FAC, EK-FAC, K-BFGS) keep one small matrix per mode of each *block*: a tensor
+(a parameter after merging small dimensions, or a layer's gradient matrix) is cut into blocks of at most
+``block_size`` along every dimension (the last one zero-padded: :mod:`~optax_second_order.curvature.blocking`),
+and block ``j`` of shape ``(b_1, ..., b_k)`` owns one ``b_i x b_i`` factor per preconditioned mode ``i``.
+
+The bank is the static plan of where everything lives, fixed by the shapes alone:
+
+* a **group** holds every block of one shape and one set of preconditioned modes, from every item;
+  its blocks are the **units** ``0 .. n-1`` of the group, in item order;
+* per group, the tensor data is one ``[n, b_1, ..., b_k]`` stack (:meth:`FactorBank.to_stacks`: a gradient, a
+  moment kept in the eigenbasis) and the factors are one ``[n, b_i, b_i]`` stack per preconditioned mode
+  (:meth:`FactorBank.matrices`), in the flat order ``(group 0, mode ...), (group 1, mode ...), ...``;
+* so every per-block operation (a mode Gram matrix, a mode product, a root, a basis refresh) is one batched
+  operation per group and mode, unit ``j`` of the data meeting unit ``j`` of each factor stack.
+
+Devices. With a ``sharding`` (``NamedSharding(mesh, PartitionSpec(axes))``; ``axes`` a mesh axis name or a
+tuple of them) every stack is **stored** split along its unit axis over those mesh axes: each device holds
+``n / d`` units of every group (groups are padded with zero units to a multiple of ``d``; a padded unit's
+factors stay zero and its results are ignored: :meth:`FactorBank.real_units`), updates and refreshes only those
+(:meth:`FactorBank.on_each_device`), and preconditions only its blocks; the update is gathered once
+(:meth:`FactorBank.from_stacks`). Units of one group cost the same, so an equal count per device is an equal
+share of the work (the balance Meta's Distributed Shampoo gets from its cost-balanced distributor). This works
+inside ``jax.jit`` on a mesh of either axis type (``Explicit`` under ``jax.set_mesh``, or ``Auto``): the layout
+is stated with ``jax.device_put``, which under ``jit`` is a sharding constraint for ``Auto`` axes and a
+reshard for ``Explicit`` ones.
+
+Staggering (:meth:`FactorBank.stagger_tables`): the units of the factor stacks (``b^3`` each) are partitioned into
+slots of balanced cost, the same partition on any number of devices (a run's schedule does not depend on the
+mesh); each device refreshes its own units of the slot that is due.
+
+References: Anil et al., "Scalable Second Order Optimization for Deep Learning" (2020), sec. 5 (blocks);
+Shi et al., "A Distributed Data-Parallel PyTorch Implementation of the Distributed Shampoo Optimizer for
+Training Neural Networks At-Scale" (2023), sec. 4 (each worker owns a share of the blocks and all-gathers
+the search direction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from optax_second_order.curvature import blocking
+
+__all__ = [
+    "Group", "Place", "FactorBank", "plan_bank", "sharding_axes", "partition_by_cost", "due_slot", "StaggerTables",
+    "stagger_tables", "update_slot_units",
+]
+
+
+class Group(NamedTuple):
+    """Blocks of one shape whose factors are stacked together."""
+
+    block_shape: tuple[int, ...]
+    modes: tuple[int, ...]  # the block's modes that have a factor
+    size: int  # units in the stacks: the real ones, then zero padding up to a multiple of the devices
+    real: int  # units 0 .. real - 1 are blocks of items
+
+
+class Place(NamedTuple):
+    """Where an item's blocks are: units ``offset .. offset + count - 1`` of group ``group``."""
+
+    group: int
+    offset: int
+    count: int
+    shape: tuple[int, ...]  # the item's shape as it is cut into blocks
+
+
+def sharding_axes(sharding: NamedSharding, what: str = "precondition_sharding") -> tuple[str, ...]:
+    """The mesh axes named by the first entry of ``sharding``'s ``PartitionSpec``, or a ``ValueError``."""
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    if axes is None:
+        raise ValueError(f"{what}: its PartitionSpec must name the mesh axes to split over, got {sharding.spec}")
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorBank:
+    """The static layout of :func:`plan_bank` (module docstring); its methods move data in and out of it."""
+
+    groups: tuple[Group, ...]
+    places: tuple[Place | None, ...]  # per item; None: not in the bank
+    block_size: int | None
+    sharding: NamedSharding | None
+
+    # --- the plan -----------------------------------------------------------------------------------
+
+    @property
+    def devices(self) -> int:
+        """How many devices share the units of each group (1 without a sharding)."""
+        if self.sharding is None:
+            return 1
+        return math.prod(self.sharding.mesh.shape[a] for a in sharding_axes(self.sharding))
+
+    @property
+    def factor_stacks(self) -> tuple[tuple[int, int], ...]:
+        """``(group, mode)`` of each factor stack, in the flat order of :meth:`matrices`."""
+        return tuple((g, mode) for g, group in enumerate(self.groups) for mode in group.modes)
+
+    def factor_dims(self) -> tuple[int, ...]:
+        """The size ``b_i`` of each factor stack's matrices."""
+        return tuple(self.groups[g].block_shape[mode] for g, mode in self.factor_stacks)
+
+    def real_units(self, group: int) -> np.ndarray:
+        """``[n]`` bool: which units of ``group`` are blocks of items (the rest is padding)."""
+        g = self.groups[group]
+        return np.arange(g.size) < g.real
+
+    def count_real(self, flags: Sequence[jax.Array]) -> jax.Array:
+        """How many real units are flagged (``flags``: ``[n]`` bool per factor stack, such as failed refreshes;
+        padding units are not counted), int32."""
+        counts = [jnp.sum(f & self.real_units(g), dtype=jnp.int32) for f, (g, _) in zip(flags, self.factor_stacks)]
+        return sum(counts, jnp.zeros((), jnp.int32))
+
+    # --- layout on devices ------------------------------------------------------------------------------
+
+    def split(self, tree: Any) -> Any:
+        """Every array of ``tree`` laid out with its leading (unit) axis split over the bank's devices."""
+        if self.sharding is None:
+            return tree
+        split = NamedSharding(self.sharding.mesh, PartitionSpec(sharding_axes(self.sharding)))
+        return jax.tree.map(lambda x: jax.device_put(x, split), tree)
+
+    def gathered(self, tree: Any) -> Any:
+        """Every array of ``tree`` replicated on the bank's devices (the one gather of the update)."""
+        if self.sharding is None:
+            return tree
+        whole = NamedSharding(self.sharding.mesh, PartitionSpec())
+        return jax.tree.map(lambda x: jax.device_put(x, whole), tree)
+
+    def on_each_device(self, fn: Callable, *trees: Any) -> Any:
+        """``fn(*trees)`` for trees of unit-axis stacks; with a sharding, each device runs ``fn`` on its own units
+        (:func:`jax.shard_map`) and the results stay split. ``fn`` must work unit by unit (a refresh)."""
+        if self.sharding is None:
+            return fn(*trees)
+        spec = PartitionSpec(sharding_axes(self.sharding))
+        return jax.shard_map(fn, mesh=self.sharding.mesh, in_specs=spec, out_specs=spec)(*self.split(trees))
+
+    # --- state ------------------------------------------------------------------------------------------
+
+    def matrices(self, dtype: Any, identity: bool = False) -> tuple[jax.Array, ...]:
+        """One ``[n, b, b]`` stack per factor stack (:attr:`factor_stacks`): zeros, or identities. Fresh
+        buffers (a donated state must not share them)."""
+        def stack(g, mode):
+            d, n = self.groups[g].block_shape[mode], self.groups[g].size
+            return jnp.broadcast_to(jnp.eye(d, dtype=dtype), (n, d, d)) + jnp.zeros((), dtype) if identity else (
+                jnp.zeros((n, d, d), dtype))
+
+        return self.split(tuple(stack(g, mode) for g, mode in self.factor_stacks))
+
+    def zero_stacks(self, dtype: Any) -> tuple[jax.Array, ...]:
+        """One ``[n, *block_shape]`` stack of zeros per group (moments kept per block)."""
+        return self.split(tuple(jnp.zeros((g.size, *g.block_shape), dtype) for g in self.groups))
+
+    # --- data in and out ---------------------------------------------------------------------------------
+
+    def to_stacks(self, items: Sequence[jax.Array], dtype: Any = None) -> tuple[jax.Array, ...]:
+        """Every item's blocks in its group's ``[n, *block_shape]`` stack (padding units zero), split over the
+        devices. Items outside the bank are ignored."""
+        parts: list[list[jax.Array]] = [[] for _ in self.groups]
+        for x, place in zip(items, self.places):
+            if place is not None:
+                x = x.reshape(place.shape) if dtype is None else x.reshape(place.shape).astype(dtype)
+                parts[place.group].append(self._blocks(x))
+        stacks = []
+        for group, blocks in zip(self.groups, parts):
+            pad = group.size - group.real
+            if pad:
+                blocks.append(jnp.zeros((pad, *group.block_shape), blocks[0].dtype))
+            stacks.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks))
+        return self.split(tuple(stacks))
+
+    def from_stacks(self, stacks: Sequence[jax.Array], like: Sequence[Any]) -> list[jax.Array | None]:
+        """The items back from their groups' stacks (gathered from the devices), reshaped like ``like``; None for
+        an item outside the bank."""
+        stacks = self.gathered(tuple(stacks))
+        out: list[jax.Array | None] = []
+        for place, x in zip(self.places, like):
+            if place is None:
+                out.append(None)
+                continue
+            blocks = jax.lax.slice_in_dim(stacks[place.group], place.offset, place.offset + place.count)
+            out.append(self._unblocks(blocks, place.shape).reshape(jnp.shape(x)))
+        return out
+
+    def block_norms(self, items: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+        """The Frobenius norm of every block, ``[n]`` per group (0 for padding), without gathering the blocks
+        (:func:`~optax_second_order.curvature.blocking.block_norms`)."""
+        parts: list[list[jax.Array]] = [[] for _ in self.groups]
+        for x, place in zip(items, self.places):
+            if place is not None:
+                x = x.reshape(place.shape)
+                norms = blocking.block_norms(x, self.block_size) if self.block_size else jnp.sqrt(jnp.sum(x * x))[None]
+                parts[place.group].append(norms)
+        for group, norms in zip(self.groups, parts):
+            if group.size > group.real:
+                norms.append(jnp.zeros(group.size - group.real, norms[0].dtype))
+        return self.split(tuple(jnp.concatenate(n) if len(n) > 1 else n[0] for n in parts))
+
+    def _blocks(self, x: jax.Array) -> jax.Array:
+        return blocking.to_blocks(x, self.block_size) if self.block_size else x[None]
+
+    def _unblocks(self, blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        return blocking.from_blocks(blocks, shape, self.block_size) if self.block_size else blocks[0]
+
+    # --- staggered refreshes ---------------------------------------------------------------------------
+
+    def stagger_tables(self, slots: int) -> StaggerTables:
+        """The slots of a staggered refresh over the factor stacks' real units (``b^3`` each), and which of its
+        own units each device refreshes in each slot (:func:`stagger_tables`)."""
+        stacks = self.factor_stacks
+        return stagger_tables([self.groups[g].real for g, _ in stacks], [float(d) ** 3 for d in self.factor_dims()],
+                              slots, [self.groups[g].size // self.devices for g, _ in stacks])
+
+    def device_index(self) -> jax.Array | int:
+        """Inside :meth:`on_each_device`: which device this is (its share of units), 0 without a sharding."""
+        return 0 if self.sharding is None else jax.lax.axis_index(sharding_axes(self.sharding))
+
+
+def plan_bank(
+    shapes: Sequence[tuple[int, ...] | None],
+    modes: Callable[[tuple[int, ...]], tuple[int, ...]],
+    block_size: int | None = None,
+    sharding: NamedSharding | None = None,
+) -> FactorBank:
+    """The bank of items of the given shapes (``None``, or a shape with a zero dimension: not in the bank).
+
+    Args:
+      shapes: per item, the shape it is cut into blocks as (after any merging of dimensions).
+      modes: ``block_shape -> modes with a factor``; an item whose blocks have none is not in the bank.
+      block_size: dimensions above it are cut into blocks (``None``: each item is one block).
+      sharding: ``NamedSharding(mesh, PartitionSpec(axes))``: store the stacks split over those mesh axes.
+    """
+    keys: dict[tuple, int] = {}
+    found: list[list[Any]] = []  # per group: block_shape, modes, units
+    places: list[Place | None] = []
+    for shape in shapes:
+        if shape is None or math.prod(shape) == 0:
+            places.append(None)
+            continue
+        shape = tuple(shape)
+        if block_size:
+            counts, block_shape = blocking.block_layout(shape, block_size)
+        else:
+            counts, block_shape = (1,), shape
+        key = (block_shape, tuple(modes(block_shape)))
+        if not key[1]:
+            places.append(None)
+            continue
+        g = keys.setdefault(key, len(keys))
+        if g == len(found):
+            found.append([block_shape, key[1], 0])
+        count = math.prod(counts)
+        places.append(Place(g, found[g][2], count, shape))
+        found[g][2] += count
+    bank = FactorBank((), tuple(places), block_size, sharding)
+    devices = bank.devices
+    groups = tuple(Group(b, m, -(-n // devices) * devices, n) for b, m, n in found)
+    return dataclasses.replace(bank, groups=groups)
+
+
+# --- staggered refreshes ---------------------------------------------------------------------------------
+
+
+def partition_by_cost(costs: Any, slots: int) -> tuple[int, ...]:
+    """A static partition of refresh units into ``slots`` slots with balanced total cost: the slot of each unit.
+
+    Greedy longest-processing-time: units by decreasing cost (ties by position) each go to the slot with the least
+    cost so far (ties: the lowest slot). The most expensive slot costs at most ``4/3`` of the best partition's
+    (Graham 1969), and never less than ``max(costs)`` or ``sum(costs) / slots``.
+    """
+    loads = [0.0] * slots
+    slot_of = [0] * len(costs)
+    for unit in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        slot = min(range(slots), key=lambda r: (loads[r], r))
+        slot_of[unit] = slot
+        loads[slot] += costs[unit]
+    return tuple(slot_of)
+
+
+def due_slot(count: jax.Array, every: Any, offset: Any = 0) -> jax.Array:
+    """The slot whose refresh falls on step ``count``: ``(offset - count) mod every`` (int32).
+
+    Slot ``r`` is refreshed on steps ``offset - r + k every``: slot 0 on the unstaggered schedule, slot ``r`` that
+    many steps earlier, so by step ``offset`` every slot has been refreshed once (where ``offset - r >= 0``). A slot
+    index ``>=`` the number of slots means that no slot is due.
+    """
+    return jnp.mod(jnp.asarray(offset, jnp.int32) - count.astype(jnp.int32), jnp.asarray(every, jnp.int32))
+
+
+class StaggerTables(NamedTuple):
+    """Which units of each stack a refresh slot recomputes on each device (from :func:`stagger_tables`).
+
+    ``counts[s][i, r]``: how many units of stack ``s`` device ``i`` holds in slot ``r``; ``tables[s]``: for each
+    distinct nonzero count ``k`` of stack ``s``, ``(k, table)`` with ``table`` a ``[devices, slots, k]`` int32
+    array whose row ``[i, r]`` lists those units by their index on device ``i`` (rows of other counts unused).
+    """
+
+    counts: tuple[np.ndarray, ...]
+    tables: tuple[tuple[tuple[int, np.ndarray], ...], ...]
+
+
+def stagger_tables(sizes: Sequence[int], costs: Sequence[float], slots: int, local_sizes: Sequence[int] | None = None
+                   ) -> StaggerTables:
+    """A static partition of the units of stacks (``sizes[s]`` units of cost ``costs[s]`` each, such as a stack of
+    ``[n, d, d]`` factors with cost ``d^3``) into ``slots`` slots, balanced by :func:`partition_by_cost`.
+
+    The partition depends on the units alone, not on the devices, so a run refreshes the same factors on the same
+    steps on any number of devices. ``local_sizes[s]``: the units of stack ``s`` each device holds (contiguous:
+    device ``i`` the units ``i m .. (i + 1) m - 1``; default: all of them, one device); the tables say which of
+    its own units each device refreshes in each slot.
+    """
+    local_sizes = list(sizes) if local_sizes is None else list(local_sizes)
+    units = [(s, i) for s, n in enumerate(sizes) for i in range(n)]
+    slot_of = partition_by_cost([float(costs[s]) for s, _ in units], slots)
+    devices = max([-(-n // max(m, 1)) for n, m in zip(sizes, local_sizes)], default=1)
+    members: list[list[list[list[int]]]] = [[[[] for _ in range(slots)] for _ in range(devices)] for _ in sizes]
+    for (s, i), r in zip(units, slot_of):
+        members[s][i // local_sizes[s]][r].append(i % local_sizes[s])
+    counts, tables = [], []
+    for per_device in members:
+        count = np.array([[len(m) for m in per_slot] for per_slot in per_device], np.int32)
+        stack_tables = []
+        for k in sorted(set(count.ravel().tolist()) - {0}):
+            table = np.zeros((devices, slots, k), np.int32)
+            for i, per_slot in enumerate(per_device):
+                for r, m in enumerate(per_slot):
+                    if len(m) == k:
+                        table[i, r] = m
+            stack_tables.append((k, table))
+        counts.append(count)
+        tables.append(tuple(stack_tables))
+    return StaggerTables(tuple(counts), tuple(tables))
+
+
+def update_slot_units(tables: StaggerTables, stack: int, slot: jax.Array, due: jax.Array, update: Callable, carry: Any,
+                      device: jax.Array | int = 0):
+    """``update(indices, carry)`` with the (int32) indices of stack ``stack``'s units in ``slot`` held by ``device``
+    when ``due``, else ``carry``: one ``jax.lax.cond`` per distinct number of units a slot holds, so each compiled
+    branch has static shapes and a step pays only for its own slot's units."""
+    slot = jnp.minimum(slot, tables.counts[stack].shape[1] - 1)
+    for k, table in tables.tables[stack]:
+        holds_k = due & (jnp.asarray(tables.counts[stack])[device, slot] == k)
+        carry = jax.lax.cond(holds_k, lambda c, t=table: update(jnp.asarray(t)[device, slot], c), lambda c: c, carry)
+    return carry
