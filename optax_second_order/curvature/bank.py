@@ -135,13 +135,16 @@ class FactorBank:
         whole = NamedSharding(self.sharding.mesh, PartitionSpec())
         return jax.tree.map(lambda x: jax.device_put(x, whole), tree)
 
-    def on_each_device(self, fn: Callable, *trees: Any) -> Any:
-        """``fn(*trees)`` for trees of unit-axis stacks; with a sharding, each device runs ``fn`` on its own units
-        (:func:`jax.shard_map`) and the results stay split. ``fn`` must work unit by unit (a refresh)."""
+    def on_each_device(self, fn: Callable, *trees: Any, shared: tuple = ()) -> Any:
+        """``fn(*trees, *shared)`` for trees of unit-axis stacks and ``shared`` values every device needs whole (a
+        step counter); with a sharding, each device runs ``fn`` on its own units (:func:`jax.shard_map`) and the
+        results stay split. ``fn`` must work unit by unit (a refresh)."""
         if self.sharding is None:
-            return fn(*trees)
+            return fn(*trees, *shared)
         spec = PartitionSpec(sharding_axes(self.sharding))
-        return jax.shard_map(fn, mesh=self.sharding.mesh, in_specs=spec, out_specs=spec)(*self.split(trees))
+        in_specs = (spec,) * len(trees) + (PartitionSpec(),) * len(shared)
+        mapped = jax.shard_map(fn, mesh=self.sharding.mesh, in_specs=in_specs, out_specs=spec)
+        return mapped(*self.split(trees), *self.gathered(shared))
 
     # --- state ------------------------------------------------------------------------------------------
 

@@ -268,7 +268,7 @@ def scale_by_shampoo(
         slot = due_slot(count, precondition_frequency, start)
         due = (slot < slots) & (count >= start - slot) & fresh_ok
 
-        def on_device(stats, roots):
+        def on_device(stats, roots, slot, due):
             failed = [jnp.zeros_like(h[:, 0, 0], bool) for h in stats]  # (varying over the devices, as h)
             carry = (list(roots), failed)
             for stack, (order, h) in enumerate(zip(orders, stats)):
@@ -283,7 +283,7 @@ def scale_by_shampoo(
                 carry = update_slot_units(tables, stack, slot, due, refresh, carry, bank.device_index())
             return tuple(carry[0]), tuple(carry[1])
 
-        roots, failed = bank.on_each_device(on_device, stats, roots)
+        roots, failed = bank.on_each_device(on_device, stats, roots, shared=(slot, due))
         return roots, bank.count_real(failed)
 
     def update_diagonal(v, g, rule):

@@ -290,7 +290,7 @@ def scale_by_soap(
         slot = due_slot(count, precondition_frequency)
         due = (count > 0) & (slot < slots) & ok
 
-        def on_device(factors, bases, mu, nu):
+        def on_device(factors, bases, mu, nu, slot, due):
             failed = tuple(jnp.zeros_like(q[:, 0, 0], bool) for q in bases)  # (varying over the devices, as q)
             carry = (bases, mu, nu, failed)
             for s, (g, mode) in enumerate(bank.factor_stacks):
@@ -305,7 +305,7 @@ def scale_by_soap(
                 carry = update_slot_units(tables, s, slot, due, refresh, carry, bank.device_index())
             return carry
 
-        return bank.on_each_device(on_device, factors, bases, mu, nu)
+        return bank.on_each_device(on_device, factors, bases, mu, nu, shared=(slot, due))
 
     def adam_step(g, mu, nu):
         """Adam's moments and normalized direction ``m / (sqrt(v) + eps)`` (in whatever basis ``g`` is given)."""

@@ -1,0 +1,155 @@
+"""The factor bank: its layout against loops over the blocks, its staggering, and Shampoo / SOAP with their state split
+over 4 host devices (a subprocess: the device count is fixed when JAX starts)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_second_order.curvature import bank as bank_module
+from optax_second_order.curvature import blocking
+
+
+def _matrix_modes(block_shape):
+    return tuple(i for i, d in enumerate(block_shape) if d <= 5)
+
+
+def test_layout_groups_blocks_of_one_shape_and_round_trips():
+    """Items cut into blocks of 3: blocks of one shape (and modes) share a group, in item order; a vector, an empty
+    item and an item outside the bank (None) are left out; from_stacks(to_stacks(x)) == x."""
+    rng = np.random.default_rng(0)
+    shapes = [(6, 3), (4,), (3, 7), None, (0, 3), (3, 3), (2, 2, 6)]
+    plan = bank_module.plan_bank([s if s is None or len(s) > 1 else None for s in shapes], _matrix_modes, 3)
+    items = [rng.standard_normal(s if s is not None else (2,)) for s in shapes]
+    assert [p is None for p in plan.places] == [False, True, False, True, True, False, False]
+    # (6, 3) -> 2 blocks of (3, 3); (3, 7) -> 3 (the last zero-padded); (3, 3) -> 1; (2, 2, 6) -> 2 of (2, 2, 3)
+    assert [(g.block_shape, g.modes, g.size) for g in plan.groups] == [((3, 3), (0, 1), 6), ((2, 2, 3), (0, 1, 2), 2)]
+    stacks = plan.to_stacks([jnp.asarray(x) for x in items])
+    expected = np.concatenate([blocking.to_blocks(jnp.asarray(items[0]), 3), blocking.to_blocks(jnp.asarray(items[2]), 3),
+                               items[5][None]])
+    np.testing.assert_array_equal(stacks[0], expected)
+    back = plan.from_stacks(stacks, items)
+    for x, y, place in zip(items, back, plan.places):
+        if place is None:
+            assert y is None
+        else:
+            np.testing.assert_array_equal(y, x)
+    norms = plan.block_norms([jnp.asarray(x) for x in items])
+    for stack, n in zip(stacks, norms):
+        np.testing.assert_allclose(n, np.sqrt(np.sum(np.square(stack), axis=tuple(range(1, stack.ndim)))), rtol=1e-12)
+    assert [m.shape for m in plan.matrices(jnp.float32)] == [(6, 3, 3), (6, 3, 3), (2, 2, 2), (2, 2, 2), (2, 3, 3)]
+
+
+def test_stagger_partition_does_not_depend_on_the_devices():
+    """The slot of every unit is the same whether one device holds a stack or four share it, and each device's tables
+    list exactly its own units of each slot (by their index on the device)."""
+    sizes, costs, slots = [6, 3, 5], [27.0, 8.0, 27.0], 3
+    whole = bank_module.stagger_tables(sizes, costs, slots)
+    split = bank_module.stagger_tables(sizes, costs, slots, local_sizes=[2, 1, 2])  # padded to 8, 4, 8 on 4 devices
+    for s, n in enumerate(sizes):
+        slot_of_whole, slot_of_split = {}, {}
+        for tables, slot_of, m in ((whole, slot_of_whole, n), (split, slot_of_split, [2, 1, 2][s])):
+            for k, table in tables.tables[s]:
+                for device in range(table.shape[0]):
+                    for r in range(slots):
+                        if tables.counts[s][device, r] == k:
+                            for local in table[device, r]:
+                                unit = device * m + int(local)
+                                assert unit not in slot_of
+                                slot_of[unit] = r
+        assert slot_of_whole == slot_of_split and sorted(slot_of_whole) == list(range(n)), s
+
+
+def test_update_slot_units_refreshes_the_due_units_of_its_device():
+    tables = bank_module.stagger_tables([4], [1.0], 2, local_sizes=[2])
+    for device in range(2):
+        for slot in range(2):
+            hit = bank_module.update_slot_units(
+                tables, 0, jnp.asarray(slot), jnp.asarray(True), lambda index, c: c.at[index].set(1), jnp.zeros(2, int),
+                device)
+            units = {device * 2 + i for i in np.flatnonzero(np.asarray(hit))}
+            expected = {u for u in range(4) if bank_module.partition_by_cost([1.0] * 4, 2)[u] == slot and u // 2 == device}
+            assert units == expected, (device, slot, units, expected)
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
+    import optax_second_order as oso
+
+    jax.config.update("jax_enable_x64", True)
+    assert jax.device_count() == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((32, 8)), rng.standard_normal((32, 4))
+    init = {"w1": 0.3 * rng.standard_normal((8, 16)), "b1": np.zeros(16), "w2": 0.3 * rng.standard_normal((16, 4))}
+
+    def loss(params, x, y):
+        return jnp.mean((jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] - y) ** 2)
+
+    def run(make, mesh):
+        params, xs, ys = jax.tree.map(jnp.asarray, init), jnp.asarray(x), jnp.asarray(y)
+        tx = make(None if mesh is None else NamedSharding(mesh, P("data")))
+        if mesh is not None:  # data parallel: the batch split over the devices, the params replicated
+            xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (xs, ys))
+            params = jax.device_put(params, NamedSharding(mesh, P()))
+        state = tx.init(params)
+        if mesh is not None:
+            assert jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), state,
+                                oso.state_shardings(tx, params)), "state_shardings disagrees with init"
+
+        @jax.jit
+        def step(params, state, xs, ys):
+            u, state = tx.update(jax.grad(loss)(params, xs, ys), state, params)
+            return optax.apply_updates(params, u), state
+
+        for _ in range(6):
+            params, state = step(params, state, xs, ys)
+        return params, state
+
+    # blocks of 4: w1 has 8 blocks of 4 x 4, w2 4 (with the same shape: one group of 12 units, 3 per device)
+    makers = {
+        "shampoo": lambda s: oso.shampoo(0.05, block_size=4, precondition_frequency=2, start_preconditioning_step=1,
+                                         precondition_sharding=s),
+        "shampoo-stagger": lambda s: oso.shampoo(0.05, block_size=4, precondition_frequency=2, stagger=True,
+                                                 start_preconditioning_step=1, precondition_sharding=s),
+        "soap": lambda s: oso.soap(0.01, block_size=4, precondition_frequency=2, precondition_sharding=s),
+        "soap-stagger": lambda s: oso.soap(0.01, block_size=4, precondition_frequency=2, stagger=True,
+                                           precondition_sharding=s),
+    }
+    for name, make in makers.items():
+        single, _ = run(make, None)
+        for types in (AxisType.Explicit, AxisType.Auto):
+            mesh = jax.make_mesh((4,), ("data",), axis_types=(types,))
+            with jax.set_mesh(mesh):
+                sharded, state = run(make, mesh)
+            for k in single:
+                np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12, err_msg=f"{name} {types} {k}")
+            # the block stacks (factors, roots / bases, SOAP's moments in the eigenbasis) are stored split: device 0
+            # holds a quarter of them; everything else of the state is replicated
+            inner = state[0]
+            stacks = [inner.stats, inner.roots] if name.startswith("shampoo") else [inner.factors, inner.bases,
+                                                                                   inner.mu[0], inner.nu[0]]
+            stack_leaves = jax.tree.leaves(stacks)
+            total = sum(a.nbytes for a in stack_leaves)
+            on_0 = sum(s.data.nbytes for a in stack_leaves for s in a.addressable_shards if s.device == jax.devices()[0])
+            assert on_0 <= 1.25 / 4 * total, (name, types, on_0, total)
+            assert all(a.sharding.spec[0] == "data" for a in stack_leaves), (name, types)
+            print(name, types, "device 0 holds", on_0, "of", total, "stack bytes")
+    print("OK")
+    """
+)
+
+
+def test_sharded_state_equals_one_device_on_both_mesh_axis_types():
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"  # the suite's flags kept
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+    root = pathlib.Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=root, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
