@@ -79,6 +79,7 @@ def test_update_slot_units_refreshes_the_due_units_of_its_device():
 
 SHARDED = textwrap.dedent(
     """
+    import re
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
     import optax_second_order as oso
@@ -86,13 +87,14 @@ SHARDED = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((32, 8)), rng.standard_normal((32, 4))
+    x = rng.standard_normal((32, 8))
     init = {"w1": 0.3 * rng.standard_normal((8, 16)), "b1": np.zeros(16), "w2": 0.3 * rng.standard_normal((16, 4))}
 
     def loss(params, x, y):
         return jnp.mean((jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"] - y) ** 2)
 
-    def run(make, mesh):
+    def run(make, mesh, init=init, hlo=False):
+        y = np.random.default_rng(1).standard_normal((32, init["w2"].shape[1]))  # the same targets in every run
         params, xs, ys = jax.tree.map(jnp.asarray, init), jnp.asarray(x), jnp.asarray(y)
         tx = make(None if mesh is None else NamedSharding(mesh, P("data")))
         if mesh is not None:  # data parallel: the batch split over the devices, the params replicated
@@ -110,7 +112,7 @@ SHARDED = textwrap.dedent(
 
         for _ in range(6):
             params, state = step(params, state, xs, ys)
-        return params, state
+        return (params, step.lower(params, state, xs, ys).compile().as_text()) if hlo else (params, state)
 
     # blocks of 4: w1 has 8 blocks of 4 x 4, w2 4 (with the same shape: one group of 12 units, 3 per device)
     makers = {
@@ -141,6 +143,21 @@ SHARDED = textwrap.dedent(
             assert on_0 <= 1.25 / 4 * total, (name, types, on_0, total)
             assert all(a.sharding.spec[0] == "data" for a in stack_leaves), (name, types)
             print(name, types, "device 0 holds", on_0, "of", total, "stack bytes")
+
+    # Padding: w1 (8 x 12) has 2 x 3 blocks of 4 x 4 (two stacks of 6 factors, padded to 8 = 4 devices x 2) and w2
+    # (12 x 3) 3 blocks of 4 x 3 (stacks of 4 x 4 and 3 x 3 factors, padded to 4). Each device computes the roots of
+    # its own units only: loops of 2 over its 2 units of w1's stacks, single eigh calls on its one unit of w2's; no
+    # device loops over or batches more (on CPU one eigh per matrix: curvature/matrix.py).
+    padded = {"w1": 0.3 * rng.standard_normal((8, 12)), "b1": np.zeros(12), "w2": 0.3 * rng.standard_normal((12, 3))}
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+    single, _ = run(makers["shampoo"], None, padded)
+    sharded, hlo = run(makers["shampoo"], mesh, padded, hlo=True)
+    for k in single:
+        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12, err_msg=f"padded {k}")
+    loops = sorted(set(re.findall(r"f64\\[(\\d+),4,4\\]\\{[^}]*\\}\\) while\\([^\\n]*known_trip_count\\":\\{\\"n\\":\\"(\\d+)", hlo)))
+    batches = sorted(set(re.findall(r"f64\\[(\\d+),(\\d),\\d\\][^\\n]*custom_call_target=\\"lapack_dsyevd", hlo)))
+    print("EIGH_LOOPS", loops, batches)
+    assert loops == [("2", "2")] and batches == [("1", "3"), ("1", "4")], (loops, batches)
     print("OK")
     """
 )

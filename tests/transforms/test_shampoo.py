@@ -7,11 +7,6 @@ The loop below is written from the papers, not from the library: statistics from
 
 from __future__ import annotations
 
-import os
-import pathlib
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -459,71 +454,3 @@ def test_rank_deficient_statistics_stay_finite():
 def test_bad_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         oso.scale_by_shampoo(**kwargs)
-
-
-# ----------------------------------------------------------------------------- distributed (4 host devices)
-
-DISTRIBUTED = textwrap.dedent(
-    """
-    import re
-    import jax, jax.numpy as jnp, numpy as np, optax
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    import optax_second_order as oso
-
-    jax.config.update("jax_enable_x64", True)
-    assert jax.device_count() == 4, jax.devices()
-    mesh = Mesh(np.array(jax.devices()), ("data",))
-    rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((32, 8)), rng.standard_normal((32, 3))
-    init = {"w1": 0.3 * rng.standard_normal((8, 12)), "w2": 0.3 * rng.standard_normal((12, 3))}
-
-    def loss(params, x, y):
-        return jnp.mean((jnp.tanh(x @ params["w1"]) @ params["w2"] - y) ** 2)
-
-    def run(tx, shard):
-        params, xs, ys = jax.tree.map(jnp.asarray, init), jnp.asarray(x), jnp.asarray(y)
-        if shard:  # data parallel: batch split over the devices, params replicated
-            xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (xs, ys))
-            params = jax.device_put(params, NamedSharding(mesh, P()))
-        state = tx.init(params)
-
-        @jax.jit
-        def step(params, state, xs, ys):
-            u, state = tx.update(jax.grad(loss)(params, xs, ys), state, params)
-            return optax.apply_updates(params, u), state
-
-        for _ in range(6):
-            params, state = step(params, state, xs, ys)
-        return params, step.lower(params, state, xs, ys).compile().as_text()
-
-    kwargs = dict(block_size=4, merge_dims=False, precondition_frequency=2, start_preconditioning_step=1)
-    single, _ = run(oso.shampoo(0.05, **kwargs), shard=False)
-    sharded, hlo = run(oso.shampoo(0.05, precondition_sharding=NamedSharding(mesh, P("data")), **kwargs), shard=True)
-    for k in single:
-        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12)
-    # The factor bank: w1 (8 x 12) has 2 x 3 blocks of 4 x 4 (two stacks of 6 factors, padded to 8 = 4 devices x 2)
-    # and w2 (12 x 3) 3 blocks of 4 x 3 (stacks of 4 x 4 and 3 x 3 factors, padded to 4). Each device computes the
-    # roots of its own units only: loops of 2 over its 2 units of w1's stacks, single eigh calls on its one unit
-    # of w2's; no device loops over or batches more (on CPU one eigh per matrix: curvature/matrix.py).
-    loops = sorted(set(re.findall(r"f64\\[(\\d+),4,4\\]\\{[^}]*\\}\\) while\\([^\\n]*known_trip_count\\":\\{\\"n\\":\\"(\\d+)", hlo)))
-    batches = sorted(set(re.findall(r"f64\\[(\\d+),(\\d),\\d\\][^\\n]*custom_call_target=\\"lapack_dsyevd", hlo)))
-    print("EIGH_LOOPS", loops, batches)
-    assert loops == [("2", "2")] and batches == [("1", "3"), ("1", "4")], (loops, batches)
-    # staggered refreshes (2 slots) spread over the devices too: the same steps on one device and on four
-    kwargs["stagger"] = True
-    single, _ = run(oso.shampoo(0.05, **kwargs), shard=False)
-    sharded, _ = run(oso.shampoo(0.05, precondition_sharding=NamedSharding(mesh, P("data")), **kwargs), shard=True)
-    for k in single:
-        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12)
-    print("OK")
-    """
-)
-
-
-def test_data_parallel_step_equals_single_device_and_roots_are_spread():
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"  # the suite's flags kept
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    root = pathlib.Path(__file__).resolve().parents[2]
-    result = subprocess.run([sys.executable, "-c", DISTRIBUTED], env=env, cwd=root, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
