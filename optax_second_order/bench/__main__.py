@@ -6,6 +6,8 @@
 :mod:`optax_second_order.bench.primitives`). ``newton-rosenbrock``, ``newton-grid`` and ``newton-cost`` count the Newton
 family's evaluations to ``||g|| < 1e-6`` on Rosenbrock beside scipy, run its methods over a learning-rate x damping
 grid counting non-finite steps, and time one CG iteration against a gradient (see :mod:`optax_second_order.bench.newton`).
+``scale`` measures the state bytes per device, the step time and the collectives' bytes of Adam, Shampoo and SOAP
+with sharded state on 1, 2, 4 and 8 simulated host devices (see :mod:`optax_second_order.bench.scale`).
 ``quasi-newton`` counts iterations and evaluations of the line-search methods on deterministic problems (see
 :mod:`optax_second_order.bench.quasi_newton`). ``ab`` times the step of ``--optimizers`` on ``--tasks`` (default
 ``digits-autoencoder``) with this checkout's library against the one at ``--rev``, in one process (see
@@ -54,7 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "command", nargs="?", default="run",
-        choices=("run", "primitives", "shampoo-roots", "newton-rosenbrock", "newton-grid", "newton-cost", "quasi-newton",
+        choices=("run", "primitives", "scale", "newton-rosenbrock", "newton-grid", "newton-cost", "quasi-newton",
                  "ab"),
         help="default: run",
     )
@@ -152,10 +154,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.command == "primitives":
         primitives.main(args.out, args.repeats, _environment())
-    elif args.command == "shampoo-roots":  # Shampoo's roots on 1 vs 4 host devices
-        from optax_second_order.bench import shampoo_roots
+    elif args.command == "scale":  # sharded state on 1, 2, 4, 8 host devices
+        from optax_second_order.bench import scale
 
-        shampoo_roots.main()
+        tasks = _names(args.tasks, list(TASKS), "task") if args.tasks else scale.TASKS
+        scale.main(args.out, tasks, steps=args.steps or scale.STEPS)
     elif args.command in ("newton-rosenbrock", "newton-grid", "newton-cost"):  # the solve-based family (bench/newton.py)
         from optax_second_order.bench import newton
 
