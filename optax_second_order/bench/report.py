@@ -56,6 +56,7 @@ class Row:
     slowest_step_ratio: float | None = None
     compile_time: float | None = None
     compile_ratio: float | None = None
+    state_ratio: float | None = None
 
 
 def _by(results: Sequence[RunResult], *keys: str) -> dict[tuple, list[RunResult]]:
@@ -150,6 +151,7 @@ def summarize(results: Sequence[RunResult], targets: dict[str, float | None]) ->
                     slowest_step_ratio=_ratio(slowest, reference),
                     compile_time=compile_time,
                     compile_ratio=_ratio(compile_time, reference_compile),
+                    state_ratio=runs[0].state_ratio,
                 )
             )
         summary[task] = rows
@@ -173,8 +175,9 @@ def markdown(summary: dict[str, list[Row]], tasks: Sequence[Task], targets: dict
         lines += [f"## {task}", "", descriptions.get(task, ""), "", f"Target loss: {_fmt(targets.get(task), '.4g')}", ""]
         lines += [
             f"| optimizer | best lr | final loss | steps to target | s to target | held-out acc | step ms | x {REFERENCE} "
-            f"| mean step ms | mean x {REFERENCE} | slowest x {REFERENCE} median | compile s | compile x {REFERENCE} |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| mean step ms | mean x {REFERENCE} | slowest x {REFERENCE} median | compile s | compile x {REFERENCE} "
+            f"| state / params |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             lines.append(
@@ -182,7 +185,8 @@ def markdown(summary: dict[str, list[Row]], tasks: Sequence[Task], targets: dict
                 f"| {_to_target(row.steps_to_target, row, '.0f')} | {_to_target(row.seconds_to_target, row, '.2f')} "
                 f"| {_fmt(row.accuracy, '.3f')} | {_fmt(1e3 * row.step_time, '.2f')} | {_fmt(row.step_time_ratio, '.2f')} "
                 f"| {_fmt(1e3 * row.mean_step_time, '.2f')} | {_fmt(row.mean_step_ratio, '.2f')} "
-                f"| {_fmt(row.slowest_step_ratio, '.1f')} | {_fmt(row.compile_time, '.1f')} | {_fmt(row.compile_ratio, '.2f')} |"
+                f"| {_fmt(row.slowest_step_ratio, '.1f')} | {_fmt(row.compile_time, '.1f')} | {_fmt(row.compile_ratio, '.2f')} "
+                f"| {_fmt(row.state_ratio, '.2f')} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -40,7 +40,7 @@ from optax_second_order.curvature.products import grad_and_hvp_fn
 from optax_second_order.bench.optimizers import OptimizerSpec
 from optax_second_order.bench.tasks import Batch, Task
 
-__all__ = ["RunResult", "make_step", "run_one", "run_grid"]
+__all__ = ["RunResult", "make_step", "run_one", "run_grid", "state_bytes_ratio"]
 
 
 @dataclasses.dataclass
@@ -63,6 +63,7 @@ class RunResult:
     max_step_time: float = float("nan")
     first_step_time: float = float("nan")
     step_times: list[float] = dataclasses.field(default_factory=list)
+    state_ratio: float = float("nan")  # the optimizer state's bytes over the parameters' bytes
 
     def first_reaching(self, target: float) -> tuple[int, float] | None:
         """``(step, seconds)`` of the first evaluation with loss <= ``target``, or ``None``."""
@@ -214,7 +215,17 @@ def run_one(
         max_step_time=float(np.max(step_times[1:] or step_times)) if step_times else float("nan"),
         first_step_time=float(step_times[0]) if step_times else float("nan"),
         step_times=[float(t) for t in step_times],
+        state_ratio=state_bytes_ratio(state, params),
     )
+
+
+def state_bytes_ratio(state, params) -> float:
+    """The bytes of every array of the optimizer state over the parameters' bytes (as stored: a quantized or
+    low-precision array counts at its own size; the learning rate ``inject_hyperparams`` keeps is a few bytes)."""
+    def size(tree):
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+    return size(state) / size(params)
 
 
 def run_grid(

@@ -20,6 +20,7 @@ from optax_second_order import curvature
 from optax_second_order.bench import OPTIMIZERS, TASKS, get_task, npz_task
 from optax_second_order.bench.__main__ import parse_args, run_benchmark
 from optax_second_order.bench.report import best_runs
+from optax_second_order.bench import runner
 from optax_second_order.bench.runner import RunResult, make_step, run_one
 
 
@@ -72,6 +73,17 @@ def test_ratio_column_uses_the_same_run_adam(tiny_run):
         assert row["adam"]["step_time_ratio"] == pytest.approx(1.0)
         assert row["sgd"]["step_time_ratio"] == pytest.approx(median["sgd"] / median["adam"])
         assert f"| {row['sgd']['step_time_ratio']:.2f} | {1e3 * row['sgd']['mean_step_time']:.2f} |" in table
+
+
+def test_state_ratio_counts_the_optimizer_state_against_the_params(tiny_run):
+    """Adam keeps two moments (ratio 2 plus its counter and the injected learning rate); the table shows it."""
+    params = {"w": jnp.zeros((50, 20), jnp.float32), "b": jnp.zeros(20, jnp.bfloat16)}
+    state = optax.adam(1e-3).init(params)
+    assert runner.state_bytes_ratio(state, params) == (2 * (4000 + 40) + 4) / (4000 + 40)
+    _, _, record, table = tiny_run
+    row = {r["optimizer"]: r for r in record["summary"]["data:toy"]}
+    assert row["adam"]["state_ratio"] == pytest.approx(2.0, abs=0.05)
+    assert f"| {row['adam']['state_ratio']:.2f} |" in table
 
 
 def test_default_target_is_adams_best_final_loss(tiny_run):
