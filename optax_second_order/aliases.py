@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import optax
 from jax.sharding import NamedSharding
 
@@ -166,6 +168,7 @@ def shampoo(
     precondition_sharding: NamedSharding | None = None,
     root_method: str = "eigh",
     stagger: bool | int | None = None,
+    layer_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo (Gupta et al. 2018; Anil et al. 2020) with momentum and decoupled weight decay.
 
@@ -193,6 +196,7 @@ def shampoo(
             precondition_sharding=precondition_sharding,
             root_method=root_method,
             stagger=stagger,
+            layer_axes=layer_axes,
         ),
         optax.trace(decay=b1, nesterov=nesterov),
         optax.scale(1.0 - b1),
@@ -216,6 +220,7 @@ def soap(
     stagger: bool | int | None = None,
     block_size: int | None = None,
     precondition_sharding: NamedSharding | None = None,
+    layer_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
 
@@ -239,6 +244,7 @@ def soap(
             stagger=stagger,
             block_size=block_size,
             precondition_sharding=precondition_sharding,
+            layer_axes=layer_axes,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -13,7 +13,10 @@ The bank is the static plan of where everything lives, fixed by the shapes alone
   moment kept in the eigenbasis) and the factors are one ``[n, b_i, b_i]`` stack per preconditioned mode
   (:meth:`FactorBank.matrices`), in the flat order ``(group 0, mode ...), (group 1, mode ...), ...``;
 * so every per-block operation (a mode Gram matrix, a mode product, a root, a basis refresh) is one batched
-  operation per group and mode, unit ``j`` of the data meeting unit ``j`` of each factor stack.
+  operation per group and mode, unit ``j`` of the data meeting unit ``j`` of each factor stack;
+* a *stacked* item (``layers``: the parameters of layers under ``scan``, a leading layer axis) is that many
+  independent tensors: each layer's blocks are units of their own, so every layer gets its own factors, and the
+  step's program does not grow with the number of layers.
 
 Devices. With a ``sharding`` (``NamedSharding(mesh, PartitionSpec(axes))``; ``axes`` a mesh axis name or a
 tuple of them) every stack is **stored** split along its unit axis over those mesh axes: each device holds
@@ -70,7 +73,8 @@ class Place(NamedTuple):
     group: int
     offset: int
     count: int
-    shape: tuple[int, ...]  # the item's shape as it is cut into blocks
+    shape: tuple[int, ...]  # the shape of each of the item's layers as it is cut into blocks
+    layers: int = 1  # a stacked item (scanned layers): that many independent tensors of ``shape``, layer-major
 
 
 def sharding_axes(sharding: NamedSharding, what: str = "precondition_sharding") -> tuple[str, ...]:
@@ -170,8 +174,8 @@ class FactorBank:
         parts: list[list[jax.Array]] = [[] for _ in self.groups]
         for x, place in zip(items, self.places):
             if place is not None:
-                x = x.reshape(place.shape) if dtype is None else x.reshape(place.shape).astype(dtype)
-                parts[place.group].append(self._blocks(x))
+                x = x if dtype is None else x.astype(dtype)
+                parts[place.group].append(self._blocks(x, place))
         stacks = []
         for group, blocks in zip(self.groups, parts):
             pad = group.size - group.real
@@ -190,28 +194,38 @@ class FactorBank:
                 out.append(None)
                 continue
             blocks = jax.lax.slice_in_dim(stacks[place.group], place.offset, place.offset + place.count)
-            out.append(self._unblocks(blocks, place.shape).reshape(jnp.shape(x)))
+            out.append(self._unblocks(blocks, place).reshape(jnp.shape(x)))
         return out
 
     def block_norms(self, items: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
         """The Frobenius norm of every block, ``[n]`` per group (0 for padding), without gathering the blocks
         (:func:`~optax_second_order.curvature.blocking.block_norms`)."""
         parts: list[list[jax.Array]] = [[] for _ in self.groups]
+        def norms(x):
+            return blocking.block_norms(x, self.block_size) if self.block_size else jnp.sqrt(jnp.sum(x * x))[None]
+
         for x, place in zip(items, self.places):
             if place is not None:
-                x = x.reshape(place.shape)
-                norms = blocking.block_norms(x, self.block_size) if self.block_size else jnp.sqrt(jnp.sum(x * x))[None]
-                parts[place.group].append(norms)
+                parts[place.group].append(jax.vmap(norms)(x.reshape(place.layers, *place.shape)).reshape(-1))
         for group, norms in zip(self.groups, parts):
             if group.size > group.real:
                 norms.append(jnp.zeros(group.size - group.real, norms[0].dtype))
         return self.split(tuple(jnp.concatenate(n) if len(n) > 1 else n[0] for n in parts))
 
-    def _blocks(self, x: jax.Array) -> jax.Array:
-        return blocking.to_blocks(x, self.block_size) if self.block_size else x[None]
+    def _blocks(self, x: jax.Array, place: Place) -> jax.Array:
+        """The item's blocks, ``[count, *block_shape]``: each layer's blocks (row-major), layer after layer."""
+        layers = x.reshape(place.layers, *place.shape)
+        if not self.block_size:
+            return layers
+        blocks = jax.vmap(lambda y: blocking.to_blocks(y, self.block_size))(layers)
+        return blocks.reshape(-1, *blocks.shape[2:])
 
-    def _unblocks(self, blocks: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        return blocking.from_blocks(blocks, shape, self.block_size) if self.block_size else blocks[0]
+    def _unblocks(self, blocks: jax.Array, place: Place) -> jax.Array:
+        """Inverse of :meth:`_blocks`: ``[layers, *shape]``."""
+        if not self.block_size:
+            return blocks
+        per_layer = blocks.reshape(place.layers, -1, *blocks.shape[1:])
+        return jax.vmap(lambda b: blocking.from_blocks(b, place.shape, self.block_size))(per_layer)
 
     # --- staggered refreshes ---------------------------------------------------------------------------
 
@@ -232,20 +246,25 @@ def plan_bank(
     modes: Callable[[tuple[int, ...]], tuple[int, ...]],
     block_size: int | None = None,
     sharding: NamedSharding | None = None,
+    layers: Sequence[int] | None = None,
 ) -> FactorBank:
     """The bank of items of the given shapes (``None``, or a shape with a zero dimension: not in the bank).
 
     Args:
-      shapes: per item, the shape it is cut into blocks as (after any merging of dimensions).
+      shapes: per item, the shape it is cut into blocks as (after any merging of dimensions); for a stacked item,
+        the shape of one of its layers.
       modes: ``block_shape -> modes with a factor``; an item whose blocks have none is not in the bank.
       block_size: dimensions above it are cut into blocks (``None``: each item is one block).
       sharding: ``NamedSharding(mesh, PartitionSpec(axes))``: store the stacks split over those mesh axes.
+      layers: per item, how many independent layers of ``shapes[i]`` it stacks (scanned layers: one
+        preconditioner per layer, all in the same stacks); default 1.
     """
     keys: dict[tuple, int] = {}
     found: list[list[Any]] = []  # per group: block_shape, modes, units
     places: list[Place | None] = []
-    for shape in shapes:
-        if shape is None or math.prod(shape) == 0:
+    layers = [1] * len(shapes) if layers is None else list(layers)
+    for shape, depth in zip(shapes, layers):
+        if shape is None or math.prod(shape) * depth == 0:
             places.append(None)
             continue
         shape = tuple(shape)
@@ -260,8 +279,8 @@ def plan_bank(
         g = keys.setdefault(key, len(keys))
         if g == len(found):
             found.append([block_shape, key[1], 0])
-        count = math.prod(counts)
-        places.append(Place(g, found[g][2], count, shape))
+        count = math.prod(counts) * depth
+        places.append(Place(g, found[g][2], count, shape, depth))
         found[g][2] += count
     bank = FactorBank((), tuple(places), block_size, sharding)
     devices = bank.devices

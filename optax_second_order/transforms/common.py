@@ -53,6 +53,9 @@ __all__ = [
     "static_int",
     "stat_dtype",
     "tree_stat_dtype",
+    "layer_axes",
+    "layers_first",
+    "layers_back",
     "is_refresh_step",
     "stagger_slots",
     "partition_by_cost",
@@ -198,6 +201,43 @@ def tree_stat_dtype(leaves: Sequence[Any]) -> jnp.dtype:
     """One dtype for statistics shared by several leaves (a factor bank's stacks): :func:`stat_dtype` of them all,
     promoted together."""
     return functools.reduce(jnp.promote_types, [stat_dtype(x.dtype) for x in leaves], jnp.float32)
+
+
+def _is_axes(x: Any) -> bool:
+    return x is None or isinstance(x, (tuple, int))
+
+
+def layer_axes(transform: str, spec: Any, tree: PyTree) -> list[tuple[int, ...]]:
+    """Per leaf of ``tree`` (``jax.tree.leaves`` order) the axes that stack independent layers (scanned layers' leading
+    axis), from ``spec``: ``None`` (no leaf is stacked), or a pytree prefix of ``tree`` whose leaves are ``None``, an
+    axis or a tuple of axes, or a callable ``tree -> such a pytree`` (as optax's Muon takes its dimension numbers).
+    Negative axes count from the end; a ``ValueError`` names a leaf whose axes do not fit it."""
+    leaves = jax.tree.leaves(tree)
+    if spec is None:
+        return [()] * len(leaves)
+    spec = spec(tree) if callable(spec) else spec
+    full = jax.tree.leaves(jax.tree.broadcast(spec, tree, is_leaf=_is_axes), is_leaf=_is_axes)
+    out = []
+    for axes, x in zip(full, leaves):
+        axes = () if axes is None else (axes,) if isinstance(axes, int) else tuple(axes)
+        ndim = jnp.ndim(x)
+        if any(not -ndim <= a < ndim for a in axes) or len(set(a % max(ndim, 1) for a in axes)) < len(axes):
+            raise ValueError(f"{transform}: layer_axes {axes} do not fit a leaf of shape {jnp.shape(x)}")
+        out.append(tuple(sorted(a % ndim for a in axes)))
+    return out
+
+
+def layers_first(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``x`` with its layer ``axes`` moved to the front and merged: ``[layers, *other axes]`` (a no-op for none)."""
+    moved = jnp.moveaxis(x, axes, tuple(range(len(axes))))
+    return moved.reshape(math.prod(moved.shape[:len(axes)]), *moved.shape[len(axes):])
+
+
+def layers_back(y: jax.Array, axes: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    """Inverse of :func:`layers_first` for a leaf of ``shape``."""
+    stacked = tuple(shape[a] for a in axes)
+    others = tuple(d for i, d in enumerate(shape) if i not in axes)
+    return jnp.moveaxis(y.reshape(*stacked, *others), tuple(range(len(axes))), axes)
 
 
 def is_refresh_step(count: jax.Array, every: Any, start: Any = 0) -> jax.Array:

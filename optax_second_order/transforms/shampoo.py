@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +83,9 @@ from optax_second_order.transforms.common import (
     due_slot,
     gram_update_finite,
     is_refresh_step,
+    layer_axes as common_layer_axes,
+    layers_back,
+    layers_first,
     stagger_slots,
     tree_stat_dtype,
     static_int,
@@ -120,16 +123,18 @@ class ShampooState(NamedTuple):
     nonfinite: jax.Array
 
 
-def _bank(shapes, block_size, merge_dims, max_dim, sharding) -> FactorBank:
-    """The factor bank of Shampoo's leaves: each leaf with its small dimensions merged, cut into blocks, one factor
-    per mode of each block; scalars, vectors and leaves with a (merged) dimension above ``max_dim`` use the
-    diagonal fallback (not in the bank)."""
-    merged_shapes = []
-    for shape in shapes:
-        merged = blocking.merge_small_dims(shape, block_size) if merge_dims else tuple(d for d in shape if d > 1)
-        fallback = len(shape) <= 1 or not merged or max(merged) > max_dim or math.prod(shape) == 0
+def _bank(shapes, axes, block_size, merge_dims, max_dim, sharding) -> FactorBank:
+    """The factor bank of Shampoo's leaves: each leaf (each layer of a stacked leaf: ``axes``, its layer axes) with its
+    small dimensions merged, cut into blocks, one factor per mode of each block; scalars, vectors and leaves with a
+    (merged) dimension above ``max_dim`` use the diagonal fallback (not in the bank)."""
+    merged_shapes, layers = [], []
+    for shape, layer_axes_ in zip(shapes, axes):
+        layer = tuple(d for i, d in enumerate(shape) if i not in layer_axes_)
+        merged = blocking.merge_small_dims(layer, block_size) if merge_dims else tuple(d for d in layer if d > 1)
+        fallback = len(layer) <= 1 or not merged or max(merged) > max_dim or math.prod(shape) == 0
         merged_shapes.append(None if fallback else merged)
-    return plan_bank(merged_shapes, lambda block_shape: tuple(range(len(block_shape))), block_size, sharding)
+        layers.append(math.prod(shape[i] for i in layer_axes_))
+    return plan_bank(merged_shapes, lambda block_shape: tuple(range(len(block_shape))), block_size, sharding, layers)
 
 
 def _graft(direction: jax.Array, graft_norms: jax.Array) -> jax.Array:
@@ -162,6 +167,7 @@ def scale_by_shampoo(
     precondition_sharding: NamedSharding | None = None,
     root_method: str = "eigh",
     stagger: bool | int | None = None,
+    layer_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo preconditioning with blocking, grafting and sharded roots (see the module docstring).
 
@@ -187,9 +193,15 @@ def scale_by_shampoo(
         all roots on one step): a fixed partition of the factors, balanced by the cost ``d^3`` of their roots,
         whose slot ``r`` is refreshed ``r`` steps before the unstaggered schedule. At most
         ``precondition_frequency``.
+      layer_axes: the axes of stacked leaves that index independent layers (the parameters of layers under
+        ``nn.scan`` / ``nnx.scan`` / ``lax.scan``: a leading layer axis): each layer gets its own factors, as the
+        unrolled model's would, all in the same stacks (one batched operation, whatever the number of layers).
+        ``None`` (no stacked leaves), or a pytree prefix of the params with an axis, a tuple of axes or ``None`` at
+        each leaf, or a callable ``params -> such a pytree`` (as optax's Muon takes its dimension numbers).
 
-    ``block_size``, ``max_precond_dim`` and ``stagger`` set shapes: under ``optax.inject_hyperparams`` leave them
-    ``None`` or list them in ``static_args`` (with ``stagger=True``, list ``precondition_frequency``).
+    ``block_size``, ``max_precond_dim``, ``stagger`` and ``layer_axes`` set shapes: under
+    ``optax.inject_hyperparams`` leave them ``None`` or list them in ``static_args`` (with ``stagger=True``, list
+    ``precondition_frequency``).
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; extra arguments are ignored.
@@ -203,8 +215,10 @@ def scale_by_shampoo(
     check(NAME, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
           f"at most precondition_frequency ({precondition_frequency})")
     start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
-    bank_of = functools.partial(_bank, block_size=block_size, merge_dims=merge_dims, max_dim=max_precond_dim,
-                                sharding=precondition_sharding)
+    def bank_of(tree) -> tuple[FactorBank, list[tuple[int, ...]]]:
+        axes, leaves = common_layer_axes(NAME, layer_axes, tree), jax.tree.leaves(tree)
+        bank = _bank([x.shape for x in leaves], axes, block_size, merge_dims, max_precond_dim, precondition_sharding)
+        return bank, axes
 
     def diagonal_rule(place) -> str:
         if grafting in _ADAPTIVE_GRAFTS:
@@ -213,7 +227,7 @@ def scale_by_shampoo(
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
-        bank, dtype = bank_of([x.shape for x in leaves]), tree_stat_dtype(leaves)
+        (bank, _), dtype = bank_of(params), tree_stat_dtype(leaves)
         diagonal = tuple(
             jnp.zeros(x.shape, dtype) if diagonal_rule(place) in (*_ADAPTIVE_GRAFTS, "diagonal") else jnp.zeros((), dtype)
             for x, place in zip(leaves, bank.places)
@@ -318,10 +332,11 @@ def scale_by_shampoo(
         del params, extra
         check_float_leaves(updates, NAME)
         leaves, treedef = jax.tree.flatten(updates)
-        bank, dtype = bank_of([x.shape for x in leaves]), tree_stat_dtype(leaves)
+        (bank, axes), dtype = bank_of(updates), tree_stat_dtype(leaves)
         state = state._replace(stats=bank.split(state.stats), roots=bank.split(state.roots))  # laid out as planned
         grads = [g.astype(dtype) for g in leaves]
-        blocks = bank.to_stacks(grads)
+        stacked = [layers_first(g, a) for g, a in zip(grads, axes)]  # each layer of a stacked leaf on its own
+        blocks = bank.to_stacks(stacked)
         count = state.count
 
         old_stats, largest = discard_nonfinite_matrices(state.stats)  # a corrupt factor restarts (per block)
@@ -351,7 +366,12 @@ def scale_by_shampoo(
         diagonal = tuple(update_diagonal(v, g, r) for v, g, r in zip(discard_nonfinite(state.diagonal), grads, rules))
         t = (count + 1).astype(dtype)
         directions = [diagonal_direction(v, g, rule, t) for g, v, rule in zip(grads, diagonal, rules)]
-        shampoo = bank.from_stacks(precondition(bank, blocks, roots, directions), grads) if bank.groups else [None] * len(grads)
+        if bank.groups:
+            grafts = [d if d is None else layers_first(d, a) for d, a in zip(directions, axes)]
+            shampoo = bank.from_stacks(precondition(bank, blocks, roots, grafts), stacked)
+            shampoo = [s if s is None else layers_back(s, a, g.shape) for s, a, g in zip(shampoo, axes, grads)]
+        else:
+            shampoo = [None] * len(grads)
         out = []
         for g, d, s, orig in zip(grads, directions, shampoo, leaves):
             if s is not None:

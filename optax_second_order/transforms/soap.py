@@ -54,7 +54,8 @@ Reference: Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam" (20
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +74,9 @@ from optax_second_order.transforms.common import (
     discard_nonfinite_matrices,
     due_slot,
     gram_update_finite,
+    layer_axes as common_layer_axes,
+    layers_back,
+    layers_first,
     stagger_slots,
     stat_dtype,
     tree_stat_dtype,
@@ -114,12 +118,14 @@ class SoapState(NamedTuple):
     nonfinite: jax.Array
 
 
-def _bank(shapes, block_size: int | None, max_precond_dim: int, sharding) -> FactorBank:
-    """The factor bank of SOAP's leaves: blocks (cut by ``block_size``, else the leaf itself) with a factor for each
-    mode of size <= ``max_precond_dim``; scalars and vectors are not in it (plain Adam)."""
-    shapes = [tuple(shape) if len(shape) > 1 else None for shape in shapes]
+def _bank(shapes, axes, block_size: int | None, max_precond_dim: int, sharding) -> FactorBank:
+    """The factor bank of SOAP's leaves (each layer of a stacked leaf: ``axes``, its layer axes): blocks (cut by
+    ``block_size``, else the layer itself) with a factor for each mode of size <= ``max_precond_dim``; scalars and
+    vectors are not in it (plain Adam)."""
+    layer_shapes = [tuple(d for i, d in enumerate(shape) if i not in a) for shape, a in zip(shapes, axes)]
+    layers = [math.prod(shape[i] for i in a) for shape, a in zip(shapes, axes)]
     modes = lambda block_shape: tuple(i for i, d in enumerate(block_shape) if d <= max_precond_dim)  # noqa: E731
-    return plan_bank(shapes, modes, block_size, sharding)
+    return plan_bank([s if len(s) > 1 else None for s in layer_shapes], modes, block_size, sharding, layers)
 
 
 def _rotate(x: jax.Array, modes, bases, back: bool = False) -> jax.Array:
@@ -192,6 +198,7 @@ def scale_by_soap(
     stagger: bool | int | None = None,
     block_size: int | None = None,
     precondition_sharding: NamedSharding | None = None,
+    layer_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP's update direction (see the module docstring); chain with the learning rate (:func:`soap`).
 
@@ -216,8 +223,10 @@ def scale_by_soap(
       precondition_sharding: ``NamedSharding(mesh, PartitionSpec(axes))``: store the factors, bases and moments of
         the blocks split over those mesh axes, each device updating, refreshing and rotating only its own blocks
         (:mod:`~optax_second_order.curvature.bank`); the direction is gathered once.
+      layer_axes: the axes of stacked leaves that index independent layers (scanned layers): each layer gets its
+        own factors, bases and moments, as the unrolled model's would (see :func:`~optax_second_order.scale_by_shampoo`).
 
-    ``max_precond_dim``, ``stagger`` and ``block_size`` set shapes: under ``optax.inject_hyperparams`` leave them
+    ``max_precond_dim``, ``stagger``, ``block_size`` and ``layer_axes`` set shapes: under ``optax.inject_hyperparams`` leave them
     ``None`` or list them in ``static_args`` (with ``stagger=True``, list ``precondition_frequency``).
     """
     name = "scale_by_soap"
@@ -233,12 +242,13 @@ def scale_by_soap(
     check(name, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
           f"at most precondition_frequency ({precondition_frequency})")
 
-    bank_of = functools.partial(_bank, block_size=block_size, max_precond_dim=max_precond_dim,
-                                sharding=precondition_sharding)
+    def bank_of(tree) -> tuple[FactorBank, list[tuple[int, ...]]]:
+        axes, leaves = common_layer_axes(name, layer_axes, tree), jax.tree.leaves(tree)
+        return _bank([x.shape for x in leaves], axes, block_size, max_precond_dim, precondition_sharding), axes
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
-        bank, dtype = bank_of([x.shape for x in leaves]), tree_stat_dtype(leaves)
+        (bank, _), dtype = bank_of(params), tree_stat_dtype(leaves)
         outside = [x for x, place in zip(leaves, bank.places) if place is None]
 
         def moments():  # fresh buffers: the state is donatable
@@ -313,7 +323,7 @@ def scale_by_soap(
         new_nu = b2 * nu + (1.0 - b2) * jnp.square(g)
         return new_mu / (jnp.sqrt(new_nu) + eps), new_mu, new_nu
 
-    def adam_in_eigenbases(bank: FactorBank, blocks, grads, mu, nu, bases, count):
+    def adam_in_eigenbases(bank: FactorBank, blocks, grads, stacked, axes, mu, nu, bases, count):
         """``(directions, mu, nu)``: Adam's step in the eigenbases, each device on its own blocks (none on the first
         call, where the bases do not exist yet), and plain Adam for the leaves outside the bank."""
         stack_of = {key: s for s, key in enumerate(bank.factor_stacks)}
@@ -324,7 +334,8 @@ def scale_by_soap(
             rotated_back.append(_rotate(direction, group.modes, group_bases, back=True))
             block_mu.append(m)
             block_nu.append(v)
-        directions = bank.from_stacks(rotated_back, grads) if bank.groups else [None] * len(grads)
+        directions = bank.from_stacks(rotated_back, stacked) if bank.groups else [None] * len(grads)
+        directions = [d if d is None else layers_back(d, a, g.shape) for d, a, g in zip(directions, axes, grads)]
         outside = [i for i, place in enumerate(bank.places) if place is None]
         leaf_mu, leaf_nu = [], []
         for i, m, v in zip(outside, mu[1], nu[1]):
@@ -374,20 +385,22 @@ def scale_by_soap(
         del params, extra
         check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
-        bank, dtype = bank_of([x.shape for x in leaves]), tree_stat_dtype(leaves)
+        (bank, axes), dtype = bank_of(updates), tree_stat_dtype(leaves)
         # laid out as planned; a corrupt stored statistic restarts from zero (a moment per block or leaf)
         old_mu, old_nu = ((_discard_nonfinite_blocks(bank.split(m[0])), discard_nonfinite(m[1])) for m in (state.mu, state.nu))
         factors, largest = discard_nonfinite_matrices(bank.split(state.factors))
         state = state._replace(bases=bank.split(state.bases))
         grads = [g.astype(dtype if place is not None else stat_dtype(g.dtype)) for g, place in zip(leaves, bank.places)]
-        blocks = bank.to_stacks(grads)
+        stacked = [layers_first(g, a) for g, a in zip(grads, axes)]  # each layer of a stacked leaf on its own
+        blocks = bank.to_stacks(stacked)
         # non-finite policy: a step whose gradient could overflow the factors (gram_update_finite, decided from the
         # inputs), or whose moments or direction are not finite, is rejected (zero update, count and moments kept,
         # no refresh). The factors take in G unless it could overflow them. Deciding before the refreshes, which
         # are gated, keeps the large factors and bases out of a whole-state select after the step, which copied
         # them every step.
         fresh_ok = gram_update_finite(grads, largest, shampoo_beta, 1.0 - shampoo_beta, dtype)
-        direction, new_mu, new_nu = adam_in_eigenbases(bank, blocks, grads, old_mu, old_nu, state.bases, state.count)
+        direction, new_mu, new_nu = adam_in_eigenbases(bank, blocks, grads, stacked, axes, old_mu, old_nu, state.bases,
+                                                       state.count)
         ok = fresh_ok & all_finite((new_mu, new_nu, direction))
         new_mu, new_nu = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (new_mu, new_nu), (old_mu, old_nu))
         factors, bases, mu_blocks, nu_blocks, failed = factors_and_bases(

@@ -1,5 +1,6 @@
-"""The factor bank: its layout against loops over the blocks, its staggering, and Shampoo / SOAP with their state split
-over 4 host devices (a subprocess: the device count is fixed when JAX starts)."""
+"""The factor bank: its layout against loops over the blocks, its staggering, Shampoo / SOAP with their state split
+over 4 host devices (a subprocess: the device count is fixed when JAX starts), and stacked (scanned) layers against
+the same layers unrolled."""
 
 import os
 import pathlib
@@ -10,7 +11,10 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
+import optax_second_order as oso
 from optax_second_order.curvature import bank as bank_module
 from optax_second_order.curvature import blocking
 
@@ -170,3 +174,61 @@ def test_sharded_state_equals_one_device_on_both_mesh_axis_types():
     result = subprocess.run([sys.executable, "-c", SHARDED], env=env, cwd=root, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- stacked (scanned) layers
+
+def _stacked_and_unrolled(layers, rng):
+    stacked = {"k": rng.standard_normal((layers, 6, 5)), "b": rng.standard_normal((layers, 5)),
+               "o": rng.standard_normal((5, 3))}
+    return stacked, _unroll(stacked, layers)
+
+
+def _unroll(tree, layers):
+    return {**{f"k{i}": tree["k"][i] for i in range(layers)}, **{f"b{i}": tree["b"][i] for i in range(layers)},
+            "o": tree["o"]}
+
+
+MAKERS = {
+    "shampoo": lambda layer_axes, **kw: oso.shampoo(0.05, block_size=4, precondition_frequency=2,
+                                                    start_preconditioning_step=1, layer_axes=layer_axes, **kw),
+    "soap": lambda layer_axes, **kw: oso.soap(0.01, block_size=4, precondition_frequency=2, layer_axes=layer_axes, **kw),
+}
+
+
+@pytest.mark.parametrize("stagger", [None, True])
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_a_stacked_leaf_steps_as_its_layers_unrolled(name, stagger):
+    """A kernel of shape (layers, 6, 5) with layer_axes 0 (a scanned block's parameters): every layer gets its own
+    factors, and 5 steps equal the same network written layer by layer (float64, to rounding: SOAP's plain Adam on the
+    stacked bias and on its unrolled vectors may fuse differently)."""
+    rng = np.random.default_rng(0)
+    layers = 4
+    stacked, unrolled = _stacked_and_unrolled(layers, rng)
+    grads = [jax.tree.map(lambda x: rng.standard_normal(x.shape), stacked) for _ in range(5)]
+    spec = {"k": 0, "b": (0,), "o": None}
+    tx_stacked, tx_unrolled = MAKERS[name](spec, stagger=stagger), MAKERS[name](None, stagger=stagger)
+    s_stacked, s_unrolled = tx_stacked.init(stacked), tx_unrolled.init(unrolled)
+    for g in grads:
+        u_stacked, s_stacked = jax.jit(tx_stacked.update)(g, s_stacked, stacked)
+        u_unrolled, s_unrolled = jax.jit(tx_unrolled.update)(_unroll(g, layers), s_unrolled, unrolled)
+        stacked, unrolled = optax.apply_updates(stacked, u_stacked), optax.apply_updates(unrolled, u_unrolled)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15), _unroll(stacked, layers), unrolled)
+    # a callable spec (as optax's Muon takes) gives the same; a spec that does not fit a leaf names the argument
+    callable_spec = MAKERS[name](lambda p: {"k": 0, "b": 0, "o": None})
+    np.testing.assert_array_equal(callable_spec.init(stacked)[0].count, 0)
+    with pytest.raises(ValueError, match="layer_axes"):
+        MAKERS[name]({"k": 3, "b": 0, "o": None}).init(stacked)
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_the_step_program_does_not_grow_with_the_number_of_stacked_layers(name):
+    """The compiled step for 2 and for 12 stacked layers has the same number of HLO instructions: the layers are
+    units of the same stacks (one batched operation), not unrolled into the program (compile time stays flat)."""
+    sizes = []
+    for layers in (2, 12):
+        params = _stacked_and_unrolled(layers, np.random.default_rng(0))[0]
+        tx = MAKERS[name]({"k": 0, "b": 0, "o": None})
+        hlo = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
+        sizes.append(sum(1 for line in hlo.splitlines() if " = " in line))
+    assert sizes[0] == sizes[1], sizes
