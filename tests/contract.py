@@ -39,10 +39,10 @@ it) and the keyword arguments it is built with; ``uses_layers`` adds ``layers=``
   transformation does on the problem where the masked leaf is a constant, and passes the masked leaf's gradient
   through; without ``full_params`` (the step still passing ``value_fn`` and the others), a case that needs no extra
   argument traces as it does with it, and one that needs some raises a ``TypeError`` naming ``full_params``;
-* ``empty_tree`` / ``zero_size``: as optax takes them, an empty parameter tree ``{}`` (the update is ``{}``) and a
-  zero-size leaf of shape ``(0, 3)`` beside a tagged dense layer and a vector (its update has its shape, the others
-  move): two jitted steps each, on problems small enough to compile quickly; the state keeps its signature and stays
-  finite;
+* ``empty_tree`` / ``zero_size``: as optax takes them, an empty parameter tree ``{}`` (the update is ``{}``), and two
+  leaves of shape ``(0, 3)``, one the kernel of a tagged dense layer on zero input features, beside a tagged dense
+  layer and a vector (their updates have their shapes, the others move): two jitted steps each, on problems small
+  enough to compile quickly; the state keeps its signature and stays finite;
 * ``missing_extra``: for each name in ``needs``, an update without it raises a ``TypeError`` or
   ``ValueError`` whose message names the argument and the transformation, and an update given
   only the names in ``needs`` works;
@@ -651,8 +651,9 @@ def check_nonfinite(case: ContractCase) -> None:
 
 
 def _shapes_problem(params: dict[str, jax.Array]) -> Problem:
-    """Softmax cross-entropy on ``dense(x, params["dense"]) + params["bias"] + sum(params["empty"])`` over 4 examples,
-    each term only where its leaf is in ``params`` (``{}``: constant logits)."""
+    """Softmax cross-entropy on ``dense(x, params["dense"]) + params["bias"] + sum(params["empty"]) +
+    dense(x[:, :0], params["no_inputs"])`` over 4 examples, each term only where its leaf is in ``params`` (``{}``:
+    constant logits)."""
     rng = np.random.default_rng(1)
     inputs = rng.standard_normal((4, 2)).astype(np.float32)
     loss = losses.softmax_cross_entropy(np.array([0, 1, 2, 0], np.int32))
@@ -666,6 +667,8 @@ def _shapes_problem(params: dict[str, jax.Array]) -> Problem:
             logits = logits + p["bias"]
         if "empty" in p:
             logits = logits + jnp.sum(p["empty"])
+        if "no_inputs" in p:  # a tagged dense layer on zero input features: its kernel is (0, 3)
+            logits = logits + oso.kronecker.dense(inputs[:, :0], p["no_inputs"])
         return logits
 
     return Problem(params, {"value_fn": lambda p: loss(model_fn(p)), "model_fn": model_fn, "loss": loss}, inputs)
@@ -698,12 +701,13 @@ def check_empty_tree(case: ContractCase) -> None:
 
 
 def check_zero_size(case: ContractCase) -> None:
-    """A ``(0, 3)`` leaf beside a tagged dense layer and a vector: its update is ``(0, 3)``, the others move."""
+    """Two ``(0, 3)`` leaves (one a tagged dense layer's kernel on zero input features, one not) beside a tagged dense
+    layer and a vector: their updates are ``(0, 3)``, the others move."""
     params = {"bias": jnp.zeros(3, jnp.float32), "dense": jnp.asarray([[0.5, -0.2, 0.1], [0.3, 0.4, -0.6]], jnp.float32),
-              "empty": jnp.zeros((0, 3), jnp.float32)}
-    all_updates = _check_shapes(case, _shapes_problem(params), "a (0, 3) leaf")
+              "empty": jnp.zeros((0, 3), jnp.float32), "no_inputs": jnp.zeros((0, 3), jnp.float32)}
+    all_updates = _check_shapes(case, _shapes_problem(params), "(0, 3) leaves")
     for name in ("bias", "dense"):
-        assert any(np.any(np.asarray(u[name]) != 0) for u in all_updates), f"{case.name}: {name} never moved beside a (0, 3) leaf"
+        assert any(np.any(np.asarray(u[name]) != 0) for u in all_updates), f"{case.name}: {name} never moved beside (0, 3) leaves"
 
 
 MASKED_LEAF = "dense"
