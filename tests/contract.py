@@ -37,7 +37,12 @@ it) and the keyword arguments it is built with; ``uses_layers`` adds ``layers=``
 * ``masked`` (this library's cases): ``optax.masked(tx, mask)`` with one leaf masked out, ``value_fn`` /
   ``model_fn`` on the whole tree and ``full_params=params``, updates the other leaves exactly as the
   transformation does on the problem where the masked leaf is a constant, and passes the masked leaf's gradient
-  through;
+  through; without ``full_params`` (the step still passing ``value_fn`` and the others), a case that needs no extra
+  argument traces as it does with it, and one that needs some raises a ``TypeError`` naming ``full_params``;
+* ``empty_tree`` / ``zero_size``: as optax takes them, an empty parameter tree ``{}`` (the update is ``{}``), and two
+  leaves of shape ``(0, 3)``, one the kernel of a tagged dense layer on zero input features, beside a tagged dense
+  layer and a vector (their updates have their shapes, the others move): two jitted steps each, on problems small
+  enough to compile quickly; the state keeps its signature and stays finite;
 * ``missing_extra``: for each name in ``needs``, an update without it raises a ``TypeError`` or
   ``ValueError`` whose message names the argument and the transformation, and an update given
   only the names in ``needs`` works;
@@ -645,6 +650,66 @@ def check_nonfinite(case: ContractCase) -> None:
             assert_like_params(updates, params, f"{case.name}: {step + 1} steps after {what}")
 
 
+def _shapes_problem(params: dict[str, jax.Array]) -> Problem:
+    """Softmax cross-entropy on ``dense(x, params["dense"]) + params["bias"] + sum(params["empty"]) +
+    dense(x[:, :0], params["no_inputs"])`` over 4 examples, each term only where its leaf is in ``params`` (``{}``:
+    constant logits)."""
+    rng = np.random.default_rng(1)
+    inputs = rng.standard_normal((4, 2)).astype(np.float32)
+    loss = losses.softmax_cross_entropy(np.array([0, 1, 2, 0], np.int32))
+    offset = np.linspace(-0.5, 0.5, 3, dtype=np.float32)
+
+    def model_fn(p):
+        logits = jnp.broadcast_to(offset, (4, 3))
+        if "dense" in p:
+            logits = logits + oso.kronecker.dense(inputs, p["dense"])
+        if "bias" in p:
+            logits = logits + p["bias"]
+        if "empty" in p:
+            logits = logits + jnp.sum(p["empty"])
+        if "no_inputs" in p:  # a tagged dense layer on zero input features: its kernel is (0, 3)
+            logits = logits + oso.kronecker.dense(inputs[:, :0], p["no_inputs"])
+        return logits
+
+    return Problem(params, {"value_fn": lambda p: loss(model_fn(p)), "model_fn": model_fn, "loss": loss}, inputs)
+
+
+def _check_shapes(case: ContractCase, problem: Problem, what: str) -> list:
+    """Two jitted steps on ``problem`` (``layers=`` from plain-JAX capture, which accepts a model without layers):
+    updates like params, the state's signature kept and finite; the list of updates."""
+    overrides = {"layers": oso.kronecker.find_layers(problem.extra["model_fn"], problem.params)} if case.uses_layers else {}
+    value_and_grad = jax.jit(jax.value_and_grad(problem.extra["value_fn"]))
+    all_updates = []
+    with failure_as_assertion(f"{case.name} on {what}"):
+        stepper = _stepper(make(case, LEARNING_RATE, problem, **overrides), problem.extra)
+        params = problem.params
+        state = stepper.init(params)
+        init_signature = _signature(state)
+        for step in range(2):
+            updates, state, params = stepper.step(value_and_grad(params)[1], state, params)
+            all_updates.append(updates)
+            assert_like_params(updates, problem.params, f"{case.name} on {what}, step {step}")
+            assert _signature(state) == init_signature, f"{case.name} on {what}: the state's signature changed"
+            for path, x in zip(_paths(state), _arrays(state)):
+                assert _is_finite(x), f"{case.name} on {what}: state leaf {path} is not finite at step {step}"
+    return all_updates
+
+
+def check_empty_tree(case: ContractCase) -> None:
+    """An empty parameter tree ``{}``: ``init`` and two jitted steps give ``{}`` and a stable state."""
+    _check_shapes(case, _shapes_problem({}), "an empty tree")
+
+
+def check_zero_size(case: ContractCase) -> None:
+    """Two ``(0, 3)`` leaves (one a tagged dense layer's kernel on zero input features, one not) beside a tagged dense
+    layer and a vector: their updates are ``(0, 3)``, the others move."""
+    params = {"bias": jnp.zeros(3, jnp.float32), "dense": jnp.asarray([[0.5, -0.2, 0.1], [0.3, 0.4, -0.6]], jnp.float32),
+              "empty": jnp.zeros((0, 3), jnp.float32), "no_inputs": jnp.zeros((0, 3), jnp.float32)}
+    all_updates = _check_shapes(case, _shapes_problem(params), "(0, 3) leaves")
+    for name in ("bias", "dense"):
+        assert any(np.any(np.asarray(u[name]) != 0) for u in all_updates), f"{case.name}: {name} never moved beside (0, 3) leaves"
+
+
 MASKED_LEAF = "dense"
 
 
@@ -690,6 +755,17 @@ def check_masked(case: ContractCase) -> None:
             visible = {k: v for k, v in updates.items() if k != MASKED_LEAF}
             assert_trees_close(visible, want, f"{case.name} in optax.masked vs without the leaf, step {step}", rtol=1e-8)
 
+    # without full_params (traced only): a transformation that calls no extra function needs none
+    grads = jax.eval_shape(value_and_grad, problem.params)[1]
+    state = jax.eval_shape(masked.init, problem.params)
+    try:
+        jax.eval_shape(lambda g, s, p: masked.update(g, s, p, **problem.extra), grads, state, problem.params)
+    except TypeError as error:
+        assert case.needs, f"{case.name} in optax.masked without full_params (it needs no extra argument): {error}"
+        assert "full_params" in str(error), f"{case.name} in optax.masked without full_params: {error}"
+    else:
+        assert not case.needs, f"{case.name} in optax.masked needs {case.needs} but ran without full_params"
+
 
 @functools.cache
 def _plain_reduced(case: ContractCase) -> _Stepper:
@@ -707,6 +783,8 @@ CHECKS = {
     "apply_if_finite": check_apply_if_finite,
     "bf16": check_bf16,
     "donate": check_donate,
+    "empty_tree": check_empty_tree,
+    "zero_size": check_zero_size,
     "missing_extra": check_missing_extra,
     "nonfinite": check_nonfinite,
     "masked": check_masked,

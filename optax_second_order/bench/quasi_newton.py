@@ -3,9 +3,11 @@
 The runner counts steps; a line-search method is judged by its value-and-gradient evaluations. This module
 runs each method to a gradient-norm tolerance and counts both, beside scipy and ``optax.lbfgs``:
 
-* Moré, Garbow & Hillstrom (1981) test functions, float64, to ``||g||_2 < 1e-6``: the extended Rosenbrock
-  function (#21) for ``n = 2`` and ``10`` from ``(-1.2, 1, ...)``, the helical valley (#7, ``n = 3``, from
-  ``(-1, 0, 0)``) and Wood's function (#14, ``n = 4``, from ``(-3, -1, -3, -1)``);
+* test functions, float64, to ``||g||_2 < 1e-6``: the chained Rosenbrock function (scipy's ``rosen``) for ``n = 2``
+  (Moré, Garbow & Hillstrom's #1) and ``10`` from ``(-1.2, 1, ...)``, and, from Moré, Garbow & Hillstrom (1981),
+  the helical valley (#7, ``n = 3``, from ``(-1, 0, 0)``) and Wood's function (#14, ``n = 4``, from
+  ``(-3, -1, -3, -1)``). (MGH's #21, the *extended* Rosenbrock function, is another function for ``n > 2``:
+  ``n / 2`` decoupled pairs ``100 (x_{2i} - x_{2i-1}^2)^2 + (1 - x_{2i-1})^2``.);
 * full-batch L2-regularized multinomial logistic regression on scikit-learn's digits (650 parameters):
   evaluations until the loss is within ``1e-8`` of the final loss of scipy's L-BFGS-B run to convergence.
 
@@ -36,11 +38,15 @@ __all__ = ["FUNCTIONS", "METHODS", "run_method", "run_scipy", "test_functions", 
 GTOL = 1e-6
 
 
-# --- the test functions (Moré, Garbow & Hillstrom 1981) ---------------------------------------------------
+# --- the test functions (scipy's Rosenbrock; Moré, Garbow & Hillstrom 1981) -----------------------------
 
 
 def rosenbrock(x):
-    """Extended Rosenbrock (MGH #21 as ``sum_i 100 (x_{i+1} - x_i^2)^2 + (1 - x_i)^2``, scipy's ``rosen``)."""
+    """The chained Rosenbrock function ``sum_{i<n} 100 (x_{i+1} - x_i^2)^2 + (1 - x_i)^2``, scipy's ``rosen``.
+
+    For ``n = 2`` it is Moré, Garbow & Hillstrom's #1 (Rosenbrock's function). For ``n > 2`` it is not their #21,
+    the extended Rosenbrock function, whose ``n / 2`` pairs ``(x_{2i-1}, x_{2i})`` do not interact.
+    """
     return jnp.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
 
 
@@ -145,7 +151,7 @@ def run_scipy(method: str, fn: Callable, x0: np.ndarray, gtol: float = GTOL, tar
 
 
 def test_functions(methods: dict | None = None, functions: dict | None = None) -> dict:
-    """Every method on every Moré-Garbow-Hillstrom function: ``{function: {method: record}}``."""
+    """Every method on every test function (:data:`FUNCTIONS`): ``{function: {method: record}}``."""
     methods = METHODS if methods is None else methods
     functions = FUNCTIONS if functions is None else functions
     results = {}

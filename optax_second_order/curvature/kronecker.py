@@ -59,6 +59,7 @@ natural gradient descent in a Kronecker-factored eigenbasis", NeurIPS 2018.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -147,7 +148,10 @@ def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -
             config.kernel_dilation,
             dimension_numbers=config.dimension_numbers(),
         )
-    rows = x.reshape(-1, layer.fan_in)
+        rows = x.reshape(-1, layer.fan_in)
+    else:  # the leading axes are the rows (counted, not inferred: a kernel with no inputs has fan_in 0)
+        in_ndim = len(layer.kernel_shape) - layer.output_ndim
+        rows = x.reshape(math.prod(x.shape[: x.ndim - in_ndim]), layer.fan_in)
     if layer.bias is not None:
         rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
     return rows
@@ -291,8 +295,10 @@ def _per_example_rows(calls: Sequence[LayerRows], name: str) -> tuple[jax.Array,
             f"examples (leading input axis), got {sorted(examples)}"
         )
     n = examples.pop()
-    a = jnp.concatenate([c.inputs.reshape(n, -1, c.inputs.shape[-1]) for c in calls], axis=1)
-    p = jnp.concatenate([c.output_grads.reshape(n, -1, c.output_grads.shape[-1]) for c in calls], axis=1)
+    # the locations per example counted, not inferred (``-1`` fails on a layer with no inputs, d_in = 0)
+    a = jnp.concatenate([c.inputs.reshape(n, c.inputs.shape[0] // n, c.inputs.shape[-1]) for c in calls], axis=1)
+    p = jnp.concatenate([c.output_grads.reshape(n, c.output_grads.shape[0] // n, c.output_grads.shape[-1])
+                         for c in calls], axis=1)
     return a, p
 
 

@@ -434,10 +434,19 @@ def masked_extras(params: PyTree, extra: dict[str, Any], transform: str) -> dict
 
     ``value_fn(p)`` becomes ``value_fn(embed(p))`` with the masked leaves held at their values in
     ``full_params``: curvature is then taken with respect to the leaves the mask lets through, at the whole
-    parameters. Unmasked ``params``: ``extra`` unchanged.
+    parameters. Unmasked ``params``: ``extra`` unchanged. Masked ``params`` without ``full_params``: those functions
+    raise the ``TypeError`` asking for it when called, so a transformation that calls none of them (Adam, Adagrad)
+    runs inside ``optax.masked`` as optax's own do.
     """
     if params is None or not has_masked_leaves(params):
         return extra
+    if extra.get("full_params") is None:
+        # Only a transformation that calls value_fn / model_fn / hvp_fn needs the whole tree (a diagonal
+        # preconditioner such as Adam calls none): the TypeError asking for `full_params` comes at that call.
+        def missing(*args, **kwargs):
+            masked_view(params, extra, transform)
+
+        return {**extra, **{name: missing for name in ("value_fn", "model_fn", "hvp_fn") if extra.get(name) is not None}}
     view = masked_view(params, extra, transform)
     out = dict(extra)
     for name in ("value_fn", "model_fn"):

@@ -83,10 +83,13 @@ def kl_clip_scale(v: PyTree, grads: PyTree, learning_rate: Any, kl_clip: Any) ->
 
 
 def _max_abs(tree: PyTree) -> jax.Array:
-    """``max |x|`` over the leaves (float32 or better), at least the smallest normal number (safe to divide by)."""
+    """``max |x|`` over the leaves (float32 or better), at least the smallest normal number (safe to divide by); a
+    zero-size leaf or an empty tree contributes nothing."""
     leaves = jax.tree.leaves(tree)
-    dtype = jnp.promote_types(jnp.result_type(*leaves), jnp.float32)
-    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]))
+    dtype = jnp.result_type(*leaves, jnp.float32)
+    largest = jnp.zeros([], dtype)
+    for x in leaves:
+        largest = jnp.maximum(largest, jnp.max(jnp.abs(x), initial=0).astype(dtype))
     return jnp.maximum(largest, jnp.finfo(dtype).tiny)
 
 

@@ -325,7 +325,7 @@ def _quadratic_model_step(direction, previous, grads, params, damping, model_fn,
 
     with ``C = F + lambda I`` (Martens & Grosse 2015, section 7) falls back to ``mu = 0``,
     ``alpha = -g.Delta / Delta^T C Delta`` without momentum, on the first step (``delta_0 = 0``) or when it is
-    singular. Returns ``delta`` and ``(alpha, mu)``.
+    singular, and to ``alpha = mu = 0`` when ``Delta = 0``. Returns ``delta`` and ``(alpha, mu)``.
     """
     outputs, j_direction = jax.jvp(model_fn, (params,), (_like(direction, params),))
     _, j_previous = jax.jvp(model_fn, (params,), (_like(previous, params),))
@@ -337,7 +337,8 @@ def _quadratic_model_step(direction, previous, grads, params, damping, model_fn,
     c12 = form(direction, j_direction, previous, j_previous)
     c22 = form(previous, j_previous, previous, j_previous)
     b1, b2 = optax.tree.vdot(grads, direction), optax.tree.vdot(grads, previous)
-    alpha_only = -b1 / c11
+    # a zero direction (a zero gradient, an empty tree) has c11 = 0: no step, alpha = 0 rather than 0 / 0
+    alpha_only = jnp.where(c11 > 0, -b1 / jnp.where(c11 > 0, c11, 1.0), 0.0)
     determinant = c11 * c22 - c12 * c12
     solvable = with_momentum & (determinant > 1e-12 * c11 * c22) & jnp.isfinite(determinant)
     safe = jnp.where(solvable, determinant, 1.0)

@@ -557,6 +557,8 @@ def scale_by_newton(
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
+        if not jax.tree.leaves(updates):  # an empty tree (as optax takes it): nothing to solve, the step counts
+            return updates, state._replace(count=state.count + 1)
         fns = _extras(config, masked_extras(params, extra, name), name)
         key, curvature_key = jax.random.split(state.key)
         damping_now = state.damping if config.adaptive else jnp.asarray(damping, state.damping.dtype)

@@ -325,6 +325,8 @@ def scale_by_quasi_newton(
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
+        if not jax.tree.leaves(updates):  # an empty tree (as optax takes it): no pair, no direction; the step counts
+            return updates, state._replace(count=state.count + 1)
         extra = masked_extras(params, extra, name)
         value_fn = extra_arg(extra, "value_fn", name) if same_batch_pairs else None
         dtype = state.matrix.dtype
@@ -419,6 +421,8 @@ def scale_by_lbfgs(
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
+        if not jax.tree.leaves(updates):  # an empty tree (as optax takes it): no pair, no direction; the step counts
+            return updates, state._replace(count=state.count + 1)
         extra = masked_extras(params, extra, name)
         value_fn = extra_arg(extra, "value_fn", name) if same_batch_pairs else None
         g = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, state.params)
@@ -545,10 +549,14 @@ def scale_by_linesearch(
     check(name, "learning_rate", learning_rate, lambda v: v > 0, "> 0 (or a schedule)")
 
     def init_fn(params):
-        return LinesearchState(jnp.zeros([], jnp.int32), inner.init(params), jnp.zeros([], jnp.int32))
+        # optax's searches fail to initialize on an empty tree, which has nothing to search along
+        inner_state = inner.init(params) if jax.tree.leaves(params) else optax.EmptyState()
+        return LinesearchState(jnp.zeros([], jnp.int32), inner_state, jnp.zeros([], jnp.int32))
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
+        if not jax.tree.leaves(updates):  # an empty tree: an empty step; the step counts
+            return updates, state._replace(count=state.count + 1)
         extra = masked_extras(params, extra, name)
         value_fn = extra_arg(extra, "value_fn", name)
         value, grad = extra.get("value"), extra.get("grad")

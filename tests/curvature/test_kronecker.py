@@ -513,3 +513,24 @@ def test_tag_layer_checks_dense_shapes():
         kronecker.find_layers(lambda k: kronecker.tag_layer("dense", jnp.ones((5, 4)), jnp.ones((5, 3)), k), kernel)
     with pytest.raises(ValueError, match="tag_layer: a 'conv' layer has output_ndim 1, got 2"):
         kronecker.find_layers(lambda k: kronecker.tag_layer("conv", jnp.ones((5, 4)), jnp.ones((5, 3)), k, output_ndim=2), kernel)
+
+
+def test_dense_layer_without_inputs_has_empty_a_factor_and_the_usual_g_and_scales():
+    """A dense kernel of shape ``(0, d_out)`` (zero input features): ``A`` is ``(0, 0)`` (``(1, 1)``, the bias's
+    ``mean 1 * 1``, with a bias), ``G`` and the EK-FAC scales of the bias row are those of a layer with inputs."""
+    rng = np.random.default_rng(5)
+    x, targets = jnp.asarray(rng.standard_normal((6, 0))), jnp.asarray(rng.standard_normal((6, D_OUT)))
+    loss = oso.losses.squared_error(targets)
+    for bias in (None, jnp.asarray(rng.standard_normal(D_OUT))):
+        params = {"w": jnp.zeros((0, D_OUT)), **({} if bias is None else {"b": bias})}
+        model = lambda p: kronecker.dense(x, p["w"], p.get("b"))  # noqa: E731
+        layers = kronecker.find_layers(model, params)
+        (layer,) = layers.layers
+        d_in = 0 if bias is None else 1
+        bases = {layer.name: (jnp.eye(d_in), jnp.eye(D_OUT))}
+        stats = kronecker.kronecker_factors(model, params, layers, kronecker.fisher_cotangent(loss), bases)
+        a, g = stats.factors[layer.name]
+        assert a.shape == (d_in, d_in) and g.shape == (D_OUT, D_OUT)
+        np.testing.assert_allclose(a, np.ones((d_in, d_in)))  # the bias column is all ones
+        assert np.all(np.isfinite(g)) and np.all(np.linalg.eigvalsh(np.asarray(g)) >= -1e-12)
+        assert stats.scales[layer.name].shape == (d_in, D_OUT)

@@ -71,6 +71,40 @@ def test_alias_equals_optax_over_100_steps(ours, theirs):
     assert float(jnp.abs(runs[0]["w"][-1] - runs[0]["w"][0]).max()) > 0.1  # it moved
 
 
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [(lambda: oso.adam(3e-2), lambda: optax.adam(3e-2)), (lambda: oso.adagrad(0.1), lambda: optax.adagrad(0.1))],
+    ids=["adam", "adagrad"],
+)
+def test_alias_in_optax_masked_needs_no_full_params(ours, theirs):
+    """Inside ``optax.masked``, a step given ``value_fn`` (as a chain with a curvature method hands every child) but
+    no ``full_params``: Adam and Adagrad call no extra function, so they take ``optax.adam`` / ``optax.adagrad``'s
+    masked steps; a transformation that does call ``value_fn`` there still asks for ``full_params``."""
+    target = jax.random.normal(jax.random.PRNGKey(1), (5, 3))
+
+    def value_fn(p):
+        return jnp.sum(jnp.log(jnp.cosh(p["w"] - target))) + jnp.sum(p["b"] ** 4) + jnp.sum(p["frozen"] ** 2)
+
+    params0 = {"w": jnp.zeros((5, 3)), "b": jnp.ones(3), "frozen": jnp.ones(2)}
+    mask = {"w": True, "b": True, "frozen": False}
+    runs = []
+    for tx in (optax.masked(ours(), mask), optax.masked(theirs(), mask)):
+        params, state, trajectory = params0, tx.init(params0), []
+        update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p, value_fn=value_fn))
+        for _ in range(5):
+            updates, state = update(jax.grad(value_fn)(params), state, params)
+            params = optax.apply_updates(params, updates)
+            trajectory.append(params)
+        runs.append(trajectory)
+    for a, b in zip(*runs):
+        _tree_allclose(a, b, tol=1e-12)
+    assert float(jnp.abs(runs[0][-1]["w"]).max()) > 0.01  # it moved
+
+    hutchinson = optax.masked(oso.adahessian(0.1), mask)
+    with pytest.raises(TypeError, match="full_params"):
+        hutchinson.update(params0, hutchinson.init(params0), params0, value_fn=value_fn)
+
+
 # ---------------------------------------------------------------------------------------------
 # AdaHessian against the official algorithm.
 

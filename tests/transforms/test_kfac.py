@@ -497,3 +497,15 @@ def test_quadratic_model_chooses_the_learning_rate_and_momentum():
         np.testing.assert_allclose(flat(updates), delta, rtol=1e-8, atol=1e-12)  # lr 1: the update is the step
         params, previous = optax.apply_updates(params, updates), delta
     assert len(tx.init(params)) == 3  # scale_by_kfac, add_decayed_weights, scale_by_learning_rate: no trace
+
+
+def test_quadratic_model_on_a_zero_gradient_takes_no_step():
+    """A zero gradient gives the direction ``Delta = 0`` and ``Delta^T C Delta = 0``: the model's step is
+    ``alpha = mu = 0`` (not 0 / 0), a zero update that is not counted as non-finite."""
+    tx = oso.scale_by_kfac(LAYERS, kl_clip=None, learning_rate=1.0, adaptive_learning_rate=True)
+    params = _params()
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, state = _jit_update(tx)(zeros, tx.init(params), params, *_batch(1))
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+    np.testing.assert_array_equal(np.asarray(state.step_coefficients), [0.0, 0.0])
+    assert int(state.nonfinite) == 0
