@@ -51,6 +51,17 @@ Inside a solver:
   ``eta = sqrt(2 epsilon / g^T x)``, so that ``1/2 delta^T (F + lambda I) delta = epsilon`` for ``delta = -eta x``
   and the second-order KL divergence between the model's predictive distributions before and after the step is at
   most (for small ``lambda``, about) ``epsilon`` (Schulman et al. 2015, appendix C; Martens 2020, section 12).
+* The realized KL (``kl_rtol=r``, with a KL budget): the second-order scale is then corrected on the KL divergence
+  the step actually makes, ``k(eta) = loss.kl(f(theta), f(theta - eta x))`` (the batch's weighted mean
+  ``KL(p(t | f_i(theta)) || p(t | f_i(theta - eta x)))``, one ``model_fn`` evaluation each): starting from the
+  second-order ``eta``, ``eta <- eta sqrt(epsilon / k(eta))`` (at most doubling; a quarter where ``k`` is not
+  finite) until ``|k(eta) - epsilon| <= r epsilon``, at most ``kl_maxiter`` evaluations. The step is the last
+  ``eta`` found within the band, else the longest one evaluated with ``k <= (1 + r) epsilon``, else none (a zero
+  update, counted in ``state.rejected``); a step that does not move the outputs at all (``k = 0``) is kept. So the
+  realized KL of the step at learning rate 1 is at most ``(1 + r) epsilon`` on the batch, and within ``r epsilon``
+  of the budget when the search converges (the step's KL is ``k``, kept in ``state.realized_kl``). This is the
+  line search of TRPO (Schulman et al. 2015, appendix C) on the KL constraint, with a secant-like update in place
+  of halving: ``k`` is quadratic in ``eta`` for short steps, so one correction usually lands in the band.
 
 The update this transformation returns is ``u = eta x`` (``eta = 1`` without a KL budget), zero for a rejected
 step; the aliases end with ``optax.scale_by_learning_rate``, so ``params <- params - lr u``. The reduction ratio and
@@ -143,6 +154,7 @@ class NewtonState(NamedTuple):
     rejected: jax.Array  # int32, steps rejected by the reduction-ratio test (zero update)
     nonfinite: jax.Array  # int32, steps with a non-finite gradient, product or solution (zero update)
     newton_decrement: jax.Array  # sqrt(g^T x) of the last finite solve, x = (C + lambda I)^{-1} g
+    realized_kl: jax.Array  # with kl_rtol: the KL divergence the last step made on its batch (learning rate 1)
 
 
 class _Config(NamedTuple):
@@ -156,6 +168,7 @@ class _Config(NamedTuple):
     backtracking: float | None  # Martens' gamma
     warm_start: bool
     kl_step: bool
+    kl_search: bool  # kl_rtol is set: correct the KL scale on the realized KL
     progress: bool
     num_samples: int
 
@@ -165,7 +178,7 @@ class _Config(NamedTuple):
 
     @property
     def needs_model(self) -> bool:
-        return self.curvature != "hessian" or self.preconditioner is not None
+        return self.curvature != "hessian" or self.preconditioner is not None or self.kl_search
 
 
 class _Extras(NamedTuple):
@@ -303,6 +316,45 @@ def _kl_scale(g_dot_x: jax.Array, kl_budget) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(2.0 * kl_budget / jnp.where(positive, g_dot_x, 1.0)), 0.0)
 
 
+def _realized_kl_scale(fns: _Extras, params: PyTree, x: PyTree, eta, kl_budget, kl_rtol, kl_maxiter):
+    """The KL scale corrected on the realized KL ``k(eta) = loss.kl(f(theta), f(theta - eta x))`` (module docstring).
+
+    Returns ``(eta, k, found)``: the scale to use, its realized KL, and whether any scale met ``k <= (1 + r) epsilon``
+    (the step is zero otherwise). ``eta`` starts at the second-order scale; ``k = 0`` (the step does not move the
+    outputs, or ``eta = 0``) ends the search with that ``eta``.
+    """
+    dtype = eta.dtype
+    budget = jnp.asarray(kl_budget, dtype)
+    upper, lower = ((1 + kl_rtol) * budget).astype(dtype), ((1 - kl_rtol) * budget).astype(dtype)
+    outputs = fns.model_fn(params)
+
+    def realized(scale):
+        kl = fns.loss.kl(outputs, fns.model_fn(_moved(params, x, scale))).astype(dtype)
+        return jnp.where(jnp.isnan(kl), jnp.inf, kl)
+
+    def searching(carry):
+        evaluations, _, _, _, done = carry
+        return (evaluations < kl_maxiter) & ~done
+
+    def evaluate(carry):
+        evaluations, scale, best, best_kl, _ = carry
+        kl = realized(scale)
+        feasible = kl <= upper
+        longer = feasible & (scale >= best)
+        best, best_kl = jnp.where(longer, scale, best), jnp.where(longer, kl, best_kl)
+        done = feasible & ((kl >= lower) | (kl == 0))
+        best, best_kl = jnp.where(done, scale, best), jnp.where(done, kl, best_kl)
+        ratio = jnp.sqrt(budget / jnp.where(kl > 0, kl, budget))
+        factor = jnp.where(jnp.isfinite(kl), jnp.minimum(ratio, 2.0), 0.25)
+        return evaluations + 1, (scale * factor).astype(dtype), best, best_kl, done
+
+    zero = jnp.zeros([], dtype)
+    init = (jnp.zeros([], jnp.int32), eta, zero, jnp.asarray(jnp.inf, dtype), jnp.asarray(False))
+    _, _, best, best_kl, _ = jax.lax.while_loop(searching, evaluate, init)
+    found = jnp.isfinite(best_kl)
+    return best, jnp.where(found, best_kl, 0.0).astype(dtype), found
+
+
 def _moved(params: PyTree, x: PyTree, scale) -> PyTree:
     """``params - scale * x`` in the params' dtypes (the step the update will take)."""
     return jax.tree.map(lambda p, v: p - (scale * v).astype(p.dtype), params, x)
@@ -361,11 +413,12 @@ class _Step(NamedTuple):
     products: jax.Array
     negative_curvature: jax.Array
     newton_decrement: jax.Array
+    realized_kl: jax.Array
 
 
 def _validate(name, curvature, solver, damping_rule, preconditioner, damping, min_damping, saddle_free, kl_budget,
-              warm_start_decay, progress_eps, backtracking, tol, maxiter, learning_rate, decrease, increase,
-              accept_threshold, exponent) -> None:
+              kl_rtol, kl_maxiter, warm_start_decay, progress_eps, backtracking, tol, maxiter, learning_rate, decrease,
+              increase, accept_threshold, exponent) -> None:
     check_choice(name, "curvature", curvature, CURVATURES)
     check_choice(name, "solver", solver, SOLVERS)
     check_choice(name, "damping_rule", damping_rule, DAMPING_RULES)
@@ -389,6 +442,15 @@ def _validate(name, curvature, solver, damping_rule, preconditioner, damping, mi
                              f"must be > 0, got damping={damping!r}, min_damping={min_damping!r}")
     check(name, "min_damping", min_damping, lambda x: x >= 0, ">= 0")
     check(name, "kl_budget", kl_budget, lambda x: x > 0, "None or > 0")
+    if kl_rtol is not None and kl_budget is None:
+        raise ValueError(f"{name}: kl_rtol={kl_rtol!r} corrects a KL budget's step, so it needs kl_budget (got None)")
+    if kl_rtol is not None and backtracking is not None:
+        raise ValueError(f"{name}: kl_rtol and backtracking both choose the step: set one of them")
+    if kl_rtol is not None and curvature == "hessian":
+        raise ValueError(f"{name}: kl_rtol measures the KL between the model's predictive distributions, which needs "
+                         "a curvature of the model (gauss_newton, fisher, empirical_fisher), not the Hessian")
+    check(name, "kl_rtol", kl_rtol, lambda x: 0 < x < 1, "None or in (0, 1)")
+    check(name, "kl_maxiter", kl_maxiter, lambda x: x >= 1 and float(x).is_integer(), "an integer >= 1")
     check(name, "warm_start_decay", warm_start_decay, lambda x: 0 <= x <= 1, "None or in [0, 1]")
     check(name, "progress_eps", progress_eps, lambda x: x > 0, "None or > 0")
     if backtracking is not None and not (isinstance(backtracking, (int, float)) and backtracking > 1):
@@ -412,7 +474,7 @@ def _init(config: _Config, params, damping, seed) -> NewtonState:
     return NewtonState(
         count=zero(), key=jax.random.key(seed), damping=jnp.asarray(damping, float_dtype), warm_start=warm,
         cg_iterations=zero(), products=zero(), negative_curvature=zero(), rejected=zero(), nonfinite=zero(),
-        newton_decrement=jnp.zeros([], float_dtype),
+        newton_decrement=jnp.zeros([], float_dtype), realized_kl=jnp.zeros([], float_dtype),
     )
 
 
@@ -435,6 +497,8 @@ def scale_by_newton(
     backtracking: float | None = None,
     warm_start_decay: float | None = None,
     kl_budget: float | None = None,
+    kl_rtol: float | None = None,
+    kl_maxiter: int = 10,
     num_samples: int | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
     seed: int = 0,
@@ -468,6 +532,10 @@ def scale_by_newton(
         ``None`` disables it.
       warm_start_decay: start CG from the previous solution times this (Martens: 0.95); ``None`` starts from zero.
       kl_budget: scale the step to a second-order KL change ``epsilon`` (module docstring); ``None`` disables it.
+      kl_rtol: with ``kl_budget``, correct the scale until the realized KL of the step (learning rate 1) is within
+        ``kl_rtol * kl_budget`` of the budget and never above ``(1 + kl_rtol) kl_budget`` (module docstring; needs
+        ``model_fn`` and ``loss``, whose ``kl`` method gives the KL). ``None``: the second-order scale alone.
+      kl_maxiter: the most ``model_fn`` evaluations of the step that search makes (10).
       num_samples: sampled targets per example for ``curvature="fisher"`` (default 1; sets array shapes).
       learning_rate: the learning rate the update will be scaled by (a float or a schedule, as the alias's), so the
         reduction ratio and backtracking test the step taken; ``None`` tests ``learning_rate = 1``.
@@ -481,8 +549,8 @@ def scale_by_newton(
     """
     decrease_default, increase_default, threshold_default = RULE_DEFAULTS.get(damping_rule, (None, None, None))
     _validate(name, curvature, solver, damping_rule, preconditioner, damping, min_damping, saddle_free, kl_budget,
-              warm_start_decay, progress_eps, backtracking, tol, maxiter, learning_rate, damping_decrease,
-              damping_increase, accept_threshold, preconditioner_exponent)
+              kl_rtol, kl_maxiter, warm_start_decay, progress_eps, backtracking, tol, maxiter, learning_rate,
+              damping_decrease, damping_increase, accept_threshold, preconditioner_exponent)
     buffers = progress_eps is not None or backtracking is not None
     if buffers:
         maxiter = static_int(name, "maxiter", maxiter, DEFAULT_MAXITER)
@@ -497,6 +565,7 @@ def scale_by_newton(
         backtracking=backtracking,
         warm_start=warm_start_decay is not None,
         kl_step=kl_budget is not None,
+        kl_search=kl_rtol is not None,
         progress=progress_eps is not None,
         num_samples=static_int(name, "num_samples", num_samples, 1),
     )
@@ -526,18 +595,24 @@ def scale_by_newton(
         finite = all_finite(solution.x) & jnp.isfinite(solution.quadratic)
         g_dot_x = otu.tree_vdot(g, solution.x)
         eta = _kl_scale(g_dot_x, kl_budget) if config.kl_step else jnp.ones([], g_dot_x.dtype)
+        realized_kl, kl_found = state.realized_kl, jnp.asarray(True)
+        if config.kl_search:
+            x_finite = jax.tree.map(lambda v: jnp.where(finite, v, 0.0).astype(v.dtype), solution.x)
+            eta, realized_kl, kl_found = _realized_kl_scale(fns, params, x_finite, eta, kl_budget, kl_rtol,
+                                                            kl_maxiter)
+            realized_kl = jnp.where(finite, realized_kl, state.realized_kl).astype(state.realized_kl.dtype)
         scale = rate * eta
         chosen, new_value = solution, None
         if config.backtracking is not None:
             slot, new_value = _backtrack(fns.value_fn, params, solution, scale)
             chosen = _backtracked(operator, damping_now, solution, slot)
-        accepted, new_damping = finite, damping_now
+        accepted, new_damping = finite & kl_found, damping_now
         if config.adaptive:
             if new_value is None:
                 new_value = fns.value_fn(_moved(params, chosen.x, scale))
             predicted = -scale * otu.tree_vdot(g, chosen.x) + 0.5 * scale**2 * chosen.quadratic
             rho = damping_rules.reduction_ratio(new_value - fns.value_fn(params), predicted)
-            accepted = finite & (rho > threshold)
+            accepted = finite & kl_found & (rho > threshold)
             adapted = damping_rules.levenberg_marquardt(damping_now, rho, decrease, increase, min_damping)
             new_damping = jnp.where(finite, adapted, damping_now).astype(damping_now.dtype)
         update = jax.tree.map(lambda x: jnp.where(accepted, eta * x, 0.0).astype(x.dtype), chosen.x)
@@ -547,13 +622,13 @@ def scale_by_newton(
                                 state.warm_start)
         decrement = jnp.where(finite, jnp.sqrt(jnp.maximum(g_dot_x, 0.0)), state.newton_decrement)
         return _Step(update, accepted, finite, new_damping, warm, chosen.iterations, chosen.products,
-                     finite & chosen.negative_curvature, decrement.astype(state.newton_decrement.dtype))
+                     finite & chosen.negative_curvature, decrement.astype(state.newton_decrement.dtype), realized_kl)
 
     def skip(g, state, damping_now) -> _Step:
         zero = jnp.zeros([], jnp.int32)
         false = jnp.asarray(False)
         return _Step(jax.tree.map(jnp.zeros_like, g), false, false, damping_now, state.warm_start, zero, zero, false,
-                     state.newton_decrement)
+                     state.newton_decrement, state.realized_kl)
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
@@ -578,6 +653,7 @@ def scale_by_newton(
             rejected=state.rejected + (step.finite & ~step.accepted).astype(jnp.int32),
             nonfinite=state.nonfinite + (~step.finite).astype(jnp.int32),
             newton_decrement=step.newton_decrement,
+            realized_kl=step.realized_kl,
         )
         out = jax.tree.map(lambda u, p: u.astype(p.dtype), step.update, updates)
         return out, new_state
