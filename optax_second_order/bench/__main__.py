@@ -5,7 +5,8 @@
 ``<task>.png`` per task. ``primitives`` times curvature products against the gradient (see
 :mod:`optax_second_order.bench.primitives`). ``newton-rosenbrock``, ``newton-grid`` and ``newton-cost`` count the Newton
 family's evaluations to ``||g|| < 1e-6`` on Rosenbrock beside scipy, run its methods over a learning-rate x damping
-grid counting non-finite steps, and time one CG iteration against a gradient (see :mod:`optax_second_order.bench.newton`).
+grid counting non-finite steps, and time one CG iteration against a gradient; ``newton-kl`` measures the KL divergence
+one natural-gradient step realizes against its budget (see :mod:`optax_second_order.bench.newton`).
 ``quasi-newton`` counts iterations and evaluations of the line-search methods on deterministic problems (see
 :mod:`optax_second_order.bench.quasi_newton`). ``ab`` times the step of ``--optimizers`` on ``--tasks`` (default
 ``digits-autoencoder``) with this checkout's library against the one at ``--rev``, in one process (see
@@ -54,8 +55,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "command", nargs="?", default="run",
-        choices=("run", "primitives", "shampoo-roots", "newton-rosenbrock", "newton-grid", "newton-cost", "quasi-newton",
-                 "ab"),
+        choices=("run", "primitives", "shampoo-roots", "newton-rosenbrock", "newton-grid", "newton-cost", "newton-kl",
+                 "quasi-newton", "ab"),
         help="default: run",
     )
     parser.add_argument("--tasks", default=None, help=f"comma list or 'all' (default: {','.join(DEFAULT_TASKS)})")
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from optax_second_order.bench import shampoo_roots
 
         shampoo_roots.main()
-    elif args.command in ("newton-rosenbrock", "newton-grid", "newton-cost"):  # the solve-based family (bench/newton.py)
+    elif args.command in ("newton-rosenbrock", "newton-grid", "newton-cost", "newton-kl"):  # the solve-based family (bench/newton.py)
         from optax_second_order.bench import newton
 
         newton.main(args.command, args.repeats)
