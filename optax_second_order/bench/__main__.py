@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from optax_second_order.bench import shampoo_roots
 
         shampoo_roots.main()
-    elif args.command in ("newton-rosenbrock", "newton-grid", "newton-cost", "newton-kl"):  # the solve-based family (bench/newton.py)
+    elif args.command in ("newton-rosenbrock", "newton-grid", "newton-cost", "newton-kl"):  # bench/newton.py
         from optax_second_order.bench import newton
 
         newton.main(args.command, args.repeats)

@@ -24,7 +24,7 @@ show.
 initializations and batches (seeds 0-4) and reports the realized KL divergence between the batch's predictive
 distributions before and after the step, in float64 from the outputs, as a multiple of ``kl_budget`` (``1e-3``,
 ``1e-2`` and ``1e-1``), for the default (exact Fisher, realized-KL correction) beside the second-order scale alone with
-the exact and the sampled Fisher, and CG's iterations. (The step's time is ``bench ab``'s to measure: round-robin
+the exact and the sampled Fisher, with CG's iterations and the search's forward passes. (The step's time is ``bench ab``'s to measure: round-robin
 against another revision, so the load of a shared machine cancels.)
 
 ``newton-cost`` times one CG iteration on ``digits-autoencoder`` (batch 512) as a ratio to one gradient: CG on the
@@ -301,7 +301,7 @@ KL_METHODS: dict[str, dict] = {
 
 def natural_gradient_kl(budgets=(1e-3, 1e-2, 1e-1), seeds=range(5)) -> list[dict]:
     """Every :data:`KL_METHODS` row x budget: the realized KL of one step over ``kl_budget`` per seed (init and batch
-    of ``digits-mlp``) and CG's iterations per seed."""
+    of ``digits-mlp``), CG's iterations and the realized-KL search's ``model_fn`` evaluations per seed."""
     from optax_second_order.bench.tasks import get_task
 
     task = get_task("digits-mlp")
@@ -328,14 +328,16 @@ def natural_gradient_kl(budgets=(1e-3, 1e-2, 1e-1), seeds=range(5)) -> list[dict
                 model_fn = lambda p: task.apply(p, inputs)  # noqa: E731
                 grads = jax.grad(lambda p: loss(model_fn(p)))(params)
                 updates, state = tx.update(grads, tx.init(params), params, model_fn=model_fn, loss=loss)
-                return optax.apply_updates(params, updates), state[0].cg_iterations
+                return optax.apply_updates(params, updates), state[0].cg_iterations, state[0].kl_evaluations
 
-            ratios, iterations = [], []
+            ratios, iterations, evaluations = [], [], []
             for params, inputs, targets in problems:
-                moved, cg_iterations = step(params, inputs, targets)
+                moved, cg_iterations, kl_evaluations = step(params, inputs, targets)
                 ratios.append(kl64(task.apply(params, inputs), task.apply(moved, inputs)) / budget)
                 iterations.append(int(cg_iterations))
-            rows.append({"budget": budget, "method": name, "ratios": ratios, "cg_iterations": iterations})
+                evaluations.append(int(kl_evaluations))
+            rows.append({"budget": budget, "method": name, "ratios": ratios, "cg_iterations": iterations,
+                         "kl_evaluations": evaluations})
     return rows
 
 
@@ -352,13 +354,15 @@ def main(command: str, repeats: int = 5) -> str:
                          f"{r['nonfinite']} | {r['rejected']} | {r['cg_iterations']} |")
         text = "\n".join(lines)
     elif command == "newton-kl":
-        lines = ["digits-mlp (float32, batch 128), one oso.natural_gradient step from seeds 0-4: realized KL / kl_budget",
-                 "", "| kl_budget | method | realized KL / budget (seeds 0-4) | CG iterations |",
-                 "|---|---|---|---|"]
+        title = "digits-mlp (float32, batch 128), one oso.natural_gradient step, seeds 0-4: realized KL / kl_budget"
+        lines = [title, "",
+                 "| kl_budget | method | realized KL / budget (seeds 0-4) | CG iterations | search's forward passes |",
+                 "|---|---|---|---|---|"]
         for r in natural_gradient_kl():
             ratios = " ".join(f"{x:.3g}" for x in r["ratios"])
             cg = " ".join(str(i) for i in r["cg_iterations"])
-            lines.append(f"| {r['budget']:g} | {r['method']} | {ratios} | {cg} |")
+            passes = " ".join(str(i) for i in r["kl_evaluations"])
+            lines.append(f"| {r['budget']:g} | {r['method']} | {ratios} | {cg} | {passes} |")
         text = "\n".join(lines)
     else:
         cost = cg_iteration_cost(repeats)

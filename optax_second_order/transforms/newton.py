@@ -59,7 +59,8 @@ Inside a solver:
   ``eta`` found within the band, else the longest one evaluated with ``k <= (1 + r) epsilon``, else none (a zero
   update, counted in ``state.rejected``); a step that does not move the outputs at all (``k = 0``) is kept. So the
   realized KL of the step at learning rate 1 is at most ``(1 + r) epsilon`` on the batch, and within ``r epsilon``
-  of the budget when the search converges (the step's KL is ``k``, kept in ``state.realized_kl``). This is the
+  of the budget when the search converges (the step's KL is ``k``, kept in ``state.realized_kl``, and the search's
+  ``model_fn`` evaluations, the outputs before the step included, in ``state.kl_evaluations``). This is the
   line search of TRPO (Schulman et al. 2015, appendix C) on the KL constraint, with a secant-like update in place
   of halving: ``k`` is quadratic in ``eta`` for short steps, so one correction usually lands in the band.
 
@@ -155,6 +156,7 @@ class NewtonState(NamedTuple):
     nonfinite: jax.Array  # int32, steps with a non-finite gradient, product or solution (zero update)
     newton_decrement: jax.Array  # sqrt(g^T x) of the last finite solve, x = (C + lambda I)^{-1} g
     realized_kl: jax.Array  # with kl_rtol: the KL divergence the last step made on its batch (learning rate 1)
+    kl_evaluations: jax.Array  # int32, with kl_rtol: model_fn evaluations of the last step's search (tries + 1)
 
 
 class _Config(NamedTuple):
@@ -319,9 +321,10 @@ def _kl_scale(g_dot_x: jax.Array, kl_budget) -> jax.Array:
 def _realized_kl_scale(fns: _Extras, params: PyTree, x: PyTree, eta, kl_budget, kl_rtol, kl_maxiter):
     """The KL scale corrected on the realized KL ``k(eta) = loss.kl(f(theta), f(theta - eta x))`` (module docstring).
 
-    Returns ``(eta, k, found)``: the scale to use, its realized KL, and whether any scale met ``k <= (1 + r) epsilon``
-    (the step is zero otherwise). ``eta`` starts at the second-order scale; ``k = 0`` (the step does not move the
-    outputs, or ``eta = 0``) ends the search with that ``eta``.
+    Returns ``(eta, k, found, tries)``: the scale to use, its realized KL, whether any scale met
+    ``k <= (1 + r) epsilon`` (the step is zero otherwise), and the number of scales tried. ``eta`` starts at the
+    second-order scale; ``k = 0`` (the step does not move the outputs, or ``eta = 0``) ends the search with that
+    ``eta``.
     """
     dtype = eta.dtype
     budget = jnp.asarray(kl_budget, dtype)
@@ -350,9 +353,9 @@ def _realized_kl_scale(fns: _Extras, params: PyTree, x: PyTree, eta, kl_budget, 
 
     zero = jnp.zeros([], dtype)
     init = (jnp.zeros([], jnp.int32), eta, zero, jnp.asarray(jnp.inf, dtype), jnp.asarray(False))
-    _, _, best, best_kl, _ = jax.lax.while_loop(searching, evaluate, init)
+    tries, _, best, best_kl, _ = jax.lax.while_loop(searching, evaluate, init)
     found = jnp.isfinite(best_kl)
-    return best, jnp.where(found, best_kl, 0.0).astype(dtype), found
+    return best, jnp.where(found, best_kl, 0.0).astype(dtype), found, tries
 
 
 def _moved(params: PyTree, x: PyTree, scale) -> PyTree:
@@ -414,6 +417,7 @@ class _Step(NamedTuple):
     negative_curvature: jax.Array
     newton_decrement: jax.Array
     realized_kl: jax.Array
+    kl_evaluations: jax.Array
 
 
 def _validate(name, curvature, solver, damping_rule, preconditioner, damping, min_damping, saddle_free, kl_budget,
@@ -474,7 +478,7 @@ def _init(config: _Config, params, damping, seed) -> NewtonState:
     return NewtonState(
         count=zero(), key=jax.random.key(seed), damping=jnp.asarray(damping, float_dtype), warm_start=warm,
         cg_iterations=zero(), products=zero(), negative_curvature=zero(), rejected=zero(), nonfinite=zero(),
-        newton_decrement=jnp.zeros([], float_dtype), realized_kl=jnp.zeros([], float_dtype),
+        newton_decrement=jnp.zeros([], float_dtype), realized_kl=jnp.zeros([], float_dtype), kl_evaluations=zero(),
     )
 
 
@@ -595,11 +599,12 @@ def scale_by_newton(
         finite = all_finite(solution.x) & jnp.isfinite(solution.quadratic)
         g_dot_x = otu.tree_vdot(g, solution.x)
         eta = _kl_scale(g_dot_x, kl_budget) if config.kl_step else jnp.ones([], g_dot_x.dtype)
-        realized_kl, kl_found = state.realized_kl, jnp.asarray(True)
+        realized_kl, kl_found, kl_evaluations = state.realized_kl, jnp.asarray(True), jnp.zeros([], jnp.int32)
         if config.kl_search:
             x_finite = jax.tree.map(lambda v: jnp.where(finite, v, 0.0).astype(v.dtype), solution.x)
-            eta, realized_kl, kl_found = _realized_kl_scale(fns, params, x_finite, eta, kl_budget, kl_rtol,
-                                                            kl_maxiter)
+            eta, realized_kl, kl_found, tries = _realized_kl_scale(fns, params, x_finite, eta, kl_budget, kl_rtol,
+                                                                   kl_maxiter)
+            kl_evaluations = tries + 1  # and the outputs before the step
             realized_kl = jnp.where(finite, realized_kl, state.realized_kl).astype(state.realized_kl.dtype)
         scale = rate * eta
         chosen, new_value = solution, None
@@ -622,13 +627,14 @@ def scale_by_newton(
                                 state.warm_start)
         decrement = jnp.where(finite, jnp.sqrt(jnp.maximum(g_dot_x, 0.0)), state.newton_decrement)
         return _Step(update, accepted, finite, new_damping, warm, chosen.iterations, chosen.products,
-                     finite & chosen.negative_curvature, decrement.astype(state.newton_decrement.dtype), realized_kl)
+                     finite & chosen.negative_curvature, decrement.astype(state.newton_decrement.dtype), realized_kl,
+                     kl_evaluations)
 
     def skip(g, state, damping_now) -> _Step:
         zero = jnp.zeros([], jnp.int32)
         false = jnp.asarray(False)
         return _Step(jax.tree.map(jnp.zeros_like, g), false, false, damping_now, state.warm_start, zero, zero, false,
-                     state.newton_decrement, state.realized_kl)
+                     state.newton_decrement, state.realized_kl, zero)
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
@@ -654,6 +660,7 @@ def scale_by_newton(
             nonfinite=state.nonfinite + (~step.finite).astype(jnp.int32),
             newton_decrement=step.newton_decrement,
             realized_kl=step.realized_kl,
+            kl_evaluations=step.kl_evaluations,
         )
         out = jax.tree.map(lambda u, p: u.astype(p.dtype), step.update, updates)
         return out, new_state

@@ -266,7 +266,7 @@ def test_kl_is_the_expected_log_likelihood_ratio(name):
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_kl_is_half_the_output_fisher_to_second_order(name):
-    """``KL(y, y + h v) = h^2/2 v^T H_L v + O(h^3)``: the output Hessian is the Fisher of the predictive distribution."""
+    """``KL(y, y + h v) = h^2/2 v^T H_L v + O(h^3)``: the output Hessian is the predictive distribution's Fisher."""
     loss = LOSSES[name]
     v = jnp.asarray(np.random.default_rng(3).standard_normal(LOGITS.shape))
     quadratic = 0.5 * float(jnp.vdot(v, loss.output_hvp(LOGITS, v)))

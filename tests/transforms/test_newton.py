@@ -410,6 +410,7 @@ def test_natural_gradient_defaults_realize_the_kl_budget_in_float32(seed):
     assert realized == pytest.approx(1e-3, rel=0.05)
     assert float(state.realized_kl) == pytest.approx(realized, rel=1e-3)
     assert int(state.rejected) == 0 and int(state.nonfinite) == 0
+    assert 2 <= int(state.kl_evaluations) <= 11  # the outputs before the step, then 1 to kl_maxiter tries
 
 
 def test_realized_kl_search_corrects_the_sampled_fishers_step():
@@ -433,6 +434,7 @@ def test_realized_kl_search_corrects_the_sampled_fishers_step():
     assert corrected == pytest.approx(1e-3, rel=0.05) and int(state.rejected) == 0
     rejected, state = realized(kl_maxiter=1)
     assert rejected == 0.0 and int(state.rejected) == 1 and float(state.realized_kl) == 0.0
+    assert int(state.kl_evaluations) == 2
 
 
 # --- Hessian-free: Martens' algorithm in NumPy ------------------------------------------------------------------------
