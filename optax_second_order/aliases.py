@@ -529,7 +529,7 @@ def natural_gradient(
 
     The scale starts at the second-order ``eta = sqrt(2 kl_budget / g^T x)`` and is corrected on the KL the step
     ``-eta x`` realizes, ``loss.kl`` of the model's outputs on the batch before and after (``kl_rtol``, default
-    0.05; at most ``kl_maxiter`` evaluations of ``model_fn``). The guarantee: that KL is never above
+    0.05; at most ``kl_maxiter`` tries, one evaluation of ``model_fn`` each). The guarantee: that KL is never above
     ``(1 + kl_rtol) kl_budget`` (else the update is zero and ``state.rejected`` counts it) and within
     ``kl_rtol * kl_budget`` of the budget when the search converges; ``state.realized_kl`` reports it. It is the KL of
     the step at ``learning_rate=1``, the value to use (a schedule scales the step after the search: KL about

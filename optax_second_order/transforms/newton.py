@@ -55,7 +55,7 @@ Inside a solver:
   the step actually makes, ``k(eta) = loss.kl(f(theta), f(theta - eta x))`` (the batch's weighted mean
   ``KL(p(t | f_i(theta)) || p(t | f_i(theta - eta x)))``, one ``model_fn`` evaluation each): starting from the
   second-order ``eta``, ``eta <- eta sqrt(epsilon / k(eta))`` (at most doubling; a quarter where ``k`` is not
-  finite) until ``|k(eta) - epsilon| <= r epsilon``, at most ``kl_maxiter`` evaluations. The step is the last
+  finite) until ``|k(eta) - epsilon| <= r epsilon``, at most ``kl_maxiter`` tries. The step is the last
   ``eta`` found within the band, else the longest one evaluated with ``k <= (1 + r) epsilon``, else none (a zero
   update, counted in ``state.rejected``); a step that does not move the outputs at all (``k = 0``) is kept. So the
   realized KL of the step at learning rate 1 is at most ``(1 + r) epsilon`` on the batch, and within ``r epsilon``
@@ -70,10 +70,11 @@ CG-backtracking test that step, ``delta = -lr u`` (``learning_rate``, default 1)
 length, and ``learning_rate=1`` is the one to use unless a schedule is wanted.
 
 Counters in :class:`NewtonState`: the damping in use, CG iterations of the last step, curvature products so far,
-steps that met non-positive curvature, steps rejected by the reduction ratio, and non-finite events. A non-finite
-gradient, curvature product or solution is never folded into the state: that step's update is zero, the damping and
-the warm start are kept, and ``state.nonfinite`` counts it. The state also keeps the Newton decrement
-``sqrt(g^T x)`` of the last solve (:func:`~.solvers.newton_decrement`).
+steps that met non-positive curvature, steps rejected by the reduction ratio or the realized-KL search, and non-finite
+events. A non-finite gradient, curvature product or solution is never folded into the state: that step's update is
+zero, the damping and the warm start are kept, and ``state.nonfinite`` counts it. The state also keeps the Newton decrement
+``sqrt(g^T x)`` of the last solve (:func:`~.solvers.newton_decrement`) and, with ``kl_rtol``, the realized KL of the
+last step and its search's ``model_fn`` evaluations.
 
 Randomness (sampled Fisher targets, the preconditioner's random signs) comes from the key in the state: at each
 update ``key, curvature_key = jax.random.split(state.key)``; the Fisher operator (or factor) draws its targets from
@@ -152,7 +153,7 @@ class NewtonState(NamedTuple):
     cg_iterations: jax.Array  # int32, CG iterations of the last step (0 for the other solvers)
     products: jax.Array  # int32, curvature-vector products so far (dense: n per step; row_space: m factor columns)
     negative_curvature: jax.Array  # int32, steps whose solve met non-positive curvature
-    rejected: jax.Array  # int32, steps rejected by the reduction-ratio test (zero update)
+    rejected: jax.Array  # int32, steps rejected by the reduction-ratio test or the realized-KL search (zero update)
     nonfinite: jax.Array  # int32, steps with a non-finite gradient, product or solution (zero update)
     newton_decrement: jax.Array  # sqrt(g^T x) of the last finite solve, x = (C + lambda I)^{-1} g
     realized_kl: jax.Array  # with kl_rtol: the KL divergence the last step made on its batch (learning rate 1)
@@ -539,7 +540,7 @@ def scale_by_newton(
       kl_rtol: with ``kl_budget``, correct the scale until the realized KL of the step (learning rate 1) is within
         ``kl_rtol * kl_budget`` of the budget and never above ``(1 + kl_rtol) kl_budget`` (module docstring; needs
         ``model_fn`` and ``loss``, whose ``kl`` method gives the KL). ``None``: the second-order scale alone.
-      kl_maxiter: the most ``model_fn`` evaluations of the step that search makes (10).
+      kl_maxiter: the most scales that search tries, one ``model_fn`` evaluation each (10).
       num_samples: sampled targets per example for ``curvature="fisher"`` (default 1; sets array shapes).
       learning_rate: the learning rate the update will be scaled by (a float or a schedule, as the alias's), so the
         reduction ratio and backtracking test the step taken; ``None`` tests ``learning_rate = 1``.
