@@ -413,6 +413,30 @@ def test_natural_gradient_defaults_realize_the_kl_budget_in_float32(seed):
     assert 2 <= int(state.kl_evaluations) <= 11  # the outputs before the step, then 1 to kl_maxiter tries
 
 
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_natural_gradient_defaults_realize_the_kl_budget_for_other_losses(likelihood):
+    """The same with sigmoid cross-entropy (3 independent Bernoulli outputs) and squared error (unit Gaussian): the
+    realized KL from the textbook formula in NumPy, at a budget of 1e-2 where third-order terms show."""
+    params, x, _ = float32_problem(2)
+    rng = np.random.default_rng(2)
+    if likelihood == "bernoulli":
+        loss = oso.losses.sigmoid_binary_cross_entropy(jnp.asarray(rng.integers(0, 2, (N, K)), jnp.float32))
+    else:
+        loss = oso.losses.squared_error(jnp.asarray(rng.standard_normal((N, K)), jnp.float32))
+    tx = oso.natural_gradient(kl_budget=1e-2)
+    grads = jax.grad(lambda p: loss(mlp(p, x)))(params)
+    update, state = tx.update(grads, tx.init(params), params, model_fn=lambda p: mlp(p, x), loss=loss)
+    y = np.asarray(mlp(params, x), np.float64)
+    y_new = np.asarray(mlp(optax.apply_updates(params, update), x), np.float64)
+    if likelihood == "bernoulli":
+        s, s_new = 1 / (1 + np.exp(-y)), 1 / (1 + np.exp(-y_new))
+        realized = np.mean(np.sum(s * np.log(s / s_new) + (1 - s) * np.log((1 - s) / (1 - s_new)), -1))
+    else:
+        realized = np.mean(0.5 * np.sum((y_new - y) ** 2, -1))
+    assert realized == pytest.approx(1e-2, rel=0.05)
+    assert float(state[0].realized_kl) == pytest.approx(realized, rel=1e-3)
+
+
 def test_realized_kl_search_corrects_the_sampled_fishers_step():
     """One sampled target per example (the Fisher of rank <= N): the second-order scale alone moves the outputs by
     more than 10x the budget; the search brings that step into the band. With one evaluation allowed and that one
