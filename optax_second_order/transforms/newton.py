@@ -59,7 +59,7 @@ Inside a solver:
   ``eta`` found within the band, else the longest one evaluated with ``k <= (1 + r) epsilon``, else none (a zero
   update, counted in ``state.rejected``); a step that does not move the outputs at all (``k = 0``) is kept. So the
   realized KL of the step at learning rate 1 is at most ``(1 + r) epsilon`` on the batch, and within ``r epsilon``
-  of the budget when the search converges (the step's KL is ``k``, kept in ``state.realized_kl``, and the search's
+  of the budget when the search converges (the update's KL is ``k``, kept in ``state.realized_kl``, and the search's
   ``model_fn`` evaluations, the outputs before the step included, in ``state.kl_evaluations``). This is the
   line search of TRPO (Schulman et al. 2015, appendix C) on the KL constraint, with a secant-like update in place
   of halving: ``k`` is quadratic in ``eta`` for short steps, so one correction usually lands in the band.
@@ -72,9 +72,9 @@ length, and ``learning_rate=1`` is the one to use unless a schedule is wanted.
 Counters in :class:`NewtonState`: the damping in use, CG iterations of the last step, curvature products so far,
 steps that met non-positive curvature, steps rejected by the reduction ratio or the realized-KL search, and non-finite
 events. A non-finite gradient, curvature product or solution is never folded into the state: that step's update is
-zero, the damping and the warm start are kept, and ``state.nonfinite`` counts it. The state also keeps the Newton decrement
-``sqrt(g^T x)`` of the last solve (:func:`~.solvers.newton_decrement`) and, with ``kl_rtol``, the realized KL of the
-last step and its search's ``model_fn`` evaluations.
+zero, the damping and the warm start are kept, and ``state.nonfinite`` counts it. The state also keeps the Newton
+decrement ``sqrt(g^T x)`` of the last solve (:func:`~.solvers.newton_decrement`) and, with ``kl_rtol``, the realized
+KL of the last update (0 for a zero update) and its search's ``model_fn`` evaluations.
 
 Randomness (sampled Fisher targets, the preconditioner's random signs) comes from the key in the state: at each
 update ``key, curvature_key = jax.random.split(state.key)``; the Fisher operator (or factor) draws its targets from
@@ -156,7 +156,7 @@ class NewtonState(NamedTuple):
     rejected: jax.Array  # int32, steps rejected by the reduction-ratio test or the realized-KL search (zero update)
     nonfinite: jax.Array  # int32, steps with a non-finite gradient, product or solution (zero update)
     newton_decrement: jax.Array  # sqrt(g^T x) of the last finite solve, x = (C + lambda I)^{-1} g
-    realized_kl: jax.Array  # with kl_rtol: the KL divergence the last step made on its batch (learning rate 1)
+    realized_kl: jax.Array  # with kl_rtol: the KL the last update made on its batch (learning rate 1; 0 if zero)
     kl_evaluations: jax.Array  # int32, with kl_rtol: model_fn evaluations of the last step's search (tries + 1)
 
 
@@ -600,13 +600,12 @@ def scale_by_newton(
         finite = all_finite(solution.x) & jnp.isfinite(solution.quadratic)
         g_dot_x = otu.tree_vdot(g, solution.x)
         eta = _kl_scale(g_dot_x, kl_budget) if config.kl_step else jnp.ones([], g_dot_x.dtype)
-        realized_kl, kl_found, kl_evaluations = state.realized_kl, jnp.asarray(True), jnp.zeros([], jnp.int32)
+        realized_kl, kl_found, kl_evaluations = jnp.zeros([]), jnp.asarray(True), jnp.zeros([], jnp.int32)
         if config.kl_search:
             x_finite = jax.tree.map(lambda v: jnp.where(finite, v, 0.0).astype(v.dtype), solution.x)
             eta, realized_kl, kl_found, tries = _realized_kl_scale(fns, params, x_finite, eta, kl_budget, kl_rtol,
                                                                    kl_maxiter)
             kl_evaluations = tries + 1  # and the outputs before the step
-            realized_kl = jnp.where(finite, realized_kl, state.realized_kl).astype(state.realized_kl.dtype)
         scale = rate * eta
         chosen, new_value = solution, None
         if config.backtracking is not None:
@@ -622,6 +621,7 @@ def scale_by_newton(
             adapted = damping_rules.levenberg_marquardt(damping_now, rho, decrease, increase, min_damping)
             new_damping = jnp.where(finite, adapted, damping_now).astype(damping_now.dtype)
         update = jax.tree.map(lambda x: jnp.where(accepted, eta * x, 0.0).astype(x.dtype), chosen.x)
+        realized_kl = jnp.where(accepted, realized_kl, 0.0).astype(state.realized_kl.dtype)
         warm = ()
         if config.warm_start:
             warm = jax.tree.map(lambda new, old: jnp.where(finite, new, old).astype(old.dtype), chosen.final,
@@ -635,7 +635,7 @@ def scale_by_newton(
         zero = jnp.zeros([], jnp.int32)
         false = jnp.asarray(False)
         return _Step(jax.tree.map(jnp.zeros_like, g), false, false, damping_now, state.warm_start, zero, zero, false,
-                     state.newton_decrement, state.realized_kl, zero)
+                     state.newton_decrement, jnp.zeros_like(state.realized_kl), zero)
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
