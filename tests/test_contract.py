@@ -61,12 +61,6 @@ UPSTREAM_FAILURES = {
     "diff_updates_memory",
 }
 
-# Failures of this library left to work in progress elsewhere: strict, so the fix shows up and the entry goes.
-PENDING = {
-    ("zero_size", "shampoo"): "zero-size leaves: factor bank (issue 20)",
-    ("zero_size", "soap"): "zero-size leaves: factor bank (issue 20)",
-}
-
 
 def _group(case: ContractCase) -> pytest.MarkDecorator:
     """Under ``pytest -n 2 --dist loadgroup`` (the Makefile) every check of a case runs in one worker, so the plain
@@ -88,8 +82,6 @@ def test_contract(check, case, request):
     if (check, case.name) in UPSTREAM_FAILURES:
         reason = UPSTREAM_FAILURES[check, case.name]
         request.applymarker(pytest.mark.xfail(reason=reason, raises=AssertionError, strict=True))
-    if (check, case.name) in PENDING:
-        request.applymarker(pytest.mark.xfail(reason=PENDING[check, case.name], raises=AssertionError, strict=True))
     CHECKS[check](case)
 
 

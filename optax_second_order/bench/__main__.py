@@ -5,7 +5,8 @@
 ``<task>.png`` per task. ``primitives`` times curvature products against the gradient (see
 :mod:`optax_second_order.bench.primitives`). ``newton-rosenbrock``, ``newton-grid`` and ``newton-cost`` count the Newton
 family's evaluations to ``||g|| < 1e-6`` on Rosenbrock beside scipy, run its methods over a learning-rate x damping
-grid counting non-finite steps, and time one CG iteration against a gradient (see :mod:`optax_second_order.bench.newton`).
+grid counting non-finite steps, and time one CG iteration against a gradient; ``newton-kl`` measures the KL divergence
+one natural-gradient step realizes against its budget (see :mod:`optax_second_order.bench.newton`).
 ``scale`` measures the state bytes per device, the step time and the collectives' bytes of Adam, Shampoo and SOAP
 with sharded state on 1, 2, 4 and 8 simulated host devices (see :mod:`optax_second_order.bench.scale`).
 ``quasi-newton`` counts iterations and evaluations of the line-search methods on deterministic problems (see
@@ -56,8 +57,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "command", nargs="?", default="run",
-        choices=("run", "primitives", "scale", "newton-rosenbrock", "newton-grid", "newton-cost", "quasi-newton",
-                 "ab"),
+        choices=("run", "primitives", "scale", "newton-rosenbrock", "newton-grid", "newton-cost", "newton-kl",
+                 "quasi-newton", "ab"),
         help="default: run",
     )
     parser.add_argument("--tasks", default=None, help=f"comma list or 'all' (default: {','.join(DEFAULT_TASKS)})")
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         tasks = _names(args.tasks, list(TASKS), "task") if args.tasks else scale.TASKS
         scale.main(args.out, tasks, steps=args.steps or scale.STEPS)
-    elif args.command in ("newton-rosenbrock", "newton-grid", "newton-cost"):  # the solve-based family (bench/newton.py)
+    elif args.command in ("newton-rosenbrock", "newton-grid", "newton-cost", "newton-kl"):  # bench/newton.py
         from optax_second_order.bench import newton
 
         newton.main(args.command, args.repeats)

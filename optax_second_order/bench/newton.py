@@ -20,6 +20,13 @@ every damping in ``1e-4, 1e-2, 1`` (the initial damping of the adaptive rules, w
 non-finite events (``state.nonfinite``), rejected steps and CG iterations: the robustness the step-count table does not
 show.
 
+``newton-kl`` takes one step of ``oso.natural_gradient`` on ``digits-mlp`` (float32, batch 128) from five
+initializations and batches (seeds 0-4) and reports the realized KL divergence between the batch's predictive
+distributions before and after the step, in float64 from the outputs, as a multiple of ``kl_budget`` (``1e-3``,
+``1e-2`` and ``1e-1``), for the default (exact Fisher, realized-KL correction) beside the second-order scale alone with
+the exact and the sampled Fisher, with CG's iterations and the search's forward passes. (The step's time is ``bench ab``'s to measure: round-robin
+against another revision, so the load of a shared machine cancels.)
+
 ``newton-cost`` times one CG iteration on ``digits-autoencoder`` (batch 512) as a ratio to one gradient: CG on the
 linearized GGN operator with ``tol=0`` for ``k`` and ``k + 20`` iterations, the difference divided by 20 (so the
 linearization and the loop's setup cancel), against the median of ``jax.grad``; and likewise one product of the
@@ -47,6 +54,8 @@ __all__ = [
     "cg_iteration_cost",
     "GRID_METHODS",
     "nonfinite_grid",
+    "KL_METHODS",
+    "natural_gradient_kl",
     "main",
 ]
 
@@ -280,6 +289,58 @@ def nonfinite_grid(task_name: str = "digits-mlp", steps: int | None = None, damp
     return rows
 
 
+KL_METHODS: dict[str, dict] = {
+    "default (exact Fisher, realized-KL correction)": {},
+    "exact Fisher, second order only": {"kl_rtol": None},
+    "sampled Fisher (1 sample), second order only: the former default": {"fisher": "true", "kl_rtol": None},
+    "sampled Fisher (1 sample), realized-KL correction": {"fisher": "true"},
+    "sampled Fisher (16 samples), second order only": {"fisher": "true", "num_samples": 16, "kl_rtol": None},
+}
+"""``oso.natural_gradient`` keyword arguments of the ``newton-kl`` rows (beside ``kl_budget``)."""
+
+
+def natural_gradient_kl(budgets=(1e-3, 1e-2, 1e-1), seeds=range(5)) -> list[dict]:
+    """Every :data:`KL_METHODS` row x budget: the realized KL of one step over ``kl_budget`` per seed (init and batch
+    of ``digits-mlp``), CG's iterations and the realized-KL search's ``model_fn`` evaluations per seed."""
+    from optax_second_order.bench.tasks import get_task
+
+    task = get_task("digits-mlp")
+    problems = []
+    for seed in seeds:
+        inputs, targets = next(task.batches(seed))
+        problems.append((task.init(jax.random.key(seed)), inputs, targets))
+
+    def kl64(y, y_new):
+        y, y_new = np.asarray(y, np.float64), np.asarray(y_new, np.float64)
+        log_p = y - np.log(np.sum(np.exp(y - y.max(-1, keepdims=True)), -1, keepdims=True)) - y.max(-1, keepdims=True)
+        log_q = y_new - np.log(np.sum(np.exp(y_new - y_new.max(-1, keepdims=True)), -1, keepdims=True)) \
+            - y_new.max(-1, keepdims=True)
+        return float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1)))
+
+    rows = []
+    for budget in budgets:
+        for name, kwargs in KL_METHODS.items():
+            tx = oso.natural_gradient(kl_budget=budget, **kwargs)
+
+            @jax.jit
+            def step(params, inputs, targets, tx=tx):
+                loss = task.loss(targets)
+                model_fn = lambda p: task.apply(p, inputs)  # noqa: E731
+                grads = jax.grad(lambda p: loss(model_fn(p)))(params)
+                updates, state = tx.update(grads, tx.init(params), params, model_fn=model_fn, loss=loss)
+                return optax.apply_updates(params, updates), state[0].cg_iterations, state[0].kl_evaluations
+
+            ratios, iterations, evaluations = [], [], []
+            for params, inputs, targets in problems:
+                moved, cg_iterations, kl_evaluations = step(params, inputs, targets)
+                ratios.append(kl64(task.apply(params, inputs), task.apply(moved, inputs)) / budget)
+                iterations.append(int(cg_iterations))
+                evaluations.append(int(kl_evaluations))
+            rows.append({"budget": budget, "method": name, "ratios": ratios, "cg_iterations": iterations,
+                         "kl_evaluations": evaluations})
+    return rows
+
+
 def main(command: str, repeats: int = 5) -> str:
     """Prints and returns the table of ``command`` (``newton-rosenbrock``, ``newton-grid`` or ``newton-cost``)."""
     if command == "newton-rosenbrock":
@@ -291,6 +352,17 @@ def main(command: str, repeats: int = 5) -> str:
         for r in nonfinite_grid():
             lines.append(f"| {r['method']} | {r['learning_rate']:g} | {r['damping']:g} | {r['final_loss']:.4g} | "
                          f"{r['nonfinite']} | {r['rejected']} | {r['cg_iterations']} |")
+        text = "\n".join(lines)
+    elif command == "newton-kl":
+        title = "digits-mlp (float32, batch 128), one oso.natural_gradient step, seeds 0-4: realized KL / kl_budget"
+        lines = [title, "",
+                 "| kl_budget | method | realized KL / budget (seeds 0-4) | CG iterations | search's forward passes |",
+                 "|---|---|---|---|---|"]
+        for r in natural_gradient_kl():
+            ratios = " ".join(f"{x:.3g}" for x in r["ratios"])
+            cg = " ".join(str(i) for i in r["cg_iterations"])
+            passes = " ".join(str(i) for i in r["kl_evaluations"])
+            lines.append(f"| {r['budget']:g} | {r['method']} | {ratios} | {cg} | {passes} |")
         text = "\n".join(lines)
     else:
         cost = cg_iteration_cost(repeats)

@@ -20,7 +20,10 @@ Every loss provides
   ``S v`` and ``S^T v`` for a factor ``H_L = S S^T``, block diagonal over examples (for row-space solves);
 * ``loss.sample_targets(key, outputs)`` -- targets drawn from the model's predictive distribution
   ``p(t | y)`` for which ``l = -log p(t | y)`` (up to a constant);
-* ``loss.with_targets(t)`` -- the same loss bound to other targets (for example sampled ones).
+* ``loss.with_targets(t)`` -- the same loss bound to other targets (for example sampled ones);
+* ``loss.kl(outputs, new_outputs)`` -- the weighted mean over examples of the KL divergence
+  ``KL(p(t | y_i) || p(t | y'_i))`` between the model's predictive distributions at two outputs (categorical,
+  Bernoulli, unit-variance Gaussian), computed without cancellation; its Hessian in ``y'`` at ``y' = y`` is ``H_L``.
 
 For these three losses the negative log-likelihood is an exponential family in its natural
 parameter ``y``, so the true Fisher ``E_{t ~ p(t|y)}[grad grad^T]`` equals the output Hessian
@@ -52,6 +55,27 @@ __all__ = [
 def _compute_dtype(x: jax.Array) -> jnp.dtype:
     """float32 or better, whatever the model's output dtype."""
     return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _exp_minus_one_minus(u: jax.Array) -> jax.Array:
+    """``e^u - 1 - u >= 0`` to full relative precision: its Taylor series ``u^2/2 + u^3/6 + ... + u^6/720`` for
+    ``|u| < 0.1`` (truncation below 1e-9 relative), where ``expm1(u) - u`` would cancel, and that difference beyond."""
+    small = jnp.abs(u) < 0.1
+    s = jnp.where(small, u, 0.0)
+    series = s * s * (1 / 2 + s * (1 / 6 + s * (1 / 24 + s * (1 / 120 + s / 720))))
+    return jnp.where(small, series, jnp.expm1(u) - u)
+
+
+def _categorical_kl(log_p: jax.Array, delta: jax.Array, axis) -> jax.Array:
+    """``KL(p || q)`` for ``q ∝ p e^delta`` over ``axis``, without cancellation.
+
+    With ``c = delta - sum p delta`` (so ``sum p c = 0``), ``KL = log sum p e^c = log1p(sum p (e^c - 1 - c))``: every
+    term is non-negative and second order in ``delta``, where ``sum p (log p - log q)`` would subtract first-order
+    terms of the logits' size and keep their rounding.
+    """
+    p = jnp.exp(log_p)
+    c = delta - jnp.sum(p * delta, axis=axis, keepdims=True)
+    return jnp.log1p(jnp.sum(p * _exp_minus_one_minus(c), axis=axis))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +187,18 @@ class OutputLoss:
         self.check_outputs(outputs)
         return outputs.astype(_compute_dtype(outputs))
 
+    def kl(self, outputs: jax.Array, new_outputs: jax.Array) -> jax.Array:
+        """``sum_i w_i KL(p(t | y_i) || p(t | y'_i)) / sum_i w_i``: the weighted mean KL divergence between the
+        predictive distributions at ``outputs`` (``y``) and ``new_outputs`` (``y'``), over the same examples.
+
+        To second order it is ``1/2 (y' - y)^T H_L (y' - y)`` (the Fisher of the likelihood is ``H_L``), so it is the
+        realized counterpart of the quadratic model a KL-normalized natural-gradient step is scaled by.
+        """
+        y = self._checked(outputs)
+        y_new = self._checked(new_outputs).astype(y.dtype)
+        w = self.example_weights(outputs)
+        return jnp.sum(w * self._kl_per_example(y, y_new)) / jnp.sum(w)
+
     def with_targets(self, targets: jax.Array) -> "OutputLoss":
         """The same loss (same weights) bound to other targets."""
         return dataclasses.replace(self, targets=targets)
@@ -180,6 +216,9 @@ class OutputLoss:
         raise NotImplementedError
 
     def _sample(self, key: jax.Array, y: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def _kl_per_example(self, y: jax.Array, y_new: jax.Array) -> jax.Array:
         raise NotImplementedError
 
 
@@ -201,6 +240,10 @@ class SquaredError(OutputLoss):
 
     def _sample(self, key, y):
         return (y + jax.random.normal(key, y.shape, y.dtype)).astype(self.targets.dtype)
+
+    def _kl_per_example(self, y, y_new):
+        """``KL(N(y, I) || N(y', I)) = 1/2 ||y - y'||^2``."""
+        return 0.5 * jnp.sum(jnp.square(y_new - y), axis=self.event_axes(y))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +270,12 @@ class SigmoidBinaryCrossEntropy(OutputLoss):
 
     def _sample(self, key, y):
         return jax.random.bernoulli(key, jax.nn.sigmoid(y)).astype(self.targets.dtype)
+
+    def _kl_per_example(self, y, y_new):
+        """``KL(Bernoulli(s) || Bernoulli(s'))`` summed over the event axes: the categorical KL on logits ``(0, y)``."""
+        log_p = jnp.stack([jax.nn.log_sigmoid(-y), jax.nn.log_sigmoid(y)], axis=-1)
+        delta = jnp.stack([jnp.zeros_like(y), y_new - y], axis=-1)
+        return jnp.sum(_categorical_kl(log_p, delta, -1), axis=self.event_axes(y))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +317,10 @@ class SoftmaxCrossEntropy(OutputLoss):
     def _output_hessian_sqrt_transpose_per_example(self, y, v):
         log_p = jax.nn.log_softmax(y, axis=-1)
         return jnp.exp(0.5 * log_p) * (v - jnp.sum(jnp.exp(log_p) * v, axis=-1, keepdims=True))
+
+    def _kl_per_example(self, y, y_new):
+        """``KL(softmax(y) || softmax(y'))`` over the class axis."""
+        return _categorical_kl(jax.nn.log_softmax(y, axis=-1), y_new - y, -1)
 
     def _sample(self, key, y):
         labels = jax.random.categorical(key, y, axis=-1)

@@ -51,6 +51,18 @@ Inside a solver:
   ``eta = sqrt(2 epsilon / g^T x)``, so that ``1/2 delta^T (F + lambda I) delta = epsilon`` for ``delta = -eta x``
   and the second-order KL divergence between the model's predictive distributions before and after the step is at
   most (for small ``lambda``, about) ``epsilon`` (Schulman et al. 2015, appendix C; Martens 2020, section 12).
+* The realized KL (``kl_rtol=r``, with a KL budget): the second-order scale is then corrected on the KL divergence
+  the step actually makes, ``k(eta) = loss.kl(f(theta), f(theta - eta x))`` (the batch's weighted mean
+  ``KL(p(t | f_i(theta)) || p(t | f_i(theta - eta x)))``, one ``model_fn`` evaluation each): starting from the
+  second-order ``eta``, ``eta <- eta sqrt(epsilon / k(eta))`` (at most doubling; a quarter where ``k`` is not
+  finite) until ``|k(eta) - epsilon| <= r epsilon``, at most ``kl_maxiter`` tries. The step is the last
+  ``eta`` found within the band, else the longest one evaluated with ``k <= (1 + r) epsilon``, else none (a zero
+  update, counted in ``state.rejected``); a step that does not move the outputs at all (``k = 0``) is kept. So the
+  realized KL of the step at learning rate 1 is at most ``(1 + r) epsilon`` on the batch, and within ``r epsilon``
+  of the budget when the search converges (the update's KL is ``k``, kept in ``state.realized_kl``, and the search's
+  ``model_fn`` evaluations, the outputs before the step included, in ``state.kl_evaluations``). This is the
+  line search of TRPO (Schulman et al. 2015, appendix C) on the KL constraint, with a secant-like update in place
+  of halving: ``k`` is quadratic in ``eta`` for short steps, so one correction usually lands in the band.
 
 The update this transformation returns is ``u = eta x`` (``eta = 1`` without a KL budget), zero for a rejected
 step; the aliases end with ``optax.scale_by_learning_rate``, so ``params <- params - lr u``. The reduction ratio and
@@ -58,10 +70,11 @@ CG-backtracking test that step, ``delta = -lr u`` (``learning_rate``, default 1)
 length, and ``learning_rate=1`` is the one to use unless a schedule is wanted.
 
 Counters in :class:`NewtonState`: the damping in use, CG iterations of the last step, curvature products so far,
-steps that met non-positive curvature, steps rejected by the reduction ratio, and non-finite events. A non-finite
-gradient, curvature product or solution is never folded into the state: that step's update is zero, the damping and
-the warm start are kept, and ``state.nonfinite`` counts it. The state also keeps the Newton decrement
-``sqrt(g^T x)`` of the last solve (:func:`~.solvers.newton_decrement`).
+steps that met non-positive curvature, steps rejected by the reduction ratio or the realized-KL search, and non-finite
+events. A non-finite gradient, curvature product or solution is never folded into the state: that step's update is
+zero, the damping and the warm start are kept, and ``state.nonfinite`` counts it. The state also keeps the Newton
+decrement ``sqrt(g^T x)`` of the last solve (:func:`~.solvers.newton_decrement`) and, with ``kl_rtol``, the realized
+KL of the last update (0 for a zero update) and its search's ``model_fn`` evaluations.
 
 Randomness (sampled Fisher targets, the preconditioner's random signs) comes from the key in the state: at each
 update ``key, curvature_key = jax.random.split(state.key)``; the Fisher operator (or factor) draws its targets from
@@ -140,9 +153,11 @@ class NewtonState(NamedTuple):
     cg_iterations: jax.Array  # int32, CG iterations of the last step (0 for the other solvers)
     products: jax.Array  # int32, curvature-vector products so far (dense: n per step; row_space: m factor columns)
     negative_curvature: jax.Array  # int32, steps whose solve met non-positive curvature
-    rejected: jax.Array  # int32, steps rejected by the reduction-ratio test (zero update)
+    rejected: jax.Array  # int32, steps rejected by the reduction-ratio test or the realized-KL search (zero update)
     nonfinite: jax.Array  # int32, steps with a non-finite gradient, product or solution (zero update)
     newton_decrement: jax.Array  # sqrt(g^T x) of the last finite solve, x = (C + lambda I)^{-1} g
+    realized_kl: jax.Array  # with kl_rtol: the KL the last update made on its batch (learning rate 1; 0 if zero)
+    kl_evaluations: jax.Array  # int32, with kl_rtol: model_fn evaluations of the last step's search (tries + 1)
 
 
 class _Config(NamedTuple):
@@ -156,6 +171,7 @@ class _Config(NamedTuple):
     backtracking: float | None  # Martens' gamma
     warm_start: bool
     kl_step: bool
+    kl_search: bool  # kl_rtol is set: correct the KL scale on the realized KL
     progress: bool
     num_samples: int
 
@@ -165,7 +181,7 @@ class _Config(NamedTuple):
 
     @property
     def needs_model(self) -> bool:
-        return self.curvature != "hessian" or self.preconditioner is not None
+        return self.curvature != "hessian" or self.preconditioner is not None or self.kl_search
 
 
 class _Extras(NamedTuple):
@@ -303,6 +319,46 @@ def _kl_scale(g_dot_x: jax.Array, kl_budget) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(2.0 * kl_budget / jnp.where(positive, g_dot_x, 1.0)), 0.0)
 
 
+def _realized_kl_scale(fns: _Extras, params: PyTree, x: PyTree, eta, kl_budget, kl_rtol, kl_maxiter):
+    """The KL scale corrected on the realized KL ``k(eta) = loss.kl(f(theta), f(theta - eta x))`` (module docstring).
+
+    Returns ``(eta, k, found, tries)``: the scale to use, its realized KL, whether any scale met
+    ``k <= (1 + r) epsilon`` (the step is zero otherwise), and the number of scales tried. ``eta`` starts at the
+    second-order scale; ``k = 0`` (the step does not move the outputs, or ``eta = 0``) ends the search with that
+    ``eta``.
+    """
+    dtype = eta.dtype
+    budget = jnp.asarray(kl_budget, dtype)
+    upper, lower = ((1 + kl_rtol) * budget).astype(dtype), ((1 - kl_rtol) * budget).astype(dtype)
+    outputs = fns.model_fn(params)
+
+    def realized(scale):
+        kl = fns.loss.kl(outputs, fns.model_fn(_moved(params, x, scale))).astype(dtype)
+        return jnp.where(jnp.isnan(kl), jnp.inf, kl)
+
+    def searching(carry):
+        evaluations, _, _, _, done = carry
+        return (evaluations < kl_maxiter) & ~done
+
+    def evaluate(carry):
+        evaluations, scale, best, best_kl, _ = carry
+        kl = realized(scale)
+        feasible = kl <= upper
+        longer = feasible & (scale >= best)
+        best, best_kl = jnp.where(longer, scale, best), jnp.where(longer, kl, best_kl)
+        done = feasible & ((kl >= lower) | (kl == 0))
+        best, best_kl = jnp.where(done, scale, best), jnp.where(done, kl, best_kl)
+        ratio = jnp.sqrt(budget / jnp.where(kl > 0, kl, budget))
+        factor = jnp.where(jnp.isfinite(kl), jnp.minimum(ratio, 2.0), 0.25)
+        return evaluations + 1, (scale * factor).astype(dtype), best, best_kl, done
+
+    zero = jnp.zeros([], dtype)
+    init = (jnp.zeros([], jnp.int32), eta, zero, jnp.asarray(jnp.inf, dtype), jnp.asarray(False))
+    tries, _, best, best_kl, _ = jax.lax.while_loop(searching, evaluate, init)
+    found = jnp.isfinite(best_kl)
+    return best, jnp.where(found, best_kl, 0.0).astype(dtype), found, tries
+
+
 def _moved(params: PyTree, x: PyTree, scale) -> PyTree:
     """``params - scale * x`` in the params' dtypes (the step the update will take)."""
     return jax.tree.map(lambda p, v: p - (scale * v).astype(p.dtype), params, x)
@@ -361,11 +417,13 @@ class _Step(NamedTuple):
     products: jax.Array
     negative_curvature: jax.Array
     newton_decrement: jax.Array
+    realized_kl: jax.Array
+    kl_evaluations: jax.Array
 
 
 def _validate(name, curvature, solver, damping_rule, preconditioner, damping, min_damping, saddle_free, kl_budget,
-              warm_start_decay, progress_eps, backtracking, tol, maxiter, learning_rate, decrease, increase,
-              accept_threshold, exponent) -> None:
+              kl_rtol, kl_maxiter, warm_start_decay, progress_eps, backtracking, tol, maxiter, learning_rate, decrease,
+              increase, accept_threshold, exponent) -> None:
     check_choice(name, "curvature", curvature, CURVATURES)
     check_choice(name, "solver", solver, SOLVERS)
     check_choice(name, "damping_rule", damping_rule, DAMPING_RULES)
@@ -389,6 +447,15 @@ def _validate(name, curvature, solver, damping_rule, preconditioner, damping, mi
                              f"must be > 0, got damping={damping!r}, min_damping={min_damping!r}")
     check(name, "min_damping", min_damping, lambda x: x >= 0, ">= 0")
     check(name, "kl_budget", kl_budget, lambda x: x > 0, "None or > 0")
+    if kl_rtol is not None and kl_budget is None:
+        raise ValueError(f"{name}: kl_rtol={kl_rtol!r} corrects a KL budget's step, so it needs kl_budget (got None)")
+    if kl_rtol is not None and backtracking is not None:
+        raise ValueError(f"{name}: kl_rtol and backtracking both choose the step: set one of them")
+    if kl_rtol is not None and curvature == "hessian":
+        raise ValueError(f"{name}: kl_rtol measures the KL between the model's predictive distributions, which needs "
+                         "a curvature of the model (gauss_newton, fisher, empirical_fisher), not the Hessian")
+    check(name, "kl_rtol", kl_rtol, lambda x: 0 < x < 1, "None or in (0, 1)")
+    check(name, "kl_maxiter", kl_maxiter, lambda x: x >= 1 and float(x).is_integer(), "an integer >= 1")
     check(name, "warm_start_decay", warm_start_decay, lambda x: 0 <= x <= 1, "None or in [0, 1]")
     check(name, "progress_eps", progress_eps, lambda x: x > 0, "None or > 0")
     if backtracking is not None and not (isinstance(backtracking, (int, float)) and backtracking > 1):
@@ -412,7 +479,7 @@ def _init(config: _Config, params, damping, seed) -> NewtonState:
     return NewtonState(
         count=zero(), key=jax.random.key(seed), damping=jnp.asarray(damping, float_dtype), warm_start=warm,
         cg_iterations=zero(), products=zero(), negative_curvature=zero(), rejected=zero(), nonfinite=zero(),
-        newton_decrement=jnp.zeros([], float_dtype),
+        newton_decrement=jnp.zeros([], float_dtype), realized_kl=jnp.zeros([], float_dtype), kl_evaluations=zero(),
     )
 
 
@@ -435,6 +502,8 @@ def scale_by_newton(
     backtracking: float | None = None,
     warm_start_decay: float | None = None,
     kl_budget: float | None = None,
+    kl_rtol: float | None = None,
+    kl_maxiter: int = 10,
     num_samples: int | None = None,
     learning_rate: optax.ScalarOrSchedule | None = None,
     seed: int = 0,
@@ -468,6 +537,10 @@ def scale_by_newton(
         ``None`` disables it.
       warm_start_decay: start CG from the previous solution times this (Martens: 0.95); ``None`` starts from zero.
       kl_budget: scale the step to a second-order KL change ``epsilon`` (module docstring); ``None`` disables it.
+      kl_rtol: with ``kl_budget``, correct the scale until the realized KL of the step (learning rate 1) is within
+        ``kl_rtol * kl_budget`` of the budget and never above ``(1 + kl_rtol) kl_budget`` (module docstring; needs
+        ``model_fn`` and ``loss``, whose ``kl`` method gives the KL). ``None``: the second-order scale alone.
+      kl_maxiter: the most scales that search tries, one ``model_fn`` evaluation each (10).
       num_samples: sampled targets per example for ``curvature="fisher"`` (default 1; sets array shapes).
       learning_rate: the learning rate the update will be scaled by (a float or a schedule, as the alias's), so the
         reduction ratio and backtracking test the step taken; ``None`` tests ``learning_rate = 1``.
@@ -481,8 +554,8 @@ def scale_by_newton(
     """
     decrease_default, increase_default, threshold_default = RULE_DEFAULTS.get(damping_rule, (None, None, None))
     _validate(name, curvature, solver, damping_rule, preconditioner, damping, min_damping, saddle_free, kl_budget,
-              warm_start_decay, progress_eps, backtracking, tol, maxiter, learning_rate, damping_decrease,
-              damping_increase, accept_threshold, preconditioner_exponent)
+              kl_rtol, kl_maxiter, warm_start_decay, progress_eps, backtracking, tol, maxiter, learning_rate,
+              damping_decrease, damping_increase, accept_threshold, preconditioner_exponent)
     buffers = progress_eps is not None or backtracking is not None
     if buffers:
         maxiter = static_int(name, "maxiter", maxiter, DEFAULT_MAXITER)
@@ -497,6 +570,7 @@ def scale_by_newton(
         backtracking=backtracking,
         warm_start=warm_start_decay is not None,
         kl_step=kl_budget is not None,
+        kl_search=kl_rtol is not None,
         progress=progress_eps is not None,
         num_samples=static_int(name, "num_samples", num_samples, 1),
     )
@@ -526,34 +600,42 @@ def scale_by_newton(
         finite = all_finite(solution.x) & jnp.isfinite(solution.quadratic)
         g_dot_x = otu.tree_vdot(g, solution.x)
         eta = _kl_scale(g_dot_x, kl_budget) if config.kl_step else jnp.ones([], g_dot_x.dtype)
+        realized_kl, kl_found, kl_evaluations = jnp.zeros([]), jnp.asarray(True), jnp.zeros([], jnp.int32)
+        if config.kl_search:
+            x_finite = jax.tree.map(lambda v: jnp.where(finite, v, 0.0).astype(v.dtype), solution.x)
+            eta, realized_kl, kl_found, tries = _realized_kl_scale(fns, params, x_finite, eta, kl_budget, kl_rtol,
+                                                                   kl_maxiter)
+            kl_evaluations = tries + 1  # and the outputs before the step
         scale = rate * eta
         chosen, new_value = solution, None
         if config.backtracking is not None:
             slot, new_value = _backtrack(fns.value_fn, params, solution, scale)
             chosen = _backtracked(operator, damping_now, solution, slot)
-        accepted, new_damping = finite, damping_now
+        accepted, new_damping = finite & kl_found, damping_now
         if config.adaptive:
             if new_value is None:
                 new_value = fns.value_fn(_moved(params, chosen.x, scale))
             predicted = -scale * otu.tree_vdot(g, chosen.x) + 0.5 * scale**2 * chosen.quadratic
             rho = damping_rules.reduction_ratio(new_value - fns.value_fn(params), predicted)
-            accepted = finite & (rho > threshold)
+            accepted = finite & kl_found & (rho > threshold)
             adapted = damping_rules.levenberg_marquardt(damping_now, rho, decrease, increase, min_damping)
             new_damping = jnp.where(finite, adapted, damping_now).astype(damping_now.dtype)
         update = jax.tree.map(lambda x: jnp.where(accepted, eta * x, 0.0).astype(x.dtype), chosen.x)
+        realized_kl = jnp.where(accepted, realized_kl, 0.0).astype(state.realized_kl.dtype)
         warm = ()
         if config.warm_start:
             warm = jax.tree.map(lambda new, old: jnp.where(finite, new, old).astype(old.dtype), chosen.final,
                                 state.warm_start)
         decrement = jnp.where(finite, jnp.sqrt(jnp.maximum(g_dot_x, 0.0)), state.newton_decrement)
         return _Step(update, accepted, finite, new_damping, warm, chosen.iterations, chosen.products,
-                     finite & chosen.negative_curvature, decrement.astype(state.newton_decrement.dtype))
+                     finite & chosen.negative_curvature, decrement.astype(state.newton_decrement.dtype), realized_kl,
+                     kl_evaluations)
 
     def skip(g, state, damping_now) -> _Step:
         zero = jnp.zeros([], jnp.int32)
         false = jnp.asarray(False)
         return _Step(jax.tree.map(jnp.zeros_like, g), false, false, damping_now, state.warm_start, zero, zero, false,
-                     state.newton_decrement)
+                     state.newton_decrement, jnp.zeros_like(state.realized_kl), zero)
 
     def update_fn(updates, state, params=None, **extra):
         params = require_params(params, name)
@@ -580,6 +662,8 @@ def scale_by_newton(
             rejected=state.rejected + (step.finite & ~step.accepted).astype(jnp.int32),
             nonfinite=state.nonfinite + (~step.finite).astype(jnp.int32),
             newton_decrement=step.newton_decrement,
+            realized_kl=step.realized_kl,
+            kl_evaluations=step.kl_evaluations,
         )
         out = jax.tree.map(lambda u, p: u.astype(p.dtype), step.update, updates)
         return out, new_state

@@ -1,5 +1,6 @@
 """``bench newton-rosenbrock``: the scipy harness reproduces scipy's own counts, and the library's Newton-CG reaches
-``||g|| < 1e-6`` with fewer Hessian-vector products than scipy's Newton-CG (counts, not timings).
+``||g|| < 1e-6`` with fewer Hessian-vector products than scipy's Newton-CG (counts, not timings); ``bench newton-kl``
+reports the realized KL of the natural-gradient rows it names.
 
 Independent references: ``scipy.optimize.minimize``'s ``nit`` / ``nhev`` for trust-ncg with ``gtol=1e-6`` (the
 harness counts the same calls itself), ``scipy.optimize.rosen_der`` for the final gradient.
@@ -32,3 +33,14 @@ def test_newton_cg_needs_fewer_products_than_scipy_newton_cg(n):
     assert ours["converged"] and scipy["converged"]
     assert ours["nonfinite"] == 0
     assert ours["products"] < scipy["products"], (ours, scipy)
+
+
+def test_newton_kl_rows_measure_the_realized_kl():
+    """``bench newton-kl`` on one seed and budget: every row, the default within its 5% band of the budget, the former
+    default (one sampled target, second order only) far above it -- the figures the natural-gradient page reports."""
+    from optax_second_order.bench.newton import KL_METHODS, natural_gradient_kl
+
+    rows = {r["method"]: r for r in natural_gradient_kl(budgets=(1e-3,), seeds=range(1))}
+    assert list(rows) == list(KL_METHODS)
+    assert rows["default (exact Fisher, realized-KL correction)"]["ratios"][0] == pytest.approx(1.0, abs=0.05)
+    assert rows["sampled Fisher (1 sample), second order only: the former default"]["ratios"][0] > 10

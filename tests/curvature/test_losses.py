@@ -202,3 +202,86 @@ def test_true_output_fisher_equals_output_hessian(name):
     outer = (w / w.sum())[:, None, None] * np.einsum("kia,kib->kiab", s, s)
     standard_error = outer.std(0, ddof=1) / np.sqrt(NUM_DRAWS)
     assert_within_standard_errors(outer.mean(0), blocks, standard_error + 1e-12)
+
+
+# --- the KL divergence between predictive distributions ---------------------------------------------------------------
+
+NEW_LOGITS = LOGITS + jnp.asarray(np.random.default_rng(2).standard_normal(LOGITS.shape))
+
+
+def direct_kl(name, y, y_new):
+    """``KL(p(t | y_i) || p(t | y'_i))`` per example by the textbook formulas, in float64 NumPy."""
+    y, y_new = np.asarray(y, np.float64), np.asarray(y_new, np.float64)
+    if name.startswith("softmax"):
+        log_p = y - np.log(np.sum(np.exp(y), -1, keepdims=True))
+        log_q = y_new - np.log(np.sum(np.exp(y_new), -1, keepdims=True))
+        return np.sum(np.exp(log_p) * (log_p - log_q), -1)
+    if name == "sigmoid":
+        s, s_new = 1 / (1 + np.exp(-y)), 1 / (1 + np.exp(-y_new))
+        return np.sum(s * np.log(s / s_new) + (1 - s) * np.log((1 - s) / (1 - s_new)), -1)
+    return 0.5 * np.sum((y - y_new) ** 2, -1)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_kl_matches_direct_formulas(name):
+    loss = LOSSES[name]
+    expected = weighted_mean(direct_kl(name, LOGITS, NEW_LOGITS), np.asarray(loss.weights))
+    np.testing.assert_allclose(loss.kl(LOGITS, NEW_LOGITS), expected, rtol=1e-10)
+    assert float(loss.kl(LOGITS, LOGITS)) == 0.0
+    np.testing.assert_allclose(jax.jit(lambda loss, a, b: loss.kl(a, b))(loss, LOGITS, NEW_LOGITS), expected,
+                               rtol=1e-10)
+
+
+def expected_log_likelihood_ratio(name, loss, y, y_new):
+    """``E_{t ~ p(t | y)}[l(y', t) - l(y, t)]`` (the definition of the KL, ``l = -log p``) per example, from the
+    loss's own per-example values: every class (softmax), all 2^4 target vectors (Bernoulli), or Gauss-Hermite
+    quadrature on every coordinate (Gaussian: the log-ratio is a sum over coordinates, each of degree 2)."""
+    def ratio(t):
+        other = loss.with_targets(t)
+        return np.asarray(other.per_example(y_new) - other.per_example(y))
+
+    if name.startswith("softmax"):
+        p = np.asarray(jax.nn.softmax(y, -1))
+        one_hot = name.endswith("onehot")
+        return sum(p[:, k] * ratio(jax.nn.one_hot(jnp.full(6, k), 4) if one_hot else jnp.full(6, k))
+                   for k in range(4))
+    if name == "sigmoid":
+        s = np.asarray(jax.nn.sigmoid(y))
+        total = 0.0
+        for bits in np.ndindex(*(2,) * 4):
+            t = np.broadcast_to(np.asarray(bits, np.float64), (6, 4))
+            total = total + np.prod(np.where(t == 1, s, 1 - s), -1) * ratio(jnp.asarray(t))
+        return total
+    nodes, weights = np.polynomial.hermite_e.hermegauss(5)
+    return sum(w / np.sqrt(2 * np.pi) * ratio(y + z) for z, w in zip(nodes, weights))
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_kl_is_the_expected_log_likelihood_ratio(name):
+    loss = LOSSES[name]
+    per_example = expected_log_likelihood_ratio(name, loss, LOGITS, NEW_LOGITS)
+    np.testing.assert_allclose(loss.kl(LOGITS, NEW_LOGITS), weighted_mean(per_example, np.asarray(loss.weights)),
+                               rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_kl_is_half_the_output_fisher_to_second_order(name):
+    """``KL(y, y + h v) = h^2/2 v^T H_L v + O(h^3)``: the output Hessian is the predictive distribution's Fisher."""
+    loss = LOSSES[name]
+    v = jnp.asarray(np.random.default_rng(3).standard_normal(LOGITS.shape))
+    quadratic = 0.5 * float(jnp.vdot(v, loss.output_hvp(LOGITS, v)))
+    for h in (1e-2, 1e-3):
+        assert float(loss.kl(LOGITS, LOGITS + h * v)) / h**2 == pytest.approx(quadratic, rel=5 * h)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_kl_of_a_small_change_in_float32_has_no_cancellation(name):
+    """float32 outputs a small step apart (KL about 1e-6): the KL to 1e-4 of the float64 formula on the same numbers,
+    where ``sum p (log p - log q)`` in float32 keeps the logits' rounding (about 1e-7 each) in a result of 1e-6."""
+    loss = jax.tree.map(lambda x: x.astype(jnp.float32) if x.dtype == jnp.float64 else x, LOSSES[name])
+    y = (3 * LOGITS).astype(jnp.float32)
+    y_new = y + (1e-3 * jnp.asarray(np.random.default_rng(4).standard_normal(y.shape))).astype(jnp.float32)
+    realized = loss.kl(y, y_new)
+    assert realized.dtype == jnp.float32
+    expected = float(weighted_mean(direct_kl(name, y, y_new), np.asarray(loss.weights, np.float64)))
+    assert float(realized) == pytest.approx(expected, rel=1e-4)
