@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_second_order.curvature import secant
+from optax_second_order.transforms.linesearch import scale_by_more_thuente_linesearch
 from optax_second_order.transforms.common import (
     all_finite,
     check,
@@ -96,12 +97,16 @@ __all__ = [
     "scale_by_lbfgs",
     "scale_by_linesearch",
     "QUASI_NEWTON_METHODS",
+    "LINESEARCHES",
 ]
 
 PyTree = Any
 
 QUASI_NEWTON_METHODS = ("bfgs", "bfgs_cholesky", "dfp", "sr1", "sr1_inverse")
 """The update rules of :func:`scale_by_quasi_newton`."""
+
+LINESEARCHES = ("zoom", "more_thuente", "backtracking")
+"""The line searches :func:`scale_by_linesearch` builds by name."""
 
 _ON_B = ("bfgs_cholesky", "sr1")  # the matrix kept approximates the Hessian (as L or B), not its inverse
 
@@ -449,7 +454,7 @@ class LinesearchState(NamedTuple):
     """State of :func:`scale_by_linesearch`: optax's line-search state and a step counter (for schedules)."""
 
     count: jax.Array  # int32
-    linesearch: Any  # optax's ScaleByZoomLinesearchState / ScaleByBacktrackingLinesearchState (or the given one's)
+    linesearch: Any  # ScaleByZoomLinesearchState, ScaleByMoreThuenteLinesearchState, ... (or the given one's)
     nonfinite: jax.Array  # int32, searches that gave a non-finite step (zero update, state kept)
 
 
@@ -473,6 +478,9 @@ def _restore_evaluation(inner_state, stale: jax.Array, value_fn: Callable, param
 
 
 def _optax_linesearch(kind, max_linesearch_steps, slope_rtol, curv_rtol):
+    if kind == "more_thuente":
+        # scipy's BFGS driver of dcsrch: xtol 1e-14, the interpolated first trial (scalar_search_wolfe1)
+        return scale_by_more_thuente_linesearch(max_linesearch_steps, slope_rtol=slope_rtol, curv_rtol=curv_rtol)
     if kind == "zoom":
         # initial_guess_strategy="one": a quasi-Newton step has the right length near the solution (optax.lbfgs).
         return optax.scale_by_zoom_linesearch(
@@ -502,6 +510,9 @@ def scale_by_linesearch(
     * ``"zoom"``: ``optax.scale_by_zoom_linesearch`` (strong Wolfe conditions with ``slope_rtol = c_1`` and
       ``curv_rtol = c_2``, N&W Algorithms 3.5-3.6, first trial step 1, as ``optax.lbfgs``); Wolfe steps give
       pairs with ``s^T y > 0``;
+    * ``"more_thuente"``: :func:`~optax_second_order.scale_by_more_thuente_linesearch` (the same strong Wolfe
+      conditions, Moré & Thuente 1994, MINPACK-2's ``dcsrch`` as scipy's BFGS drives it: ``xtol = 1e-14`` and the
+      interpolated first trial ``min(1, 1.01 * 2 (f_k - f_{k-1}) / phi'(0))``);
     * ``"backtracking"``: ``optax.scale_by_backtracking_linesearch`` (Armijo with ``c_1 = slope_rtol``, from the
       full step each time, gradient stored for reuse);
     * an optax line-search transformation of the same protocol, used as given.
@@ -522,15 +533,15 @@ def scale_by_linesearch(
     kept, counted in ``nonfinite``.
 
     Args:
-      linesearch: ``"zoom"``, ``"backtracking"`` or an optax line-search transformation.
+      linesearch: one of :data:`LINESEARCHES` or a line-search transformation of optax's protocol.
       learning_rate: a factor (or schedule) on the accepted step.
       max_linesearch_steps: the most function evaluations of one search.
       slope_rtol: ``c_1`` of the sufficient-decrease condition.
-      curv_rtol: ``c_2`` of the curvature condition (zoom only).
+      curv_rtol: ``c_2`` of the curvature condition (zoom and Moré-Thuente).
       name: the optimizer named in errors.
     """
     if isinstance(linesearch, str):
-        check_choice(name, "linesearch", linesearch, ("zoom", "backtracking"))
+        check_choice(name, "linesearch", linesearch, LINESEARCHES)
         check(name, "max_linesearch_steps", max_linesearch_steps, lambda v: v >= 1 and float(v).is_integer(),
               "an integer >= 1")
         check(name, "slope_rtol", slope_rtol, lambda v: 0 < v < 1, "in (0, 1)")
