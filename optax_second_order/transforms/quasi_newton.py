@@ -53,9 +53,10 @@ at the previous point on the *current* batch, ``y_k = g_{k+1}(x_{k+1}) - g_{k+1}
 ``value_fn`` per step (Schraudolph, Yu & Günter 2007; Byrd, Hansen, Nocedal & Singer 2016 use the same idea
 with separate Hessian-vector products).
 
-:func:`scale_by_linesearch` composes optax's own ``scale_by_zoom_linesearch`` (Wolfe conditions, N&W
-Algorithms 3.5-3.6) or ``scale_by_backtracking_linesearch`` (Armijo) with this library's extra-argument
-protocol, as ``optax.lbfgs`` chains them; see its docstring.
+:func:`scale_by_linesearch` composes a line search with this library's extra-argument protocol, as
+``optax.lbfgs`` chains them: the Moré-Thuente search (strong Wolfe conditions, Moré & Thuente 1994;
+:mod:`optax_second_order.transforms.linesearch`), optax's own ``scale_by_zoom_linesearch`` (strong Wolfe, N&W
+Algorithms 3.5-3.6) or ``scale_by_backtracking_linesearch`` (Armijo); see its docstring.
 
 References: J. Nocedal & S. J. Wright, *Numerical Optimization*, 2nd ed., 2006; J. E. Dennis & R. B. Schnabel,
 *Numerical Methods for Unconstrained Optimization and Nonlinear Equations*, 1983; N. N. Schraudolph, J. Yu &
@@ -479,7 +480,8 @@ def _restore_evaluation(inner_state, stale: jax.Array, value_fn: Callable, param
 
 def _optax_linesearch(kind, max_linesearch_steps, slope_rtol, curv_rtol):
     if kind == "more_thuente":
-        # scipy's BFGS driver of dcsrch: xtol 1e-14, the interpolated first trial (scalar_search_wolfe1)
+        # first trial 1 (L-BFGS-B's driver of dcsrch; the module docstring of transforms/linesearch.py says why not
+        # scipy BFGS's interpolated one), xtol 1e-14 (scipy's BFGS driver)
         return scale_by_more_thuente_linesearch(max_linesearch_steps, slope_rtol=slope_rtol, curv_rtol=curv_rtol)
     if kind == "zoom":
         # initial_guess_strategy="one": a quasi-Newton step has the right length near the solution (optax.lbfgs).
@@ -511,8 +513,8 @@ def scale_by_linesearch(
       ``curv_rtol = c_2``, N&W Algorithms 3.5-3.6, first trial step 1, as ``optax.lbfgs``); Wolfe steps give
       pairs with ``s^T y > 0``;
     * ``"more_thuente"``: :func:`~optax_second_order.scale_by_more_thuente_linesearch` (the same strong Wolfe
-      conditions, Moré & Thuente 1994, MINPACK-2's ``dcsrch`` as scipy's BFGS drives it: ``xtol = 1e-14`` and the
-      interpolated first trial ``min(1, 1.01 * 2 (f_k - f_{k-1}) / phi'(0))``);
+      conditions by Moré & Thuente's safeguarded cubic interpolation, MINPACK-2's ``dcsrch`` as in scipy's BFGS
+      and L-BFGS-B, first trial 1, ``xtol = 1e-14``);
     * ``"backtracking"``: ``optax.scale_by_backtracking_linesearch`` (Armijo with ``c_1 = slope_rtol``, from the
       full step each time, gradient stored for reuse);
     * an optax line-search transformation of the same protocol, used as given.
