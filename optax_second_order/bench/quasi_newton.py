@@ -74,15 +74,25 @@ FUNCTIONS: dict[str, tuple[Callable, np.ndarray]] = {
 }
 """Name -> (function of a flat float64 vector, starting point)."""
 
+def _more_thuente(strategy: str) -> optax.GradientTransformation:
+    return oso.scale_by_more_thuente_linesearch(20, initial_guess_strategy=strategy)
+
+
 METHODS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "oso.bfgs": oso.bfgs,
+    "oso.bfgs(zoom)": lambda: oso.bfgs(linesearch="zoom"),
+    "oso.bfgs(more_thuente, interpolated)": lambda: oso.bfgs(linesearch=_more_thuente("interpolated")),
     "oso.bfgs(cholesky)": lambda: oso.bfgs(cholesky=True),
     "oso.sr1": oso.sr1,
     "oso.dfp": oso.dfp,
     "oso.lbfgs": oso.lbfgs,
+    "oso.lbfgs(more_thuente)": lambda: oso.lbfgs(linesearch="more_thuente"),
+    "oso.lbfgs(more_thuente, interpolated)": lambda: oso.lbfgs(linesearch=_more_thuente("interpolated")),
     "optax.lbfgs": optax.lbfgs,
 }
-"""This library's line-search aliases (zoom line search, defaults) and ``optax.lbfgs`` (memory 10, zoom)."""
+"""This library's line-search aliases with their defaults (BFGS: Moré-Thuente; SR1, DFP, L-BFGS: zoom), the other
+line search for BFGS and L-BFGS (zoom; Moré-Thuente from 1 and from scipy BFGS's interpolated first trial), and
+``optax.lbfgs`` (memory 10, zoom)."""
 
 
 # --- runs ---------------------------------------------------------------------------------------------------

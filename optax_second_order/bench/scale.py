@@ -83,7 +83,9 @@ def measure(task_name: str, steps: int = STEPS) -> list[dict]:
 
     task = get_task(task_name)
     devices = jax.device_count()
-    mesh = jax.make_mesh((devices,), ("data",))
+    # Auto axes: the tasks' models carry no sharding annotations (under Explicit axes the char LM's embedding lookup
+    # with a batch-split index array needs an out_sharding); the optimizers run on both kinds (tests/curvature/test_bank.py)
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rows = []
     with jax.set_mesh(mesh):
         split = NamedSharding(mesh, P("data"))

@@ -53,9 +53,10 @@ at the previous point on the *current* batch, ``y_k = g_{k+1}(x_{k+1}) - g_{k+1}
 ``value_fn`` per step (Schraudolph, Yu & Günter 2007; Byrd, Hansen, Nocedal & Singer 2016 use the same idea
 with separate Hessian-vector products).
 
-:func:`scale_by_linesearch` composes optax's own ``scale_by_zoom_linesearch`` (Wolfe conditions, N&W
-Algorithms 3.5-3.6) or ``scale_by_backtracking_linesearch`` (Armijo) with this library's extra-argument
-protocol, as ``optax.lbfgs`` chains them; see its docstring.
+:func:`scale_by_linesearch` composes a line search with this library's extra-argument protocol, as
+``optax.lbfgs`` chains them: the Moré-Thuente search (strong Wolfe conditions, Moré & Thuente 1994;
+:mod:`optax_second_order.transforms.linesearch`), optax's own ``scale_by_zoom_linesearch`` (strong Wolfe, N&W
+Algorithms 3.5-3.6) or ``scale_by_backtracking_linesearch`` (Armijo); see its docstring.
 
 References: J. Nocedal & S. J. Wright, *Numerical Optimization*, 2nd ed., 2006; J. E. Dennis & R. B. Schnabel,
 *Numerical Methods for Unconstrained Optimization and Nonlinear Equations*, 1983; N. N. Schraudolph, J. Yu &
@@ -74,6 +75,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_second_order.curvature import secant
+from optax_second_order.transforms.linesearch import scale_by_more_thuente_linesearch
 from optax_second_order.transforms.common import (
     all_finite,
     check,
@@ -96,12 +98,16 @@ __all__ = [
     "scale_by_lbfgs",
     "scale_by_linesearch",
     "QUASI_NEWTON_METHODS",
+    "LINESEARCHES",
 ]
 
 PyTree = Any
 
 QUASI_NEWTON_METHODS = ("bfgs", "bfgs_cholesky", "dfp", "sr1", "sr1_inverse")
 """The update rules of :func:`scale_by_quasi_newton`."""
+
+LINESEARCHES = ("zoom", "more_thuente", "backtracking")
+"""The line searches :func:`scale_by_linesearch` builds by name."""
 
 _ON_B = ("bfgs_cholesky", "sr1")  # the matrix kept approximates the Hessian (as L or B), not its inverse
 
@@ -453,7 +459,7 @@ class LinesearchState(NamedTuple):
     """State of :func:`scale_by_linesearch`: optax's line-search state and a step counter (for schedules)."""
 
     count: jax.Array  # int32
-    linesearch: Any  # optax's ScaleByZoomLinesearchState / ScaleByBacktrackingLinesearchState (or the given one's)
+    linesearch: Any  # ScaleByZoomLinesearchState, ScaleByMoreThuenteLinesearchState, ... (or the given one's)
     nonfinite: jax.Array  # int32, searches that gave a non-finite step (zero update, state kept)
 
 
@@ -477,6 +483,10 @@ def _restore_evaluation(inner_state, stale: jax.Array, value_fn: Callable, param
 
 
 def _optax_linesearch(kind, max_linesearch_steps, slope_rtol, curv_rtol):
+    if kind == "more_thuente":
+        # first trial 1 (L-BFGS-B's driver of dcsrch; the module docstring of transforms/linesearch.py says why not
+        # scipy BFGS's interpolated one), xtol 1e-14 (scipy's BFGS driver)
+        return scale_by_more_thuente_linesearch(max_linesearch_steps, slope_rtol=slope_rtol, curv_rtol=curv_rtol)
     if kind == "zoom":
         # initial_guess_strategy="one": a quasi-Newton step has the right length near the solution (optax.lbfgs).
         return optax.scale_by_zoom_linesearch(
@@ -506,6 +516,9 @@ def scale_by_linesearch(
     * ``"zoom"``: ``optax.scale_by_zoom_linesearch`` (strong Wolfe conditions with ``slope_rtol = c_1`` and
       ``curv_rtol = c_2``, N&W Algorithms 3.5-3.6, first trial step 1, as ``optax.lbfgs``); Wolfe steps give
       pairs with ``s^T y > 0``;
+    * ``"more_thuente"``: :func:`~optax_second_order.scale_by_more_thuente_linesearch` (the same strong Wolfe
+      conditions by Moré & Thuente's safeguarded cubic interpolation, MINPACK-2's ``dcsrch`` as in scipy's BFGS
+      and L-BFGS-B, first trial 1, ``xtol = 1e-14``);
     * ``"backtracking"``: ``optax.scale_by_backtracking_linesearch`` (Armijo with ``c_1 = slope_rtol``, from the
       full step each time, gradient stored for reuse);
     * an optax line-search transformation of the same protocol, used as given.
@@ -526,15 +539,15 @@ def scale_by_linesearch(
     kept, counted in ``nonfinite``.
 
     Args:
-      linesearch: ``"zoom"``, ``"backtracking"`` or an optax line-search transformation.
+      linesearch: one of :data:`LINESEARCHES` or a line-search transformation of optax's protocol.
       learning_rate: a factor (or schedule) on the accepted step.
       max_linesearch_steps: the most function evaluations of one search.
       slope_rtol: ``c_1`` of the sufficient-decrease condition.
-      curv_rtol: ``c_2`` of the curvature condition (zoom only).
+      curv_rtol: ``c_2`` of the curvature condition (zoom and Moré-Thuente).
       name: the optimizer named in errors.
     """
     if isinstance(linesearch, str):
-        check_choice(name, "linesearch", linesearch, ("zoom", "backtracking"))
+        check_choice(name, "linesearch", linesearch, LINESEARCHES)
         check(name, "max_linesearch_steps", max_linesearch_steps, lambda v: v >= 1 and float(v).is_integer(),
               "an integer >= 1")
         check(name, "slope_rtol", slope_rtol, lambda v: 0 < v < 1, "in (0, 1)")
