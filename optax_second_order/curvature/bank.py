@@ -157,8 +157,9 @@ class FactorBank:
         buffers (a donated state must not share them)."""
         def stack(g, mode):
             d, n = self.groups[g].block_shape[mode], self.groups[g].size
-            return jnp.broadcast_to(jnp.eye(d, dtype=dtype), (n, d, d)) + jnp.zeros((), dtype) if identity else (
-                jnp.zeros((n, d, d), dtype))
+            if identity:
+                return jnp.broadcast_to(jnp.eye(d, dtype=dtype), (n, d, d)) + jnp.zeros((), dtype)
+            return jnp.zeros((n, d, d), dtype)
 
         return self.split(tuple(stack(g, mode) for g, mode in self.factor_stacks))
 
@@ -168,13 +169,12 @@ class FactorBank:
 
     # --- data in and out ---------------------------------------------------------------------------------
 
-    def to_stacks(self, items: Sequence[jax.Array], dtype: Any = None) -> tuple[jax.Array, ...]:
+    def to_stacks(self, items: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
         """Every item's blocks in its group's ``[n, *block_shape]`` stack (padding units zero), split over the
         devices. Items outside the bank are ignored."""
         parts: list[list[jax.Array]] = [[] for _ in self.groups]
         for x, place in zip(items, self.places):
             if place is not None:
-                x = x if dtype is None else x.astype(dtype)
                 parts[place.group].append(self._blocks(x, place))
         stacks = []
         for group, blocks in zip(self.groups, parts):

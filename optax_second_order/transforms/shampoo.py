@@ -38,7 +38,7 @@ Refreshes. ``root_method="eigh"`` (the default) computes the roots by
 GPU/TPU), for integer exponents given as Python numbers (``2k``, or an integer ``exponent_override``), with eigh
 for the blocks where it does not converge and for every other exponent. On CPU eigh is faster (``docs/api/matrix.md``;
 run with ``OPENBLAS_NUM_THREADS=1``). ``stagger=S`` spreads each refresh over ``S`` steps: the factors are split
-once into ``S`` slots of balanced cost (``d^3`` per root; :func:`~optax_second_order.transforms.common.partition_by_cost`)
+once into ``S`` slots of balanced cost (``d^3`` per root; :func:`~optax_second_order.curvature.bank.partition_by_cost`)
 and slot ``r`` is refreshed on steps ``start - r + k * precondition_frequency``, so every step recomputes about
 ``n / S`` of the ``n`` roots and no step all of them, and by ``start`` every factor has a root. The roots are then
 up to ``precondition_frequency`` steps old, as without staggering.

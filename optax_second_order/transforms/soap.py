@@ -23,14 +23,16 @@ Adam (the official ``precondition_1d=False``).
 
 Blocks (``block_size``, not in the official code; Distributed Shampoo's blocking, Anil et al. 2020): dimensions
 above ``block_size`` are cut into blocks of ``block_size`` (the last one zero-padded), and every block has its own
-factors and bases (:mod:`~optax_second_order.curvature.blocking`); the moments of a blocked leaf are kept in the
-blocks' eigenbases, ``[blocks, *block_shape]``. A rotation then costs ``2 * sum_i b_i`` flops per entry instead
+factors and bases (:mod:`~optax_second_order.curvature.blocking`). Blocks of one shape, from every leaf, share the
+stacks of the factor bank (:mod:`~optax_second_order.curvature.bank`), ``[n, b, b]`` per mode for the factors and
+bases and ``[n, *block_shape]`` for the moments in the eigenbases, which ``precondition_sharding`` stores split over
+a mesh and ``layer_axes`` extends to every layer of a stacked leaf. A rotation then costs ``2 * sum_i b_i`` flops per entry instead
 of ``2 * sum_i d_i`` (a ``1000 x 500`` layer in blocks of 128: 512 instead of 3000, against a forward and
 backward pass's ``6 * batch``), and a refresh ``O(b^3)`` per block.
 
 Refreshes: ``basis_method="qr"`` (Householder QR, the official code; the fastest on CPU) or ``"cholesky_qr"``
 (:func:`~optax_second_order.curvature.matrix.orthogonal_iteration_step`: products, Cholesky and triangular solves,
-for GPU/TPU); ``stagger`` spreads each refresh over that many steps, a fixed partition of the (leaf, mode, block)
+for GPU/TPU); ``stagger`` spreads each refresh over that many steps, a fixed partition of the (block, mode)
 factors into slots of balanced cost (``b^3``), slot ``r`` refreshed ``r`` steps before the unstaggered schedule.
 
 Non-finite numbers: a step whose factors could overflow (the gradient is not finite, or a bound from its squared
@@ -215,7 +217,7 @@ def scale_by_soap(
         fastest on CPU) or ``"cholesky_qr"`` (shifted CholeskyQR3 with a relative shift of ``1e-5``: products,
         Cholesky and triangular solves, for GPU/TPU).
       stagger: spread each refresh over this many steps (``True``: ``precondition_frequency``; ``None``/``False``:
-        every basis on one step): a fixed partition of the (leaf, mode, block) factors balanced by the cost
+        every basis on one step): a fixed partition of the (block, mode) factors balanced by the cost
         ``d^3``, slot ``r`` refreshed ``r`` steps before the unstaggered schedule. At most
         ``precondition_frequency``. The first call still computes every basis (by eigh).
       block_size: cut dimensions above it into blocks with their own factors (``None``: no blocks, the official
