@@ -26,8 +26,7 @@ factors stay zero and its results are ignored: :meth:`FactorBank.real_units`), u
 (:meth:`FactorBank.from_stacks`). Units of one group cost the same, so an equal count per device is an equal
 share of the work (the balance Meta's Distributed Shampoo gets from its cost-balanced distributor). This works
 inside ``jax.jit`` on a mesh of either axis type (``Explicit`` under ``jax.set_mesh``, or ``Auto``): the layout
-is stated with ``jax.device_put``, which under ``jit`` is a sharding constraint for ``Auto`` axes and a
-reshard for ``Explicit`` ones.
+is stated with a sharding constraint on ``Auto`` axes and with ``jax.device_put`` (a reshard) on ``Explicit`` ones.
 
 Staggering (:meth:`FactorBank.stagger_tables`): the units of the factor stacks (``b^3`` each) are partitioned into
 slots of balanced cost, the same partition on any number of devices (a run's schedule does not depend on the
@@ -48,7 +47,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from optax_second_order.curvature import blocking
 
@@ -129,15 +128,23 @@ class FactorBank:
         """Every array of ``tree`` laid out with its leading (unit) axis split over the bank's devices."""
         if self.sharding is None:
             return tree
-        split = NamedSharding(self.sharding.mesh, PartitionSpec(sharding_axes(self.sharding)))
-        return jax.tree.map(lambda x: jax.device_put(x, split), tree)
+        return self._laid_out(tree, PartitionSpec(sharding_axes(self.sharding)))
 
     def gathered(self, tree: Any) -> Any:
-        """Every array of ``tree`` replicated on the bank's devices (the one gather of the update)."""
+        """Every array of ``tree`` replicated on the bank's devices (the one gather of the update). A transformation
+        states it for its whole update too: on an ``Auto`` mesh XLA would otherwise be free to hand the update, and
+        with it the data-parallel parameters, back split like the stacks."""
         if self.sharding is None:
             return tree
-        whole = NamedSharding(self.sharding.mesh, PartitionSpec())
-        return jax.tree.map(lambda x: jax.device_put(x, whole), tree)
+        return self._laid_out(tree, PartitionSpec())
+
+    def _laid_out(self, tree: Any, spec: PartitionSpec) -> Any:
+        """``tree`` with ``spec`` on the bank's mesh: a sharding constraint on ``Auto`` axes (inside ``jit``,
+        ``jax.device_put`` does not bind XLA's choice there), a reshard (``jax.device_put``) on ``Explicit`` ones."""
+        sharding = NamedSharding(self.sharding.mesh, spec)
+        explicit = all(t == AxisType.Explicit for t in self.sharding.mesh.axis_types)
+        put = jax.device_put if explicit else jax.lax.with_sharding_constraint
+        return jax.tree.map(lambda x: put(x, sharding), tree)
 
     def on_each_device(self, fn: Callable, *trees: Any, shared: tuple = ()) -> Any:
         """``fn(*trees, *shared)`` for trees of unit-axis stacks and ``shared`` values every device needs whole (a

@@ -383,7 +383,7 @@ def scale_by_shampoo(
         ok = fresh_ok & all_finite((diagonal, out))
         kept = state._replace(stats=stats, roots=roots, nonfinite=state.nonfinite + 1)
         new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), new_state, kept)
-        return jax.tree.unflatten(treedef, reject_step(~ok, out)), new_state
+        return jax.tree.unflatten(treedef, bank.gathered(reject_step(~ok, out))), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

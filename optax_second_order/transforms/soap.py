@@ -418,6 +418,6 @@ def scale_by_soap(
             state.nonfinite + (~ok).astype(jnp.int32),
         )
         out = [d.astype(g.dtype) for d, g in zip(direction, leaves)]
-        return jax.tree.unflatten(treedef, reject_step(~ok, out)), new_state
+        return jax.tree.unflatten(treedef, bank.gathered(reject_step(~ok, out))), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -136,6 +136,9 @@ SHARDED = textwrap.dedent(
                 sharded, state = run(make, mesh)
             for k in single:
                 np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12, err_msg=f"{name} {types} {k}")
+            # the update, so the data-parallel parameters, come back replicated (on an Auto mesh XLA is free to
+            # split them like the stacks unless told)
+            assert all(a.sharding.is_fully_replicated for a in jax.tree.leaves(sharded)), (name, types)
             # the block stacks (factors, roots / bases, SOAP's moments in the eigenbasis) are stored split: device 0
             # holds a quarter of them; everything else of the state is replicated
             inner = state[0]
