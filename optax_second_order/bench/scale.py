@@ -79,6 +79,7 @@ def measure(task_name: str, steps: int = STEPS) -> list[dict]:
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
+    import optax_second_order as oso
     from optax_second_order.bench.tasks import get_task
 
     task = get_task(task_name)
@@ -100,8 +101,11 @@ def measure(task_name: str, steps: int = STEPS) -> list[dict]:
                 return jax.tree.map(lambda p, u: p + u, params, updates), state
 
             batch = jax.device_put(next(batches), split)
+            # the state keeps init's layout (oso.state_shardings): on an Auto mesh XLA would otherwise be free to
+            # return the per-parameter state (Adam's moments, Shampoo's graft) split like the gradient's blocks
+            layout = (jax.tree.map(lambda a: a.sharding, params), oso.state_shardings(tx, params))
             start = time.perf_counter()
-            compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, batch).compile()
+            compiled = jax.jit(step, donate_argnums=(0, 1), out_shardings=layout).lower(params, state, batch).compile()
             compile_seconds = time.perf_counter() - start
             params, state = compiled(params, state, batch)  # the first call (every refresh of SOAP's first step)
             jax.block_until_ready(state)
