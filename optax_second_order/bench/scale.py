@@ -3,7 +3,7 @@
 For each task (default ``digits-autoencoder`` and ``stdlib-charlm``) and device count ``d`` this runs, in a fresh
 process started with ``XLA_FLAGS=--xla_force_host_platform_device_count=d`` (the flag must be set before JAX
 starts), a data-parallel jitted step (the batch split over a mesh axis ``"data"`` of ``d`` devices, the parameters
-replicated) of Adam and of the Kronecker methods with ``precondition_sharding`` over that axis, and reports:
+replicated) of Adam and of the Kronecker methods (Shampoo, SOAP, K-FAC) with ``precondition_sharding`` over that axis, and reports:
 
 * the optimizer state's bytes held by one device (device 0), and the Kronecker block stacks' share of it against
   ``total / d`` (the goal: within 1.25x);
@@ -35,17 +35,21 @@ _DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "pr
 _COLLECTIVE = re.compile(r"=\s*(.*?)\s(?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
 
 
-def _makers(sharding):
-    """The registry's Shampoo and SOAP settings (bench/optimizers.py) with their state split over ``sharding``."""
+def _makers(sharding, task):
+    """The registry's Shampoo, SOAP and K-FAC settings (bench/optimizers.py) with their state split over
+    ``sharding``."""
     import optax
 
     import optax_second_order as oso
+    from optax_second_order.bench import optimizers
 
     return {
         "adam": optax.adam(1e-3),
         "shampoo": oso.shampoo(1e-3, precondition_frequency=10, block_size=128, stagger=True,
                                precondition_sharding=sharding),
         "soap": oso.soap(1e-3, precondition_frequency=10, block_size=128, stagger=True, precondition_sharding=sharding),
+        "kfac": optimizers._kfac(0.1, task, statistics_frequency=10, seed=0, precondition_sharding=sharding,
+                                 **optimizers._KFAC),
     }
 
 
@@ -62,14 +66,19 @@ def collective_bytes(hlo: str) -> int:
 
 
 def _stack_leaves(state) -> list:
-    """The Kronecker block stacks of a chained Shampoo or SOAP state (the first element of the chain)."""
+    """The factor bank's stacks in a chained Shampoo, SOAP or K-FAC state."""
     import jax
 
-    inner = state[0]
-    if hasattr(inner, "roots"):
-        return jax.tree.leaves((inner.stats, inner.roots))
-    if hasattr(inner, "bases"):
-        return jax.tree.leaves((inner.factors, inner.bases, inner.mu[0], inner.nu[0]))
+    import optax_second_order as oso
+
+    kinds = (oso.ShampooState, oso.SoapState, oso.KFACState)
+    for inner in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds)):
+        if isinstance(inner, oso.ShampooState):
+            return jax.tree.leaves((inner.stats, inner.roots))
+        if isinstance(inner, oso.SoapState):
+            return jax.tree.leaves((inner.factors, inner.bases, inner.mu[0], inner.nu[0]))
+        if isinstance(inner, oso.KFACState):
+            return jax.tree.leaves((inner.factors, inner.preconditioners, inner.scales))
     return []
 
 
@@ -90,14 +99,17 @@ def measure(task_name: str, steps: int = STEPS) -> list[dict]:
     rows = []
     with jax.set_mesh(mesh):
         split = NamedSharding(mesh, P("data"))
-        for name, tx in _makers(split if devices > 1 else None).items():
+        for name, tx in _makers(split if devices > 1 else None, task).items():
             params = jax.device_put(task.init(jax.random.key(0)), NamedSharding(mesh, P()))
             batches = task.batches(0)
             state = tx.init(params)
 
             def step(params, state, batch, tx=tx):
-                grads = jax.grad(task.batch_loss)(params, batch)
-                updates, state = tx.update(grads, state, params)
+                inputs, targets = batch
+                loss = task.loss(targets)
+                model_fn = lambda p: task.apply(p, inputs)  # noqa: E731 (K-FAC's statistics pass)
+                grads = jax.grad(lambda p: loss(model_fn(p)))(params)
+                updates, state = tx.update(grads, state, params, model_fn=model_fn, loss=loss)
                 return jax.tree.map(lambda p, u: p + u, params, updates), state
 
             batch = jax.device_put(next(batches), split)

@@ -116,11 +116,16 @@ class FactorBank:
         g = self.groups[group]
         return np.arange(g.size) < g.real
 
-    def count_real(self, flags: Sequence[jax.Array]) -> jax.Array:
-        """How many real units are flagged (``flags``: ``[n]`` bool per factor stack, such as failed refreshes;
-        padding units are not counted), int32."""
-        counts = [jnp.sum(f & self.real_units(g), dtype=jnp.int32) for f, (g, _) in zip(flags, self.factor_stacks)]
+    def count_real(self, flags: Sequence[jax.Array], per: str = "factor") -> jax.Array:
+        """How many real units are flagged (``flags``: ``[n]`` bool per factor stack, or per group with
+        ``per="group"``, such as failed refreshes; padding units are not counted), int32."""
+        groups = [g for g, _ in self.factor_stacks] if per == "factor" else range(len(self.groups))
+        counts = [jnp.sum(f & self.real_units(g), dtype=jnp.int32) for f, g in zip(flags, groups)]
         return sum(counts, jnp.zeros((), jnp.int32))
+
+    def stacks_of(self, group: int) -> tuple[int, ...]:
+        """The indices (in :attr:`factor_stacks` order) of ``group``'s factor stacks, one per mode."""
+        return tuple(s for s, (g, _) in enumerate(self.factor_stacks) if g == group)
 
     # --- layout on devices ------------------------------------------------------------------------------
 
@@ -204,6 +209,44 @@ class FactorBank:
             out.append(self._unblocks(blocks, place).reshape(jnp.shape(x)))
         return out
 
+    def stack_items(self, per_item: Sequence[Sequence[jax.Array] | None]) -> tuple[jax.Array, ...]:
+        """One stack per factor stack from each item's own factors (``per_item[i]``: per preconditioned mode, the
+        matrices of item ``i``'s units, ``[count, b, b]``, or ``[b, b]`` for an item of one unit; ignored for an
+        item outside the bank), padding units zero, split over the devices. The inverse of :meth:`item_units`."""
+        parts: dict[tuple[int, int], list[jax.Array]] = {key: [] for key in self.factor_stacks}
+        for matrices, place in zip(per_item, self.places):
+            if place is None:
+                continue
+            group = self.groups[place.group]
+            for mode, m in zip(group.modes, matrices):
+                d = group.block_shape[mode]
+                parts[place.group, mode].append(jnp.reshape(m, (place.count, d, d)))
+        stacks = []
+        for (g, _), blocks in parts.items():
+            pad = self.groups[g].size - self.groups[g].real
+            if pad:
+                blocks.append(jnp.zeros((pad, *blocks[0].shape[1:]), blocks[0].dtype))
+            stacks.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks))
+        return self.split(tuple(stacks))
+
+    def item_units(self, stacks: Sequence[Any], per: str = "factor") -> list[Any]:
+        """Per item, its units of the stacks, ``[count, ...]`` each, gathered from the devices; None for an item
+        outside the bank. ``stacks``: in :attr:`factor_stacks` order (an item gets a tuple, one entry per
+        preconditioned mode), or one per group with ``per="group"``; each entry an array or a pytree of arrays with
+        the unit axis first."""
+        stacks = self.gathered(tuple(stacks))
+        out: list[Any] = []
+        for place in self.places:
+            if place is None:
+                out.append(None)
+                continue
+            units = lambda x, p=place: jax.lax.slice_in_dim(x, p.offset, p.offset + p.count)  # noqa: E731
+            if per == "group":
+                out.append(jax.tree.map(units, stacks[place.group]))
+            else:
+                out.append(tuple(jax.tree.map(units, stacks[s]) for s in self.stacks_of(place.group)))
+        return out
+
     def block_norms(self, items: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
         """The Frobenius norm of every block, ``[n]`` per group (0 for padding), without gathering the blocks
         (:func:`~optax_second_order.curvature.blocking.block_norms`)."""
@@ -236,9 +279,15 @@ class FactorBank:
 
     # --- staggered refreshes ---------------------------------------------------------------------------
 
-    def stagger_tables(self, slots: int) -> StaggerTables:
+    def stagger_tables(self, slots: int, per: str = "factor") -> StaggerTables:
         """The slots of a staggered refresh over the factor stacks' real units (``b^3`` each), and which of its
-        own units each device refreshes in each slot (:func:`stagger_tables`)."""
+        own units each device refreshes in each slot (:func:`stagger_tables`). With ``per="group"`` the tables are
+        per group: a unit's factors of every mode are refreshed together (cost ``sum_i b_i^3``), for a method whose
+        refresh of a block needs all of them (EK-FAC's scales restart with the block's eigenbases)."""
+        if per == "group":
+            dims = [sum(float(g.block_shape[m]) ** 3 for m in g.modes) for g in self.groups]
+            return stagger_tables([g.real for g in self.groups], dims, slots,
+                                  [g.size // self.devices for g in self.groups])
         stacks = self.factor_stacks
         return stagger_tables([self.groups[g].real for g, _ in stacks], [float(d) ** 3 for d in self.factor_dims()],
                               slots, [self.groups[g].size // self.devices for g, _ in stacks])

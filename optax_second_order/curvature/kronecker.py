@@ -64,6 +64,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, PartitionSpec
 
 from optax_second_order.curvature.capture import (
     ConvConfig,
@@ -153,7 +154,7 @@ def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -
         in_ndim = len(layer.kernel_shape) - layer.output_ndim
         rows = x.reshape(math.prod(x.shape[: x.ndim - in_ndim]), layer.fan_in)
     if layer.bias is not None:
-        rows = jnp.concatenate([rows, jnp.ones((rows.shape[0], 1), rows.dtype)], axis=1)
+        rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)  # (laid out like the rows on a mesh)
     return rows
 
 
@@ -275,11 +276,18 @@ def _call_output_shapes(model_fn, params, layers: Layers) -> list[jax.ShapeDtype
     return [call.output for call in found]
 
 
+def _sum_over_rows(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``x^T y``, a sum over the rows (the batch). On a mesh with ``Explicit`` axes the rows may be split over the
+    devices, and JAX asks where such a sum goes: here, replicated (the global batch's statistic on every device)."""
+    mesh = jax.typeof(x).sharding.mesh
+    explicit = not mesh.empty and AxisType.Explicit in mesh.axis_types
+    return jnp.matmul(x.T, y, precision=jax.lax.Precision.HIGHEST, out_sharding=PartitionSpec() if explicit else None)
+
+
 def _factors(calls: Sequence[LayerRows]) -> tuple[jax.Array, jax.Array]:
     """``A = sum a a^T / rows`` and ``G = sum p p^T`` over all the calls of one layer."""
-    highest = jax.lax.Precision.HIGHEST
-    aa = sum(jnp.matmul(c.inputs.T, c.inputs, precision=highest) for c in calls)
-    gg = sum(jnp.matmul(c.output_grads.T, c.output_grads, precision=highest) for c in calls)
+    aa = sum(_sum_over_rows(c.inputs, c.inputs) for c in calls)
+    gg = sum(_sum_over_rows(c.output_grads, c.output_grads) for c in calls)
     return aa / sum(c.inputs.shape[0] for c in calls), gg
 
 
@@ -312,7 +320,7 @@ def _eigenbasis_scales(a: jax.Array, p: jax.Array, q_a: jax.Array, q_g: jax.Arra
     a_rot = jnp.matmul(a, q_a.astype(a.dtype), precision=highest)
     p_rot = jnp.matmul(p, q_g.astype(p.dtype), precision=highest)
     if a.shape[1] == 1:
-        return jnp.matmul(jnp.square(a_rot[:, 0]).T, jnp.square(p_rot[:, 0]), precision=highest)
+        return _sum_over_rows(jnp.square(a_rot[:, 0]), jnp.square(p_rot[:, 0]))
     per_example = jnp.einsum("ntd,nte->nde", a_rot, p_rot, precision=highest)
     return jnp.sum(jnp.square(per_example), axis=0)
 

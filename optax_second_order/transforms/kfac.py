@@ -72,14 +72,17 @@ without effect (the clip bound every step). See docs/optimizers/kfac.md.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
 from optax_second_order.curvature import kronecker
+from optax_second_order.curvature.bank import FactorBank, plan_bank
 from optax_second_order.curvature.matrix import damped_inverse, eigh_psd
 from optax_second_order.curvature.products import gnvp_quadratic_form
 from optax_second_order.transforms import damping as damping_rules
@@ -93,50 +96,98 @@ from optax_second_order.transforms.common import (
     finite_ema,
     has_masked_leaves,
     is_refresh_step,
-    keep_if_nonfinite,
-    map_over_devices,
-    partition_by_cost,
     require_params,
     stagger_slots,
     stat_dtype,
+    tree_stat_dtype,
+    update_slot_units,
     update_on_whole_tree,
     value_at,
 )
 
-__all__ = ["KFACState", "scale_by_kfac"]
+__all__ = ["KFACState", "LayerState", "kfac_layer_states", "scale_by_kfac"]
 
 PyTree = Any
 NAME = "scale_by_kfac"
 
 
 class KFACState(NamedTuple):
-    """K-FAC statistics; tuples follow ``layers.layers`` / ``layers.fallback`` order."""
+    """K-FAC statistics, in the factor bank's layout (:class:`~optax_second_order.curvature.bank.FactorBank`: the
+    captured layers grouped by ``(d_in [+1], d_out)``, unit ``j`` of a group's stacks its ``j``-th layer); the
+    fallback tuples follow ``layers.fallback`` order. :func:`kfac_layer_states` reads them back per layer."""
 
     count: jax.Array  # int32, completed updates
     key: jax.Array
-    factors: tuple  # ((A, G), ...) exponential moving averages
-    preconditioners: tuple  # factored: ((P_A, P_G), ...) damped factor inverses; else (((a, Q_A), (g, Q_G)), ...)
+    factors: tuple  # per factor stack (group 0's A, G, group 1's A, G, ...): [n, d, d] exponential moving averages
+    preconditioners: tuple  # per factor stack: factored, [n, d, d] damped inverses; else ([n, d] eigenvalues, [n, d, d] Q)
     diagonal: tuple  # diagonal Fisher of the fallback parameters
     num_statistics: jax.Array  # int32, statistics updates so far
     nonfinite: jax.Array  # int32, discarded non-finite statistics or decompositions
     damping: jax.Array  # the Tikhonov damping lambda now in use (constant unless adaptive_damping)
-    scales: tuple  # EK-FAC: per layer, the (d_in, d_out) Fisher diagonal in the eigenbasis; K-FAC: ()
-    num_scales: jax.Array  # int32, EK-FAC scale updates since the eigenbases were last recomputed
+    scales: tuple  # EK-FAC: per group, [n, d_in, d_out] the Fisher diagonal in the eigenbasis; K-FAC: ()
+    num_scales: Any  # EK-FAC scale updates since the eigenbases were last recomputed: int32, or staggered [n] per group
     previous_step: tuple  # adaptive_momentum: the last step delta, per leaf of params (float32 or better); else ()
     step_coefficients: jax.Array  # adaptive_learning_rate: the last (alpha, mu) of the quadratic model; else zeros
+
+
+class LayerState(NamedTuple):
+    """One captured layer's part of a :class:`KFACState` (from :func:`kfac_layer_states`)."""
+
+    name: str
+    factors: tuple  # (A, G)
+    preconditioner: tuple  # factored: (P_A, P_G); else ((a, Q_A), (g, Q_G))
+    scales: jax.Array | None  # EK-FAC's (d_in, d_out) diagonal in the eigenbasis
+    num_scales: jax.Array | None  # EK-FAC, staggered: this layer's scale count
 
 
 class _Config(NamedTuple):
     """The static choices of one K-FAC: what the closures of :func:`scale_by_kfac` share."""
 
     layers: kronecker.Layers
+    bank: FactorBank  # where each layer's factors live
     factored: bool  # factored Tikhonov damping with damped factor inverses (else eigenbases)
     corrected: bool  # EK-FAC's eigenbasis scales
     fisher: str
-    sharding: NamedSharding | None
     adaptive_momentum: bool
     slots: int = 1  # refreshes spread over this many steps (stagger)
-    layer_slots: tuple = ()  # the refresh slot of each layer
+
+
+def _bank(layers: kronecker.Layers, sharding: NamedSharding | None = None) -> FactorBank:
+    """One unit per captured layer, its ``(d_in [+1], d_out)`` gradient matrix; factors ``A`` (mode 0), ``G`` (1)."""
+    return plan_bank([(l.input_dim, l.output_dim) for l in layers.layers], lambda shape: (0, 1), None, sharding)
+
+
+def _pair(bank: FactorBank, stacks: tuple, group: int) -> tuple:
+    """``group``'s ``(A-side, G-side)`` entries of a tuple in factor-stack order."""
+    return tuple(stacks[s] for s in bank.stacks_of(group))
+
+
+def _inner_state(state: Any) -> KFACState:
+    """The one :class:`KFACState` in ``state`` (an alias's chained state, or the state itself)."""
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, KFACState)) if isinstance(s, KFACState)]
+    if len(found) != 1:
+        raise ValueError(f"kfac_layer_states: expected one KFACState in the state, found {len(found)}")
+    return found[0]
+
+
+def kfac_layer_states(layers: kronecker.Layers, state: Any) -> list[LayerState]:
+    """The state of each captured layer (in ``layers.layers`` order), gathered from the bank's stacks: a layer's
+    factors, preconditioners and (EK-FAC) scales. ``state``: a :class:`KFACState` or a state holding one (an
+    alias's)."""
+    state = _inner_state(state)
+    bank = _bank(layers)
+    fields = ("factors", "preconditioners", "scales", "num_scales")  # split over devices: read on the host
+    host = lambda x: x if isinstance(x, jax.core.Tracer) else np.asarray(x)  # noqa: E731
+    state = state._replace(**{f: jax.tree.map(host, getattr(state, f)) for f in fields})
+    none = [None] * len(layers.layers)
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731 (a layer is one unit)
+    factors, preconditioners = bank.item_units(state.factors), bank.item_units(state.preconditioners)
+    scales = bank.item_units(state.scales, per="group") if state.scales else none
+    counts = bank.item_units(state.num_scales, per="group") if isinstance(state.num_scales, tuple) else none
+    return [
+        LayerState(l.name, first(f), first(p), None if s is None else s[0], None if c is None else c[0])
+        for l, f, p, s, c in zip(layers.layers, factors, preconditioners, scales, counts)
+    ]
 
 
 # --- statistics: the factors' moving averages (section 5) ------------------------------------------
@@ -153,149 +204,224 @@ def _batch_statistics(config: _Config, params, model_fn, loss, key, precondition
 
 
 def _eigenbases(config: _Config, preconditioners) -> dict:
-    return {l.name: (q_a, q_g) for l, ((_, q_a), (_, q_g)) in zip(config.layers.layers, preconditioners)}
+    """``{layer: (Q_A, Q_G)}`` from the bank's stacks."""
+    bases = {}
+    for l, units in zip(config.layers.layers, config.bank.item_units(preconditioners)):
+        if units is None:  # a layer with no weights (a zero dimension) is not in the bank
+            bases[l.name] = (jnp.eye(l.input_dim), jnp.eye(l.output_dim))
+        else:
+            (_, q_a), (_, q_g) = units
+            bases[l.name] = (q_a[0], q_g[0])
+    return bases
 
 
-def _by_layer(config: _Config, mapping: dict) -> list:
-    return [mapping[l.name] for l in config.layers.layers]
+def _finite_units(stacks: tuple) -> jax.Array:
+    """``[n]``: whether every entry of unit ``j`` is finite in every stack (all of one group's)."""
+    def per_unit(x):
+        return jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1)
+
+    return functools.reduce(jnp.logical_and, [per_unit(x) for x in jax.tree.leaves(stacks)])
 
 
-def _fold_in(olds: tuple, news: list, decay, nonfinite) -> tuple[tuple, jax.Array]:
-    """The moving average of each ``(old, new)`` pair (``decay`` a scalar or a vector, one per pair); a non-finite
-    one keeps ``old`` and counts."""
-    out = []
-    for i, (old, new) in enumerate(zip(olds, news)):
-        kept, bad = finite_ema(old, new, decay[i] if jnp.ndim(decay) == 1 else decay)  # one decay, or one per item
-        out.append(kept)
-        nonfinite = nonfinite + bad
-    return tuple(out), nonfinite
+def _fold_in_units(bank: FactorBank, olds: tuple, news: tuple, decay, per: str) -> tuple[tuple, jax.Array]:
+    """``decay * old + (1 - decay) * new`` unit by unit (``decay`` a scalar, or ``[n]`` per group); a unit whose new
+    value is not finite in some stack of its group keeps the old one and counts once (a layer's ``(A, G)`` pair
+    together); a non-finite old unit restarts from the new one. ``per``: the stacks are in factor-stack order
+    (``"factor"``) or one per group (``"group"``)."""
+    groups = range(len(bank.groups))
+    members = [bank.stacks_of(g) for g in groups] if per == "factor" else [(g,) for g in groups]
+    out, bad = list(olds), []
+    for g, stacks in enumerate(members):
+        ok = _finite_units(tuple(news[s] for s in stacks))
+        rate = decay[g] if isinstance(decay, tuple) else decay
+        for s in stacks:
+            unit = (-1,) + (1,) * (news[s].ndim - 1)
+            old = jnp.where(_finite_units((olds[s],)).reshape(unit), olds[s], news[s].astype(olds[s].dtype))
+            w = jnp.reshape(rate, unit if jnp.ndim(rate) else ())
+            average = (w * old + (1 - w) * news[s].astype(old.dtype)).astype(old.dtype)
+            out[s] = jnp.where(ok.reshape(unit), average, old)
+        bad.append(~ok)
+    return bank.split(tuple(out)), bank.count_real(bad, per="group")
+
+
+def _scale_decay(num_scales, ema_decay):
+    """``min(1 - 1/(k + 1), ema_decay)`` for EK-FAC's scales (per group's units when staggered)."""
+    return jax.tree.map(lambda k: jnp.minimum(1.0 - 1.0 / (k + 1), ema_decay), num_scales)
 
 
 def _update_statistics(config: _Config, state: KFACState, stats, ema_decay):
     """Factors, fallback diagonal and (EK-FAC) scales averaged with ``decay_k = min(1 - 1/k, ema_decay)``."""
+    bank = config.bank
     decay = jnp.minimum(1.0 - 1.0 / (state.num_statistics + 1), ema_decay)
-    factors, bad = _fold_in(state.factors, _by_layer(config, stats.factors), decay, state.nonfinite)
+    new = bank.stack_items([stats.factors[l.name] for l in config.layers.layers])
+    factors, bad = _fold_in_units(bank, state.factors, new, decay, "factor")
     grads = [stats.fallback_grads[name] for name in config.layers.fallback]
-    diagonal, bad = _fold_in(state.diagonal, [jnp.square(g) for g in grads], decay, bad)
-    scale_decay = jnp.minimum(1.0 - 1.0 / (state.num_scales + 1), ema_decay)
-    scales, bad = _fold_in(state.scales, _by_layer(config, stats.scales) if config.corrected else [], scale_decay, bad)
-    return factors, diagonal, scales, state.num_statistics + 1, state.num_scales + 1, bad
+    diagonal = []
+    for old, g in zip(state.diagonal, grads):
+        kept, failed = finite_ema(old, jnp.square(g), decay)
+        diagonal.append(kept)
+        bad = bad + failed
+    scales = state.scales
+    if config.corrected:
+        new = bank.to_stacks([stats.scales[l.name] for l in config.layers.layers])
+        scales, failed = _fold_in_units(bank, scales, new, _scale_decay(state.num_scales, ema_decay), "group")
+        bad = bad + failed
+    num_scales = jax.tree.map(lambda k: k + 1, state.num_scales)
+    return factors, tuple(diagonal), scales, state.num_statistics + 1, num_scales, state.nonfinite + bad
 
 
 # --- refresh: damped inverses (section 6.3) or eigenbases ------------------------------------------
 
 
-def _factored_dampings(factors: tuple, damping: jax.Array) -> list:
-    """``pi sqrt(lambda)`` and ``sqrt(lambda) / pi`` per layer, ``pi = sqrt((tr A / d_A) / (tr G / d_G))``."""
-    dampings = []
-    for a, g in factors:
-        pi = jnp.sqrt((jnp.trace(a) / a.shape[0] + 1e-30) / (jnp.trace(g) / g.shape[0] + 1e-30))
-        root = jnp.sqrt(damping).astype(a.dtype)
-        dampings += [pi * root, root / pi]
-    return dampings
+def _factored_dampings(a: jax.Array, g: jax.Array, damping: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``pi sqrt(lambda)`` and ``sqrt(lambda) / pi`` per unit, ``pi = sqrt((tr A / d_A) / (tr G / d_G))``."""
+    def mean_eigenvalue(m):
+        return jnp.trace(m, axis1=-2, axis2=-1) / m.shape[-1] + 1e-30
+
+    pi = jnp.sqrt(mean_eigenvalue(a) / mean_eigenvalue(g))
+    root = jnp.sqrt(damping).astype(a.dtype)
+    return pi * root, root / pi
 
 
-def _each_matrix(fn: Callable, matrices: list, dampings: list, sharding: NamedSharding | None) -> list:
-    """``fn(matrix, damping)`` of every matrix; with ``sharding``, equal shapes stacked and spread over devices.
-
-    Without a sharding each matrix is handled on its own (XLA:CPU's batched ``eigh`` is far slower than a loop).
-    """
-    if sharding is None:
-        return [fn(m, d) for m, d in zip(matrices, dampings)]
-    groups: dict[tuple, list[int]] = {}
-    for i, m in enumerate(matrices):
-        groups.setdefault((m.shape, m.dtype), []).append(i)
-    results: list = [None] * len(matrices)
-    for indices in groups.values():
-        stacks = (jnp.stack([matrices[i] for i in indices]), jnp.stack([dampings[i] for i in indices]))
-        out = map_over_devices(fn, stacks, sharding)
-        for j, i in enumerate(indices):
-            results[i] = jax.tree.map(lambda x: x[j], out)
-    return results
-
-
-def _refresh_preconditioners(config: _Config, factors: tuple, old: tuple, nonfinite, damping):
-    """Damped factor inverses (factored) or the factors' eigendecompositions; non-finite ones keep ``old``.
-
-    ``factors`` and ``old`` may be any subset of the layers (a stagger slot's), paired alike."""
-    matrices = [m for pair in factors for m in pair]
+def _decompose(config: _Config, a: jax.Array, g: jax.Array, damping) -> tuple[tuple, jax.Array]:
+    """The preconditioner pair of units ``(A, G)``: damped inverses (factored) or eigendecompositions; and ``[n]``
+    whether each unit's pair is finite."""
     if config.factored:
-        dampings = _factored_dampings(factors, damping)
-        results = _each_matrix(lambda m, d: damped_inverse(m, d)[0], matrices, dampings, config.sharding)
-    else:
-        zeros = [jnp.zeros([], m.dtype) for m in matrices]
-        results = _each_matrix(lambda m, _: eigh_psd(m), matrices, zeros, config.sharding)
-    new = []
-    for i, previous in enumerate(old):
-        preconditioner, bad = keep_if_nonfinite(previous, (results[2 * i], results[2 * i + 1]))
-        new.append(preconditioner)
-        nonfinite = nonfinite + bad
-    return tuple(new), nonfinite
+        damping_a, damping_g = _factored_dampings(a, g, damping)
+        (inverse_a, ok_a), (inverse_g, ok_g) = damped_inverse(a, damping_a), damped_inverse(g, damping_g)
+        return (inverse_a, inverse_g), ok_a & ok_g
+    pair = (eigh_psd(a), eigh_psd(g))
+    return pair, _finite_units(pair)
 
 
-def _staggered_refresh(config: _Config, count, every, factors, old, scales, num_scales, nonfinite, damping):
-    """The preconditioners of the layers whose slot is due (every layer on step 0): slot ``r`` on steps
-    ``k * every - r``.
+def _refresh_group(config: _Config, group: int, factors, carry, damping, index=None, restart_scales=False):
+    """New preconditioners for units ``index`` of ``group`` (all of them for ``None``), on the units a device holds
+    (inside :meth:`~optax_second_order.curvature.bank.FactorBank.on_each_device`); a pair that is not finite keeps
+    the old one. ``carry``: ``(preconditioners, scales, num_scales)``, the last two per group (EK-FAC, staggered:
+    with ``restart_scales`` a refreshed unit's scales restart from K-FAC's diagonal ``a_i g_j`` in its new basis and
+    its scale count from 0; else ``()``). Returns the new carry and the refreshed units' failure flags."""
+    at = (lambda x: x) if index is None else (lambda x: x[index])
+    put = (lambda x, y: y) if index is None else (lambda x, y: x.at[index].set(y))
+    preconditioners, scales, num_scales = (list(c) for c in carry)
+    stacks = config.bank.stacks_of(group)
+    new, ok = _decompose(config, *(at(factors[s]) for s in stacks), damping)
+    for s, pair in zip(stacks, new):
+        preconditioners[s] = jax.tree.map(
+            lambda old, n: put(old, jnp.where(ok.reshape((-1,) + (1,) * (n.ndim - 1)), n, at(old))),
+            preconditioners[s], pair,
+        )
+    if restart_scales:
+        (eig_a, _), (eig_g, _) = (jax.tree.map(at, preconditioners[s]) for s in stacks)
+        scales[group] = put(scales[group], (eig_a[:, :, None] * eig_g[:, None, :]).astype(scales[group].dtype))
+        num_scales[group] = put(num_scales[group], jnp.zeros_like(at(num_scales[group])))
+    return (tuple(preconditioners), tuple(scales), tuple(num_scales)), ~ok
+
+
+def _refresh_all(config: _Config, factors, carry, damping, restart_scales=False):
+    """Every unit of every group refreshed (:func:`_refresh_group`); the failure flags per group."""
+    failed = []
+    for g in range(len(config.bank.groups)):
+        carry, bad = _refresh_group(config, g, factors, carry, damping, restart_scales=restart_scales)
+        failed.append(bad)
+    return carry, tuple(failed)
+
+
+def _refresh(config: _Config, factors, preconditioners, nonfinite, damping):
+    """Every unit's preconditioners recomputed, each device its own units."""
+    def on_device(factors, preconditioners, damping):
+        (preconditioners, _, _), failed = _refresh_all(config, factors, (preconditioners, (), ()), damping)
+        return preconditioners, failed
+
+    preconditioners, failed = config.bank.on_each_device(on_device, factors, preconditioners, shared=(damping,))
+    return preconditioners, nonfinite + config.bank.count_real(failed, per="group")
+
+
+def _staggered_refresh(config: _Config, count, every, factors, preconditioners, scales, num_scales, nonfinite,
+                       damping):
+    """The preconditioners of the units whose slot is due (every unit on step 0): slot ``r`` on steps
+    ``k * every - r``, a fixed partition of each group's units balanced by ``d_in^3 + d_out^3``
+    (:meth:`~optax_second_order.curvature.bank.FactorBank.stagger_tables`).
 
     EK-FAC: a refreshed layer's scales restart from the eigenvalue products ``a_i g_j`` (K-FAC's diagonal in the new
     eigenbasis) and its scale count from 0, so the next statistics step replaces them by that batch's scales in the
     new basis (decay 0): no extra forward/backward pass on the refresh steps.
     """
-    due = due_slot(count, every)
-    preconditioners, scales, num_scales = list(old), list(scales), num_scales
-    for slot in range(config.slots):
-        members = [i for i, r in enumerate(config.layer_slots) if r == slot]
-        if not members:
-            continue
+    bank, restart = config.bank, config.corrected
+    tables = bank.stagger_tables(config.slots, per="group")
+    slot = due_slot(count, every)
+    due = slot < config.slots
 
-        def refresh(preconditioners, scales, num_scales, nonfinite, members=members):
-            new, nonfinite = _refresh_preconditioners(
-                config, tuple(factors[i] for i in members), tuple(preconditioners[i] for i in members), nonfinite, damping
-            )
-            preconditioners, scales = list(preconditioners), list(scales)
-            for i, preconditioner in zip(members, new):
-                preconditioners[i] = preconditioner
-                if config.corrected:
-                    (a, _), (g, _) = preconditioner
-                    scales[i] = jnp.outer(a, g).astype(scales[i].dtype)
-                    num_scales = num_scales.at[i].set(0)
-            return preconditioners, scales, num_scales, nonfinite
+    def on_device(factors, preconditioners, scales, num_scales, slot, due, damping):
+        carry = (preconditioners, scales, num_scales)
+        failed = [jnp.zeros_like(factors[bank.stacks_of(g)[0]][:, 0, 0], bool) for g in range(len(bank.groups))]
+        for g in range(len(bank.groups)):
+            def update(index, state, g=g):
+                carry, failed = state
+                carry, bad = _refresh_group(config, g, factors, carry, damping, index, restart)
+                return carry, failed[:g] + [failed[g].at[index].set(bad)] + failed[g + 1:]
 
-        preconditioners, scales, num_scales, nonfinite = jax.lax.cond(
-            (count == 0) | (due == slot), refresh, lambda *args: args, preconditioners, scales, num_scales, nonfinite
-        )
-    return tuple(preconditioners), tuple(scales), num_scales, nonfinite
+            carry, failed = update_slot_units(tables, g, slot, due, update, (carry, failed), bank.device_index())
+        return carry, tuple(failed)
+
+    def every_unit(factors, preconditioners, scales, num_scales, slot, due, damping):
+        return _refresh_all(config, factors, (preconditioners, scales, num_scales), damping, restart)
+
+    restarted = (scales, num_scales) if restart else ((), ())  # K-FAC: no scales (a scalar count)
+    (preconditioners, *restarted), failed = jax.lax.cond(
+        count == 0,
+        lambda *args: bank.on_each_device(every_unit, *args[:4], shared=args[4:]),
+        lambda *args: bank.on_each_device(on_device, *args[:4], shared=args[4:]),
+        factors, preconditioners, *restarted, slot, due, damping,
+    )
+    if restart:
+        scales, num_scales = restarted
+    return preconditioners, scales, num_scales, nonfinite + bank.count_real(failed, per="group")
 
 
 # --- the natural gradient ----------------------------------------------------------------------------
 
 
-def _precondition_layer(config: _Config, v: jax.Array, preconditioner, scale, damping) -> jax.Array:
-    """``F~^{-1} vec(V)`` for one layer's gradient matrix ``V`` (module docstring)."""
+def _transpose(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _precondition_units(config: _Config, v: jax.Array, pair, scale, damping) -> jax.Array:
+    """``F~^{-1} vec(V)`` for a ``[n, d_in, d_out]`` stack of gradient matrices ``V`` (module docstring)."""
     if config.factored:
-        inverse_a, inverse_g = preconditioner
+        inverse_a, inverse_g = pair
         return inverse_a @ v.astype(inverse_a.dtype) @ inverse_g
-    (a, q_a), (g, q_g) = preconditioner
-    diagonal = scale if config.corrected else jnp.outer(a, g)  # the Fisher block's diagonal in the eigenbasis
-    rotated = q_a.T @ v.astype(q_a.dtype) @ q_g
-    return q_a @ (rotated / (diagonal + damping.astype(a.dtype))) @ q_g.T
+    (a, q_a), (g, q_g) = pair
+    diagonal = scale if config.corrected else a[:, :, None] * g[:, None, :]  # the Fisher block's diagonal
+    rotated = _transpose(q_a) @ v.astype(q_a.dtype) @ q_g
+    return q_a @ (rotated / (diagonal + damping.astype(a.dtype))) @ _transpose(q_g)
 
 
 def _natural_gradient(config: _Config, grads: PyTree, preconditioners, scales, diagonal, damping) -> PyTree:
-    """``v = F~^{-1} grad``: Kronecker-factored per layer, diagonal per fallback parameter (in float32 or better)."""
+    """``v = F~^{-1} grad``: Kronecker-factored per layer (one batched product per group of the bank, each device
+    its own units), diagonal per fallback parameter (in float32 or better)."""
+    bank = config.bank
     leaves, treedef = jax.tree.flatten(grads)
     out = list(leaves)
-    scales = scales or (None,) * len(preconditioners)
-    for layer, preconditioner, scale in zip(config.layers.layers, preconditioners, scales):
-        bias = leaves[layer.bias_index] if layer.bias_index is not None else None
-        matrix = kronecker.kernel_matrix(layer, leaves[layer.kernel_index], bias)
-        v = _precondition_layer(config, matrix, preconditioner, scale, damping)
-        out[layer.kernel_index], bias = kronecker.split_kernel_matrix(layer, v)
-        if layer.bias_index is not None:
-            out[layer.bias_index] = bias
+    matrices = [
+        kronecker.kernel_matrix(l, leaves[l.kernel_index], None if l.bias_index is None else leaves[l.bias_index])
+        for l in config.layers.layers
+    ]
+    if bank.groups:
+        blocks = bank.to_stacks(matrices)
+        scales = scales or (None,) * len(bank.groups)
+        directions = [
+            _precondition_units(config, v, _pair(bank, preconditioners, g), scale, damping)
+            for g, (v, scale) in enumerate(zip(blocks, scales))
+        ]
+        for layer, v in zip(config.layers.layers, bank.from_stacks(directions, matrices)):
+            if v is None:  # no weights: the zero-size gradient is its own direction
+                continue
+            out[layer.kernel_index], bias = kronecker.split_kernel_matrix(layer, v)
+            if layer.bias_index is not None:
+                out[layer.bias_index] = bias
     for i, d in zip(config.layers.fallback_indices, diagonal):
         out[i] = leaves[i].astype(d.dtype) / (d + damping.astype(d.dtype))
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, bank.gathered(out))
 
 
 def _adapted_damping(damping, v, grads, params, learning_rate, omega, min_damping, value_fn, model_fn, loss):
@@ -402,36 +528,30 @@ def _init(config: _Config, params, damping, seed) -> KFACState:
         leaves = config.layers.leaves
     else:
         leaves = config.layers.check_params(params, NAME)
-
-    def dtype(index):
-        return stat_dtype(leaves[index].dtype)
-
-    def eye(n, index):  # fresh arrays each call: a state sharing buffers cannot be donated
-        return jnp.eye(n, dtype=dtype(index))
-
-    layers = config.layers.layers
-    factors = tuple((eye(l.input_dim, l.kernel_index), eye(l.output_dim, l.kernel_index)) for l in layers)
+    bank = config.bank
+    dtype = tree_stat_dtype([leaves[l.kernel_index] for l in config.layers.layers])
+    # fresh arrays each call: a state sharing buffers cannot be donated
+    factors = bank.matrices(dtype, identity=True)
     if config.factored:
-        preconditioners = tuple((eye(l.input_dim, l.kernel_index), eye(l.output_dim, l.kernel_index)) for l in layers)
+        preconditioners = bank.matrices(dtype, identity=True)
     else:
-        preconditioners = tuple(
-            tuple((jnp.ones(n, dtype(l.kernel_index)), eye(n, l.kernel_index)) for n in (l.input_dim, l.output_dim))
-            for l in layers
-        )
-    diagonal = tuple(jnp.ones(jnp.shape(leaves[i]), dtype(i)) for i in config.layers.fallback_indices)
-    scales = tuple(jnp.ones((l.input_dim, l.output_dim), dtype(l.kernel_index)) for l in layers)
+        values = [jnp.ones((bank.groups[g].size, d), dtype) for (g, _), d in zip(bank.factor_stacks, bank.factor_dims())]
+        preconditioners = tuple(zip(bank.split(tuple(values)), bank.matrices(dtype, identity=True)))
+    diagonal = tuple(jnp.ones(jnp.shape(leaves[i]), stat_dtype(leaves[i].dtype)) for i in config.layers.fallback_indices)
+    scales = tuple(s + 1 for s in bank.zero_stacks(dtype)) if config.corrected else ()
 
     def zero():
         return jnp.zeros([], jnp.int32)
 
-    num_scales = zero() if config.slots == 1 or not config.corrected else jnp.zeros(len(layers), jnp.int32)
+    num_scales = zero()
+    if config.slots > 1 and config.corrected:
+        num_scales = bank.split(tuple(jnp.zeros(g.size, jnp.int32) for g in bank.groups))
     previous = ()
     if config.adaptive_momentum:
         previous = tuple(jnp.zeros(x.shape, stat_dtype(x.dtype)) for x in leaves)
     return KFACState(
         zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero(),
-        jnp.asarray(damping, jnp.result_type(float)), scales if config.corrected else (), num_scales, previous,
-        jnp.zeros(2, jnp.result_type(float)),
+        jnp.asarray(damping, jnp.result_type(float)), scales, num_scales, previous, jnp.zeros(2, jnp.result_type(float)),
     )
 
 
@@ -475,10 +595,10 @@ def scale_by_kfac(
       learning_rate: the learning rate the update will be scaled by (float or schedule), for KL clipping.
       fisher: ``"true"`` (targets sampled from the model) or ``"empirical"`` (the data's targets).
       seed: PRNG seed for the sampled targets (and the empirical Fisher's random signs).
-      precondition_sharding: optional ``NamedSharding(mesh, PartitionSpec(axes))``: the refreshes of equal-shaped
-        factors are stacked and split over those mesh axes instead of all running on each device. (The factors
-        themselves are global-batch factors under ``jax.jit`` with a sharded batch without any option: XLA
-        inserts the reductions.)
+      precondition_sharding: optional ``NamedSharding(mesh, PartitionSpec(axes))``: the layers' factors,
+        preconditioners and (EK-FAC) scales are stored split over those mesh axes (the factor bank's stacks), and
+        each device refreshes and applies only its own layers' (docs/scaling.md). The factors are global-batch
+        factors under ``jax.jit`` with a sharded batch with or without it: XLA inserts the reductions.
       adaptive_damping: adapt ``damping`` by the Levenberg-Marquardt rule (module docstring); ``damping``
         is then the initial value, and ``update`` also needs ``value_fn``.
       damping_adaptation_interval: adapt every this many steps (``T_1 = 5`` in the paper).
@@ -519,10 +639,9 @@ def scale_by_kfac(
     slots = stagger_slots(NAME, stagger, precondition_frequency)
     check(NAME, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
           f"at most precondition_frequency ({precondition_frequency})")
-    layer_slots = partition_by_cost([float(l.input_dim) ** 3 + float(l.output_dim) ** 3 for l in layers.layers], slots)
     config = _Config(
-        layers, damping_mode == "factored" and not corrected, corrected, fisher, precondition_sharding, adaptive_momentum,
-        slots, layer_slots,
+        layers, _bank(layers, precondition_sharding), damping_mode == "factored" and not corrected, corrected, fisher,
+        adaptive_momentum, slots,
     )
     omega = damping_adaptation_decay**damping_adaptation_interval
 
@@ -532,12 +651,13 @@ def scale_by_kfac(
 
     def refresh(factors, scales, num_scales, old, nonfinite, damping_now, params, model_fn, loss, key):
         """New preconditioners; EK-FAC restarts its scales from this batch in the new eigenbases."""
-        preconditioners, nonfinite = _refresh_preconditioners(config, factors, old, nonfinite, damping_now)
+        preconditioners, nonfinite = _refresh(config, factors, old, nonfinite, damping_now)
         if not corrected:
             return preconditioners, scales, num_scales, nonfinite
         stats = _batch_statistics(config, params, model_fn, loss, key, preconditioners)
-        scales, nonfinite = _fold_in(scales, _by_layer(config, stats.scales), 0.0, nonfinite)
-        return preconditioners, scales, jnp.ones_like(num_scales), nonfinite
+        new = config.bank.to_stacks([stats.scales[l.name] for l in layers.layers])
+        scales, bad = _fold_in_units(config.bank, scales, new, 0.0, "group")
+        return preconditioners, scales, jnp.ones_like(num_scales), nonfinite + bad
 
     def update_fn(updates, state, params=None, **extra):
         """The K-FAC step; inside ``optax.masked`` it runs on the whole tree (``full_params``, zero gradients

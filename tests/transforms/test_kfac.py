@@ -51,6 +51,19 @@ def _problem(seed):
 LAYERS = kronecker.find_layers(_problem(1)[0], _params())
 
 
+def _factors_of(state):
+    """Per layer ``(A, G)``, read from the state's factor bank."""
+    return [l.factors for l in oso.kfac_layer_states(LAYERS, state)]
+
+
+def _preconditioners_of(state):
+    return [l.preconditioner for l in oso.kfac_layer_states(LAYERS, state)]
+
+
+def _scales_of(state):
+    return [l.scales for l in oso.kfac_layer_states(LAYERS, state)]
+
+
 def _jit_update(tx):
     """One compilation per transformation: the batch is an argument, not a constant."""
 
@@ -111,21 +124,21 @@ def test_direction_equals_dense_solve_and_inverses_are_amortized(mode):
     grads, updates, state0 = _step(tx, tx.init(params), params, 1, update)
     # first statistics update: the factors are the batch's (decay min(1 - 1/1, 0.95) = 0)
     batch = _batch_factors(params, 1, jax.random.split(jax.random.key(0))[1])
-    for (a, g), layer in zip(state0.factors, LAYERS.layers):
+    for (a, g), layer in zip(_factors_of(state0), LAYERS.layers):
         np.testing.assert_allclose(a, batch.factors[layer.name][0], rtol=1e-12)
         np.testing.assert_allclose(g, batch.factors[layer.name][1], rtol=1e-12)
-    _check_direction(updates, grads, state0.factors, state0.diagonal, mode)
+    _check_direction(updates, grads, _factors_of(state0), state0.diagonal, mode)
 
     # step 2: factors are EMAs (decay min(1 - 1/2, 0.95) = 1/2) but the preconditioners stay step 1's
     grads, updates, state1 = _step(tx, state0, params, 2, update)
     batch = _batch_factors(params, 2, jax.random.split(state0.key)[1])
-    for (a0, _), (a1, _), layer in zip(state0.factors, state1.factors, LAYERS.layers):
+    for (a0, _), (a1, _), layer in zip(_factors_of(state0), _factors_of(state1), LAYERS.layers):
         np.testing.assert_allclose(a1, 0.5 * a0 + 0.5 * batch.factors[layer.name][0], rtol=1e-12)
-    _check_direction(updates, grads, state0.factors, state1.diagonal, mode)
+    _check_direction(updates, grads, _factors_of(state0), state1.diagonal, mode)
 
     # step 3 recomputes the preconditioners from the EMA factors
     grads, updates, state2 = _step(tx, state1, params, 3, update)
-    _check_direction(updates, grads, state2.factors, state2.diagonal, mode)
+    _check_direction(updates, grads, _factors_of(state2), state2.diagonal, mode)
     assert int(state2.nonfinite) == 0
 
 
@@ -148,7 +161,7 @@ def _ekfac_scales(params, seed, state):
     """George et al.'s diagonal, written out: mean_i (Q_A^T dl_i/dW Q_G)^2 in the state's eigenbases."""
     per_example = _per_example_kernel_gradients(params, seed)
     out = []
-    for layer, ((_, q_a), (_, q_g)) in zip(LAYERS.layers, state.preconditioners):
+    for layer, ((_, q_a), (_, q_g)) in zip(LAYERS.layers, _preconditioners_of(state)):
         q_a, q_g = np.asarray(q_a), np.asarray(q_g)
         out.append(np.mean([(q_a.T @ np.asarray(d) @ q_g) ** 2 for d in per_example[layer.name]], axis=0))
     return out
@@ -156,7 +169,7 @@ def _ekfac_scales(params, seed, state):
 
 def _check_ekfac_direction(updates, grads, state, scales):
     """``vec(v) = (Q_A (x) Q_G) diag(s + lambda)^{-1} (Q_A (x) Q_G)^T vec(V)`` with ``np.kron`` and a solve."""
-    for layer, ((a, q_a), (g, q_g)), s in zip(LAYERS.layers, state.preconditioners, scales):
+    for layer, ((a, q_a), (g, q_g)), s in zip(LAYERS.layers, _preconditioners_of(state), scales):
         path = "l1" if layer.kernel.startswith("['l1']") else "l2"
         q = np.kron(np.asarray(q_a), np.asarray(q_g))
         damped = q @ np.diag(np.asarray(s).reshape(-1) + LAM) @ q.T
@@ -174,21 +187,21 @@ def test_eigenvalue_corrected_kfac_matches_the_papers_diagonal_and_a_dense_solve
     update = _jit_update(tx)
     grads, updates, state0 = _step(tx, tx.init(params), params, 1, update)
     # step 1 recomputes the eigenbases (of this batch's factors) and restarts the scales from this batch in them
-    for layer, (a, g), ((ea, q_a), (eg, q_g)) in zip(LAYERS.layers, state0.factors, state0.preconditioners):
+    for layer, (a, g), ((ea, q_a), (eg, q_g)) in zip(LAYERS.layers, _factors_of(state0), _preconditioners_of(state0)):
         np.testing.assert_allclose(q_a @ np.diag(ea) @ q_a.T, a, atol=1e-10)
         np.testing.assert_allclose(q_g @ np.diag(eg) @ q_g.T, g, atol=1e-10)
     expected0 = _ekfac_scales(params, 1, state0)
-    for got, want in zip(state0.scales, expected0):
+    for got, want in zip(_scales_of(state0), expected0):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
-    _check_ekfac_direction(updates, grads, state0, state0.scales)
+    _check_ekfac_direction(updates, grads, state0, _scales_of(state0))
     # K-FAC's own diagonal in that basis, outer(eig A, eig G), differs: the correction is not a no-op
-    assert not np.allclose(state0.scales[0], np.outer(state0.preconditioners[0][0][0], state0.preconditioners[0][1][0]))
+    assert not np.allclose(_scales_of(state0)[0], np.outer(_preconditioners_of(state0)[0][0][0], _preconditioners_of(state0)[0][1][0]))
 
     # step 2 keeps the eigenbases and averages the scales: decay min(1 - 1/2, 0.95) = 1/2
     grads, updates, state1 = _step(tx, state0, params, 2, update)
-    jax.tree.map(np.testing.assert_array_equal, state1.preconditioners, state0.preconditioners)
+    jax.tree.map(np.testing.assert_array_equal, _preconditioners_of(state1), _preconditioners_of(state0))
     expected1 = [0.5 * s0 + 0.5 * s for s0, s in zip(expected0, _ekfac_scales(params, 2, state0))]
-    for got, want in zip(state1.scales, expected1):
+    for got, want in zip(_scales_of(state1), expected1):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14)
     _check_ekfac_direction(updates, grads, state1, expected1)
 
@@ -214,7 +227,7 @@ def test_staggered_refreshes_follow_the_layer_schedule(mode):
         grads, updates, state = _step(tx, state, params, step + 1, update)
         history.append(state)
         for index in (0, 1):
-            a, g = history[last_refresh[index][step]].factors[index]
+            a, g = _factors_of(history[last_refresh[index][step]])[index]
             want = _dense_direction(a, g, _layer_matrices(grads, index), mode)
             np.testing.assert_allclose(_layer_matrices(updates, index), want, rtol=1e-9, atol=1e-12, err_msg=f"{step}")
     assert int(state.nonfinite) == 0
@@ -231,17 +244,17 @@ def test_staggered_ekfac_restarts_a_refreshed_layers_scales_at_the_next_statisti
     update = _jit_update(tx)
     _, _, state0 = _step(tx, tx.init(params), params, 1, update)
     grads, updates, state1 = _step(tx, state0, params, 2, update)  # step 1: l2's slot
-    (a, _), (g, _) = state1.preconditioners[1]
-    np.testing.assert_allclose(state1.scales[1], np.outer(a, g), rtol=1e-12)
-    _check_ekfac_direction(updates, grads, state1, state1.scales)
+    (a, _), (g, _) = _preconditioners_of(state1)[1]
+    np.testing.assert_allclose(_scales_of(state1)[1], np.outer(a, g), rtol=1e-12)
+    _check_ekfac_direction(updates, grads, state1, _scales_of(state1))
     # l1, refreshed on step 0 with every layer, restarted from this batch's scales in its basis
-    np.testing.assert_allclose(state1.scales[0], _ekfac_scales(params, 2, state0)[0], rtol=1e-10, atol=1e-14)
-    np.testing.assert_array_equal(np.asarray(state1.num_scales), [1, 0])
+    np.testing.assert_allclose(_scales_of(state1)[0], _ekfac_scales(params, 2, state0)[0], rtol=1e-10, atol=1e-14)
+    np.testing.assert_array_equal([int(l.num_scales) for l in oso.kfac_layer_states(LAYERS, state1)], [1, 0])
     _, _, state2 = _step(tx, state1, params, 3, update)  # step 2: statistics first (l2 restarts), then l1's slot
-    np.testing.assert_allclose(state2.scales[1], _ekfac_scales(params, 3, state1)[1], rtol=1e-10, atol=1e-14)
-    (a, _), (g, _) = state2.preconditioners[0]
-    np.testing.assert_allclose(state2.scales[0], np.outer(a, g), rtol=1e-12)
-    np.testing.assert_array_equal(np.asarray(state2.num_scales), [0, 1])
+    np.testing.assert_allclose(_scales_of(state2)[1], _ekfac_scales(params, 3, state1)[1], rtol=1e-10, atol=1e-14)
+    (a, _), (g, _) = _preconditioners_of(state2)[0]
+    np.testing.assert_allclose(_scales_of(state2)[0], np.outer(a, g), rtol=1e-12)
+    np.testing.assert_array_equal([int(l.num_scales) for l in oso.kfac_layer_states(LAYERS, state2)], [0, 1])
 
 
 def _dense_fisher(factors, diagonal, damped):
@@ -269,12 +282,12 @@ def test_kl_clipping_bounds_the_step():
     clipped = oso.scale_by_kfac(LAYERS, damping=LAM, kl_clip=kl_clip, learning_rate=lr, statistics_frequency=1)
     _, v, state = _step(unclipped, unclipped.init(params), params, seed=1)
     _, v_clipped, _ = _step(clipped, clipped.init(params), params, seed=1)
-    damped = _dense_fisher(state.factors, state.diagonal, damped=True)
+    damped = _dense_fisher(_factors_of(state), state.diagonal, damped=True)
     quadratic = lr**2 * _as_vector(v) @ damped @ _as_vector(v)
     assert quadratic > kl_clip  # the clip is active here
     w = _as_vector(v_clipped)
     np.testing.assert_allclose(lr**2 * w @ damped @ w, kl_clip, rtol=1e-8)
-    assert lr**2 * w @ _dense_fisher(state.factors, state.diagonal, damped=False) @ w <= kl_clip
+    assert lr**2 * w @ _dense_fisher(_factors_of(state), state.diagonal, damped=False) @ w <= kl_clip
     nu = np.sqrt(kl_clip / quadratic)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, nu * b, rtol=1e-10), v_clipped, v)
 
@@ -289,8 +302,8 @@ def test_nonfinite_factors_keep_previous_inverses():
     grads = jax.grad(lambda p: loss(_model(p, _batch(2)[0])))(params)
     _, bad = _jit_update(tx)(grads, state, params, x, y)
     assert int(bad.nonfinite) == len(LAYERS.layers) + len(LAYERS.fallback)
-    jax.tree.map(np.testing.assert_array_equal, bad.factors, state.factors)
-    jax.tree.map(np.testing.assert_array_equal, bad.preconditioners, state.preconditioners)
+    jax.tree.map(np.testing.assert_array_equal, _factors_of(bad), _factors_of(state))
+    jax.tree.map(np.testing.assert_array_equal, _preconditioners_of(bad), _preconditioners_of(state))
 
 
 def _dense_ggn(params, seed):
@@ -388,15 +401,15 @@ DEVICES_SCRIPT = r'''
 import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 import re
-import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import optax_second_order as oso
 from optax_second_order.curvature import kronecker
 
 assert jax.device_count() == 4
 k = jax.random.split(jax.random.key(0), 8)
-params = {f"l{i}": {"w": jax.random.normal(k[i], (6, 6)) / 3, "b": jnp.zeros(6)} for i in range(3)}
-params["out"] = {"w": jax.random.normal(k[5], (6, 3))}
+init = {f"l{i}": {"w": jax.random.normal(k[i], (6, 6)) / 3, "b": jnp.zeros(6)} for i in range(3)}
+init["out"] = {"w": jax.random.normal(k[5], (6, 3))}
 x = jax.random.normal(k[6], (32, 6)); y = jax.random.randint(k[7], (32,), 0, 3)
 
 def model(p, x):
@@ -404,38 +417,67 @@ def model(p, x):
         x = jnp.tanh(kronecker.dense(x, p[f"l{i}"]["w"], p[f"l{i}"]["b"]))
     return kronecker.dense(x, p["out"]["w"])
 
-layers = kronecker.find_layers(lambda p: model(p, x), params)
+layers = kronecker.find_layers(lambda p: model(p, x), init)
+makers = {
+    "kfac": lambda s: oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, statistics_frequency=1,
+                                        precondition_frequency=2, precondition_sharding=s),
+    "ekfac-stagger": lambda s: oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, statistics_frequency=1,
+                                                 approximation="eigenvalue_corrected", precondition_frequency=2,
+                                                 stagger=True, precondition_sharding=s),
+}
 
-def make_update(tx):
-    def update(state, params, x, y):
-        loss = oso.losses.softmax_cross_entropy(y)
-        grads = jax.grad(lambda p: loss(model(p, x)))(params)
-        return tx.update(grads, state, params, model_fn=lambda p: model(p, x), loss=loss)
-    return jax.jit(update)
+def run(name, mesh, hlo=False):
+    tx = makers[name](None if mesh is None else NamedSharding(mesh, P("data")))
+    params, xs, ys = init, x, y
+    if mesh is not None:  # data parallel: the batch split over the devices, the params replicated
+        xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
+        params = jax.device_put(params, NamedSharding(mesh, P()))
 
-mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-batch = NamedSharding(mesh, P("data"))
-single_tx = oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, statistics_frequency=1)
-sharded_tx = oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, precondition_sharding=batch, statistics_frequency=1)
-u1, s1 = make_update(single_tx)(single_tx.init(params), params, x, y)
-xs, ys = jax.device_put(x, batch), jax.device_put(y, batch)
-assert len(xs.sharding.device_set) == 4
-update = make_update(sharded_tx)
-u4, s4 = update(sharded_tx.init(params), params, xs, ys)
-for a, b in zip(jax.tree.leaves((u1, s1.factors, s1.diagonal)), jax.tree.leaves((u4, s4.factors, s4.diagonal))):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6)
-hlo = update.lower(sharded_tx.init(params), params, xs, ys).compile().as_text()
-# every LU factorization runs on one matrix per device (unsharded: stacks of 3, 4 and 1)
-calls = [l for l in hlo.splitlines() if "custom-call" in l and "getrf" in l]
-assert len(calls) == 3 and all(re.search(r"= \(f32\[(1,)?\d+,\d+\]", c) for c in calls), calls
+    @jax.jit
+    def step(params, state, xs, ys):
+        loss = oso.losses.softmax_cross_entropy(ys)
+        grads = jax.grad(lambda p: loss(model(p, xs)))(params)
+        u, state = tx.update(grads, state, params, model_fn=lambda p: model(p, xs), loss=loss)
+        return optax.apply_updates(params, jax.tree.map(lambda u: -0.1 * u, u)), state
+
+    state = tx.init(params)
+    for _ in range(6):
+        params, state = step(params, state, xs, ys)
+    return params, state, (step.lower(params, state, xs, ys).compile().as_text() if hlo else None)
+
+for name in makers:
+    single, single_state, _ = run(name, None)
+    for types in (AxisType.Explicit, AxisType.Auto):
+        mesh = jax.make_mesh((4,), ("data",), axis_types=(types,))
+        with jax.set_mesh(mesh):
+            sharded, state, hlo = run(name, mesh, hlo=types == AxisType.Auto)
+        # float32 (as users run): the global batch's factors, to the rounding of the all-reduce over devices
+        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"{name} {types}")
+        for a, b in zip(oso.kfac_layer_states(layers, single_state), oso.kfac_layer_states(layers, state)):
+            np.testing.assert_allclose(b.factors[0], a.factors[0], rtol=1e-4, atol=1e-6)
+        assert all(a.sharding.is_fully_replicated for a in jax.tree.leaves(sharded)), (name, types)
+        # the bank's stacks (factors, preconditioners, EK-FAC's scales) are stored split: device 0 holds a quarter
+        stacks = jax.tree.leaves((state.factors, state.preconditioners, state.scales))
+        total = sum(a.nbytes for a in stacks)
+        on_0 = sum(s.data.nbytes for a in stacks for s in a.addressable_shards if s.device == jax.devices()[0])
+        assert on_0 <= 1.25 / 4 * total and all(a.sharding.spec[0] == "data" for a in stacks), (name, types, on_0)
+        print(name, types, "device 0 holds", on_0, "of", total, "stack bytes")
+        if hlo is not None and name == "kfac":
+            # l0..l2 (7 x 7 and 6 x 6 factors, 3 units padded to 4) and out (6 x 6, 3 x 3; 1 unit padded to 4): each
+            # device inverts one matrix of each of the four stacks
+            calls = [l for l in hlo.splitlines() if "custom-call" in l and "getrf" in l]
+            assert len(calls) == 4 and all(re.search(r"= \(f32\[(1,)?\d+,\d+\]", c) for c in calls), calls
 print("OK")
 '''
 
 
 def test_sharded_batch_gives_global_factors_and_spreads_inverses_over_devices():
-    """4 host devices: the sharded step equals the single-device one; each device decomposes 1 matrix per stack."""
+    """4 host devices, Explicit and Auto meshes, K-FAC and staggered EK-FAC: 6 sharded steps equal one device's, the
+    bank's stacks are stored split (a quarter on each device), and each device decomposes 1 matrix per stack."""
     env = dict(os.environ, JAX_ENABLE_X64="0")  # the script adds the device count to the suite's XLA_FLAGS
     result = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    print(result.stdout)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
 
 
