@@ -1,5 +1,4 @@
-"""Shared pieces of every transformation: extra arguments, hyperparameter checks, finite guards, amortization,
-device spreading.
+"""Shared pieces of every transformation: extra arguments, hyperparameter checks, finite guards, amortization.
 
 Extra arguments (passed as ``tx.update(grads, state, params, **extra)``; ``optax.chain`` hands the
 same keywords to every child, so every transformation uses the same names):
@@ -25,21 +24,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
-from optax_second_order.curvature.bank import (  # the staggering of refreshes lives with the factor bank
-    StaggerTables,
-    due_slot,
-    partition_by_cost,
-    stagger_tables,
-    update_slot_units,
-)
 from optax_second_order.curvature.losses import OutputLoss
 
 __all__ = [
@@ -58,11 +48,6 @@ __all__ = [
     "layers_back",
     "is_refresh_step",
     "stagger_slots",
-    "partition_by_cost",
-    "due_slot",
-    "StaggerTables",
-    "stagger_tables",
-    "update_slot_units",
     "all_finite",
     "keep_if_nonfinite",
     "finite_ema",
@@ -70,7 +55,6 @@ __all__ = [
     "discard_nonfinite_matrices",
     "gram_update_finite",
     "value_at",
-    "map_over_devices",
     "is_masked",
     "has_masked_leaves",
     "MaskedView",
@@ -335,31 +319,6 @@ def gram_update_finite(grads: PyTree, largest_factor: jax.Array, decay: Any, wei
 
 
 # --- devices ---------------------------------------------------------------------------------------
-
-
-def map_over_devices(fn: Callable, stacks: tuple[jax.Array, ...], sharding: NamedSharding | None) -> Any:
-    """``fn(*stacks)`` on stacks of equal leading size ``n``; with ``sharding``, spread over devices.
-
-    ``sharding``'s first ``PartitionSpec`` entry names the mesh axes (e.g. ``NamedSharding(mesh, P("data"))``)
-    over which the leading axis is split: the stacks are padded to a multiple of the number of those devices
-    (with copies of their first entry) and ``fn`` runs under :func:`jax.shard_map`, so each device computes only
-    its share (its roots, inverses or eigendecompositions) and XLA gathers the results where they are used.
-    """
-    if sharding is None:
-        return fn(*stacks)
-    axes = sharding.spec[0] if len(sharding.spec) else None
-    if axes is None:
-        raise ValueError(
-            f"precondition_sharding: its PartitionSpec must name the mesh axes to split over, got {sharding.spec}"
-        )
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    devices = math.prod(sharding.mesh.shape[a] for a in axes)
-    n = stacks[0].shape[0]
-    pad = -n % devices
-    padded = tuple(jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]) if pad else x for x in stacks)
-    spec = PartitionSpec(axes)
-    out = jax.shard_map(fn, mesh=sharding.mesh, in_specs=spec, out_specs=spec)(*padded)
-    return jax.tree.map(lambda x: x[:n], out)
 
 
 # --- masked parameter trees (optax.masked, multi_transform, partition) ----------------------------

@@ -82,7 +82,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from optax_second_order.curvature import kronecker
-from optax_second_order.curvature.bank import FactorBank, plan_bank
+from optax_second_order.curvature.bank import FactorBank, due_slot, plan_bank, update_slot_units
 from optax_second_order.curvature.matrix import damped_inverse, eigh_psd
 from optax_second_order.curvature.products import gnvp_quadratic_form
 from optax_second_order.transforms import damping as damping_rules
@@ -91,7 +91,6 @@ from optax_second_order.transforms.common import (
     check,
     check_choice,
     check_float_leaves,
-    due_slot,
     extra_arg,
     finite_ema,
     has_masked_leaves,
@@ -100,7 +99,6 @@ from optax_second_order.transforms.common import (
     stagger_slots,
     stat_dtype,
     tree_stat_dtype,
-    update_slot_units,
     update_on_whole_tree,
     value_at,
 )

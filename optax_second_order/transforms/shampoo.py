@@ -71,7 +71,7 @@ from jax.sharding import NamedSharding
 
 from optax_second_order.curvature.matrix import inverse_pth_root, inverse_pth_root_newton
 from optax_second_order.curvature import blocking
-from optax_second_order.curvature.bank import FactorBank, plan_bank
+from optax_second_order.curvature.bank import FactorBank, due_slot, plan_bank, update_slot_units
 from optax_second_order.transforms.damping import reject_step
 from optax_second_order.transforms.common import (
     all_finite,
@@ -80,7 +80,6 @@ from optax_second_order.transforms.common import (
     check_choice,
     discard_nonfinite,
     discard_nonfinite_matrices,
-    due_slot,
     gram_update_finite,
     is_refresh_step,
     layer_axes as common_layer_axes,
@@ -89,7 +88,6 @@ from optax_second_order.transforms.common import (
     stagger_slots,
     tree_stat_dtype,
     static_int,
-    update_slot_units,
 )
 
 __all__ = ["ShampooState", "scale_by_shampoo", "GRAFTING_TYPES", "ROOT_METHODS"]

@@ -64,7 +64,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
-from optax_second_order.curvature.bank import FactorBank, plan_bank
+from optax_second_order.curvature.bank import FactorBank, due_slot, plan_bank, update_slot_units
 from optax_second_order.curvature.matrix import eigh_psd, one_matrix_at_a_time, orthogonal_iteration_step
 from optax_second_order.curvature import blocking
 from optax_second_order.transforms.common import (
@@ -74,7 +74,6 @@ from optax_second_order.transforms.common import (
     check_float_leaves,
     discard_nonfinite,
     discard_nonfinite_matrices,
-    due_slot,
     gram_update_finite,
     layer_axes as common_layer_axes,
     layers_back,
@@ -83,7 +82,6 @@ from optax_second_order.transforms.common import (
     stat_dtype,
     tree_stat_dtype,
     static_int,
-    update_slot_units,
 )
 from optax_second_order.transforms.damping import reject_step
 
