@@ -96,6 +96,7 @@ __all__ = [
     "split_kernel_matrix",
     "fisher_cotangent",
     "layer_rows",
+    "sum_over_rows",
     "kronecker_factors",
 ]
 
@@ -276,7 +277,7 @@ def _call_output_shapes(model_fn, params, layers: Layers) -> list[jax.ShapeDtype
     return [call.output for call in found]
 
 
-def _sum_over_rows(x: jax.Array, y: jax.Array) -> jax.Array:
+def sum_over_rows(x: jax.Array, y: jax.Array) -> jax.Array:
     """``x^T y``, a sum over the rows (the batch). On a mesh with ``Explicit`` axes the rows may be split over the
     devices, and JAX asks where such a sum goes: here, replicated (the global batch's statistic on every device)."""
     mesh = jax.typeof(x).sharding.mesh
@@ -286,8 +287,8 @@ def _sum_over_rows(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def _factors(calls: Sequence[LayerRows]) -> tuple[jax.Array, jax.Array]:
     """``A = sum a a^T / rows`` and ``G = sum p p^T`` over all the calls of one layer."""
-    aa = sum(_sum_over_rows(c.inputs, c.inputs) for c in calls)
-    gg = sum(_sum_over_rows(c.output_grads, c.output_grads) for c in calls)
+    aa = sum(sum_over_rows(c.inputs, c.inputs) for c in calls)
+    gg = sum(sum_over_rows(c.output_grads, c.output_grads) for c in calls)
     return aa / sum(c.inputs.shape[0] for c in calls), gg
 
 
@@ -320,7 +321,7 @@ def _eigenbasis_scales(a: jax.Array, p: jax.Array, q_a: jax.Array, q_g: jax.Arra
     a_rot = jnp.matmul(a, q_a.astype(a.dtype), precision=highest)
     p_rot = jnp.matmul(p, q_g.astype(p.dtype), precision=highest)
     if a.shape[1] == 1:
-        return _sum_over_rows(jnp.square(a_rot[:, 0]), jnp.square(p_rot[:, 0]))
+        return sum_over_rows(jnp.square(a_rot[:, 0]), jnp.square(p_rot[:, 0]))
     per_example = jnp.einsum("ntd,nte->nde", a_rot, p_rot, precision=highest)
     return jnp.sum(jnp.square(per_example), axis=0)
 

@@ -247,7 +247,8 @@ def _max_eigenvalue(matrix: jax.Array, iterations: int = _POWER_ITERATIONS) -> j
     """
     n = matrix.shape[-1]
     start = np.random.default_rng(1729).uniform(-1.0, 1.0, n)
-    vector = jnp.broadcast_to(jnp.asarray(start, matrix.dtype), matrix.shape[:-1])
+    # shaped (and, inside shard_map, varying over the devices) like the matrices' columns
+    vector = jnp.zeros_like(matrix[..., 0]) + jnp.asarray(start, matrix.dtype)
     tiny = jnp.finfo(matrix.dtype).tiny
 
     def power_step(_, v):

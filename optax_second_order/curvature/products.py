@@ -112,9 +112,13 @@ def gnvp(model_fn: Callable[[PyTree], jax.Array], loss: OutputLoss, params: PyTr
 
 
 def gnvp_quadratic_form(model_fn: Callable[[PyTree], jax.Array], loss: OutputLoss, params: PyTree, v: PyTree) -> jax.Array:
-    """``v^T G v = (J v)^T H_L (J v)``: one ``jvp`` and the output-space product, no ``vjp``."""
+    """``v^T G v = (J v)^T H_L (J v)``: one ``jvp`` and the output-space product, no ``vjp``.
+
+    The output-space inner product is a sum of products, not ``jnp.vdot``: the outputs may be split over devices
+    with the batch, and a contraction over a split axis has no sharding JAX can infer on ``Explicit`` mesh axes.
+    """
     outputs, jv = jax.jvp(model_fn, (params,), (v,))
-    return jnp.vdot(jv, loss.output_hvp(outputs, jv))
+    return jnp.sum(jv * loss.output_hvp(outputs, jv))
 
 
 def _check_num_samples(num_samples, fn: str) -> None:

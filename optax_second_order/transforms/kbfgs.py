@@ -133,7 +133,7 @@ def _layer_means(layer, calls, kernel: jax.Array, bias) -> _Means:
     h = jnp.mean(a, axis=0)
     w = kronecker.kernel_matrix(layer, kernel, bias).astype(a.dtype)
     return _Means(
-        aa=jnp.matmul(a.T, a, precision=_HIGHEST) / rows,
+        aa=kronecker.sum_over_rows(a, a) / rows,
         h=h,
         s=jnp.matmul(h, w, precision=_HIGHEST),
         g=jnp.sum(p, axis=0) * (examples / rows),

@@ -455,7 +455,8 @@ def _quadratic_model_step(direction, previous, grads, params, damping, model_fn,
     _, j_previous = jax.jvp(model_fn, (params,), (_like(previous, params),))
 
     def form(u, ju, w, jw):
-        return jnp.vdot(ju, loss.output_hvp(outputs, jw)) + damping * optax.tree.vdot(u, w)
+        # a sum of products over the (possibly batch-split) outputs: gnvp_quadratic_form says why not vdot
+        return jnp.sum(ju * loss.output_hvp(outputs, jw)) + damping * optax.tree.vdot(u, w)
 
     c11 = form(direction, j_direction, direction, j_direction)
     c12 = form(direction, j_direction, previous, j_previous)

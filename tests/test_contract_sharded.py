@@ -1,0 +1,122 @@
+"""The contract's sharded case: every registered transformation, data-parallel on a mesh of 4 host devices.
+
+For each case of every ``tests/cases_*.py`` (as ``test_contract.py`` collects them) a subprocess with
+``--xla_force_host_platform_device_count=4`` runs 3 jitted steps of the toy problem (``contract.toy_model``: a tagged
+conv and dense layer, a scalar and a vector) on one device, and on a mesh of 4 under ``jax.set_mesh``, with the batch
+split over the mesh axis ``"data"``, the parameters replicated and, where the alias takes ``precondition_sharding``,
+the factor bank's stacks split over the same axis: the parameters must equal the one-device run's (float64, relative
+``1e-8``: only the order of the batch's sums differs) and come back replicated. Both mesh axis types are run: ``Explicit``
+(the default of ``jax.make_mesh``) and ``Auto`` (three cases meet a JAX limitation on ``Explicit`` axes, listed in
+``UPSTREAM_EXPLICIT_CONV``).
+
+The cases run in two subprocesses (halves of the list), so ``pytest -n 2`` can run them side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from test_contract import CASES
+
+SCRIPT = r'''
+import json, os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+import inspect
+import jax, jax.numpy as jnp, numpy as np, optax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, "tests")
+from contract import LEARNING_RATE, make, toy_model, toy_params  # noqa: E402
+from test_contract import CASES  # noqa: E402
+import optax_second_order as oso  # noqa: E402
+
+rng = np.random.default_rng(3)
+PARAMS = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), toy_params(rng))
+IMAGES = rng.standard_normal((8, 5, 5, 2))
+LABELS = rng.integers(0, 3, 8).astype(np.int32)
+
+
+def run(case, mesh):
+    params, images, labels = PARAMS, IMAGES, LABELS
+    overrides = {}
+    if mesh is not None:
+        split = NamedSharding(mesh, P("data"))
+        images, labels = jax.device_put(images, split), jax.device_put(labels, split)
+        params = jax.device_put(params, NamedSharding(mesh, P()))
+        if "precondition_sharding" in inspect.signature(case.alias).parameters:
+            overrides["precondition_sharding"] = split
+    if case.uses_layers:
+        overrides["layers"] = oso.flax.find_layers(lambda p: toy_model(p, IMAGES), PARAMS)
+    tx = case.alias(learning_rate=LEARNING_RATE, **case.kwargs, **overrides)
+
+    @jax.jit
+    def step(params, state, images, labels):
+        loss = oso.losses.softmax_cross_entropy(labels)
+        model_fn = lambda p: toy_model(p, images)
+        value_fn = lambda p: loss(model_fn(p))
+        grads = jax.grad(value_fn)(params)
+        updates, state = tx.update(grads, state, params, value_fn=value_fn, model_fn=model_fn, loss=loss)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params)
+    for _ in range(3):
+        params, state = step(params, state, images, labels)
+    return params
+
+
+failures = {}
+for case in CASES:
+    if case.name not in sys.argv[1:]:
+        continue
+    single = run(case, None)
+    for types in (AxisType.Explicit, AxisType.Auto):
+        try:
+            mesh = jax.make_mesh((4,), ("data",), axis_types=(types,))
+            with jax.set_mesh(mesh):
+                sharded = run(case, mesh)
+            for k in single:
+                np.testing.assert_allclose(np.asarray(sharded[k]), np.asarray(single[k]), rtol=1e-8, atol=1e-12,
+                                           err_msg=k)
+                assert sharded[k].sharding.is_fully_replicated, f"{k} is not replicated"
+        except Exception as error:  # every case is run; the failures are reported together
+            failures[f"{case.name} {types.name}"] = f"{type(error).__name__}: {str(error)[:1500]}"
+print("RESULT", json.dumps(failures))
+'''
+
+# JAX 0.10's batching rule of a convolution's derivative reshapes the vmapped axis into the batch axis, which JAX
+# refuses when the batch is split over an Explicit mesh axis (a pure-JAX reproduction: docs/scaling.md; cf.
+# jax-ml/jax#32157). The methods that push several vectors through the model at once (a dense Hessian or Jacobian,
+# the per-example gradients of Martens' preconditioner) meet it on the toy's conv layer; they run on Auto meshes.
+# Strict: a JAX release that fixes it makes this test fail, so the entries get removed.
+UPSTREAM_EXPLICIT_CONV = {"newton Explicit", "gauss_newton-row_space Explicit", "hessian_free Explicit"}
+# SOAP's zero-padded blocks (the toy's 4 x 3 matrix in blocks of 3) have factors with a null space, whose eigenbasis
+# eigh picks arbitrarily: the all-reduce's other rounding turns it, and Adam in the eigenbasis amplifies it (issue 23,
+# item 1), on either axis type depending on the rounding. Allowed here until that item is fixed (SOAP's sharded state
+# equals one device to 1e-10 without padded blocks: tests/curvature/test_bank.py).
+KNOWN_MISMATCH = {"soap Explicit", "soap Auto"}
+NAMES = [case.name for case in CASES]
+HALVES = {"first": NAMES[: len(NAMES) // 2], "second": NAMES[len(NAMES) // 2:]}
+
+
+@pytest.mark.parametrize("half", sorted(HALVES))
+def test_every_case_data_parallel_on_four_devices_equals_one_device(half):
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SCRIPT, *HALVES[half]], env=env, cwd=root, capture_output=True,
+                            text=True, timeout=1200)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, result.stdout[-2000:] + result.stderr[-3000:]
+    failures = json.loads(lines[-1][len("RESULT "):])
+    expected = {k for k in UPSTREAM_EXPLICIT_CONV if k.split()[0] in HALVES[half]}
+    upstream = {k for k, message in failures.items() if k in expected and "reshape is not supported" in message}
+    assert upstream == expected, f"JAX's Explicit-mesh conv batching now works for {sorted(expected - upstream)}"
+    upstream |= {k for k, message in failures.items() if k in KNOWN_MISMATCH and "Not equal to tolerance" in message}
+    others = {k: message for k, message in failures.items() if k not in upstream}
+    assert not others, "\n\n".join(f"{name}: {message}" for name, message in others.items())
