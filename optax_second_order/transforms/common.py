@@ -63,7 +63,6 @@ __all__ = [
     "StaggerTables",
     "stagger_tables",
     "update_slot_units",
-    "largest_magnitude",
     "all_finite",
     "keep_if_nonfinite",
     "finite_ema",
@@ -260,63 +259,10 @@ def stagger_slots(transform: str, stagger: Any, precondition_frequency: Any) -> 
 # --- non-finite numbers ----------------------------------------------------------------------------
 
 
-_CONCATENATED_ELEMENTS = 1 << 18
-"""Leaves smaller than this are reduced together in concatenations of at most this many elements (1 MiB in float32);
-larger ones are reduced alone (:func:`largest_magnitude`)."""
-
-
-def largest_magnitude(tree: PyTree) -> jax.Array:
-    """``max |x|`` over every entry of every floating leaf of ``tree``: NaN if one is NaN, inf if one is infinite (XLA's
-    maximum propagates NaN), so ``jnp.isfinite`` of it says whether the whole tree is finite. 0 for no entries; the
-    dtype is the leaves' promoted one (a float64 value is never rounded to an infinite float32).
-
-    How it is computed matters on CPU. ``jnp.all(jnp.isfinite(x))`` per leaf is three kernels per leaf under XLA:CPU
-    (the boolean array written out, a windowed reduction, a final one), and a kernel costs microseconds whatever its
-    size: on ``digits-mlp`` (6 leaves) the checks of the diagonal family made ``oso.adam``'s step 1.2-1.5x
-    ``optax.adam``'s. Here the small leaves' ``|x|`` are written into one vector per dtype (one fused kernel) and
-    reduced once; the vector goes through ``jax.lax.optimization_barrier`` because XLA otherwise rewrites the
-    reduction of a concatenation into one reduction per piece. Leaves of ``2^18`` entries or more are reduced alone,
-    and the concatenations hold at most that many entries, so the extra memory is bounded (1 MiB in float32).
-    """
-    leaves = [jnp.asarray(x) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    leaves = [x for x in leaves if x.size]
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    parts, groups = [], {}
-    for x in leaves:
-        if x.size >= _CONCATENATED_ELEMENTS:
-            parts.append(jnp.max(jnp.abs(x)))
-        else:
-            groups.setdefault(_magnitude_dtype(x), []).append(x)
-    for chunk in _chunks([x for group in groups.values() for x in group]):
-        parts.append(jnp.max(jax.lax.optimization_barrier(jnp.concatenate([jnp.abs(x).ravel() for x in chunk]))))
-    return functools.reduce(jnp.maximum, parts)
-
-
-def _magnitude_dtype(x: jax.Array) -> jnp.dtype:
-    """The dtype of ``|x|`` (float32 for complex64)."""
-    return jnp.dtype(jnp.finfo(x.dtype).dtype)
-
-
-def _chunks(leaves: list[jax.Array]) -> list[list[jax.Array]]:
-    """``leaves`` (each smaller than ``_CONCATENATED_ELEMENTS``) in consecutive runs of one dtype and at most
-    ``_CONCATENATED_ELEMENTS`` entries."""
-    chunks: list[list[jax.Array]] = []
-    size = 0
-    for x in leaves:
-        dtype = _magnitude_dtype(x)
-        if not chunks or size + x.size > _CONCATENATED_ELEMENTS or _magnitude_dtype(chunks[-1][0]) != dtype:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(x)
-        size += x.size
-    return chunks
-
-
 def all_finite(tree: PyTree) -> jax.Array:
-    """Whether every floating leaf of ``tree`` is finite (a scalar bool; True for a tree without such leaves): one
-    reduction for the tree's small leaves (:func:`largest_magnitude`)."""
-    return jnp.isfinite(largest_magnitude(tree))
+    """Whether every floating leaf of ``tree`` is finite (a scalar bool; True for a tree without such leaves)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
 
 
 def keep_if_nonfinite(old: PyTree, new: PyTree) -> tuple[PyTree, jax.Array]:
@@ -349,7 +295,7 @@ def discard_nonfinite(tree: PyTree, like: PyTree | None = None) -> PyTree:
     def clean(x, replacement):
         if not jnp.issubdtype(x.dtype, jnp.inexact):
             return x
-        finite = jnp.isfinite(largest_magnitude(x))
+        finite = jnp.all(jnp.isfinite(x))
         return jnp.where(finite, x, replacement.astype(x.dtype))
 
     return jax.tree.map(clean, tree, like)

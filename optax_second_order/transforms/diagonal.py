@@ -40,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -54,7 +55,6 @@ from optax_second_order.transforms.common import (
     check_float_leaves,
     extra_arg,
     is_refresh_step,
-    largest_magnitude,
     masked_extras,
     require_params,
     stat_dtype,
@@ -182,6 +182,19 @@ def _bias_corrected(tree: PyTree, decay, n: jax.Array) -> PyTree:
     return jax.tree.map(lambda c, t: jnp.where(n > 0, c, t).astype(t.dtype), corrected, tree)
 
 
+def _largest_magnitude(tree: PyTree) -> jax.Array:
+    """``max |x|`` over the entries of every leaf: NaN if one is NaN (XLA's maximum propagates it), inf if one is
+    infinite; 0 for none.
+
+    One reduction per leaf, each starting as soon as its leaf is ready. (Measured on ``digits-mlp`` under load, in
+    ``optax_second_order.bench ab``: three boolean kernels per leaf and tree, ``jnp.all(jnp.isfinite(x))``, made
+    ``oso.adam``'s step 1.3-1.5x ``optax.adam``'s; the leaves concatenated into one vector and reduced once, fewer
+    kernels, 1.6-1.7x, since every update then waits for one kernel split over the threads.)
+    """
+    leaves = [jnp.max(jnp.abs(x)) for x in jax.tree.leaves(tree) if jnp.size(x)]
+    return functools.reduce(jnp.maximum, leaves) if leaves else jnp.zeros((), jnp.float32)
+
+
 def _finite_or(x: jax.Array, value) -> jax.Array:
     """``x`` with its non-finite entries replaced by ``value``."""
     return jnp.where(jnp.isfinite(x), x, jnp.asarray(value, x.dtype))
@@ -302,21 +315,12 @@ def scale_by_diagonal_curvature(
             key, subkey = jax.random.split(state.key)
         estimate = estimate_fn(grads, params, subkey, extra, name)
         estimate = jax.tree.map(lambda e, s: e.astype(s.dtype), estimate, state.curvature)
-        # g * g is finite exactly when (max |g|)^2 is, in the statistic's dtype: the gradients' check covers it
+        # the squares' check covers the gradients (g * g is finite only where g is): it is made in update_fn
         finite = jnp.asarray(True) if squares_of_gradients else all_finite(estimate)
         return accumulate(state.curvature, estimate), state.estimates + 1, finite, key
 
     def keep(state):
         return state.curvature, state.estimates, jnp.asarray(True), state.key
-
-    def gradients_finite(grads, curvature):
-        """Whether every gradient (and, for the squared-gradient estimator, every square) is finite: one reduction
-        (:func:`largest_magnitude`)."""
-        largest = largest_magnitude(grads)
-        if squares_of_gradients:
-            dtype = jnp.result_type(*jax.tree.leaves(curvature)) if jax.tree.leaves(curvature) else jnp.float32
-            return jnp.isfinite(jnp.square(largest.astype(dtype)))
-        return jnp.isfinite(largest)
 
     def update_fn(updates, state, params=None, **extra):
         check_float_leaves(updates, name)
@@ -337,9 +341,14 @@ def scale_by_diagonal_curvature(
             )
         # The non-finite policy: a gradient or estimate that is not finite (an overflowing square included) is not
         # folded in, and since the kept statistic would pair with a fresh momentum, the step is rejected as a whole.
-        # Decided from the inputs, before the new state exists, so that the choice of old or new fuses into the
-        # loops that write the state (a select after the fact wrote every state array twice).
-        ok = gradients_finite(grads, state.curvature) & estimate_ok
+        # Decided from the inputs (the gradients, their squares, the estimate) before the new state exists, so that
+        # the choice of old or new fuses into the loops that write the state: a select after the fact wrote every
+        # state array twice and waited for reductions over the moments, statistics and updates too.
+        if squares_of_gradients:  # g * g in the statistic's dtype, as the estimator computes it
+            squares = jax.tree.map(lambda g, c: jnp.square(g).astype(c.dtype), grads, state.curvature)
+            ok = jnp.isfinite(_largest_magnitude(squares))
+        else:
+            ok = jnp.isfinite(_largest_magnitude(grads)) & estimate_ok
         count = jnp.where(ok, optax.safe_int32_increment(state.count), state.count)
         momentum = optax.tree.update_moment(jax.tree.map(lambda g, m: g.astype(m.dtype), grads, state.momentum),
                                             state.momentum, b1, 1)
@@ -369,7 +378,8 @@ def scale_by_diagonal_curvature(
             return jnp.where(ok & jnp.isfinite(u), u, 0).astype(g.dtype)
 
         updates = jax.tree.map(precondition, grads, m_hat, s_hat)
-        new_state = DiagonalCurvatureState(count, momentum, curvature, estimates, state.nonfinite + (~ok).astype(jnp.int32), key)
+        nonfinite = state.nonfinite + (~ok).astype(jnp.int32)
+        new_state = DiagonalCurvatureState(count, momentum, curvature, estimates, nonfinite, key)
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
