@@ -109,6 +109,15 @@ def _environment() -> dict:
     }
 
 
+def _blas_threads() -> dict[str, int]:
+    """``{library file: threads}`` of the BLAS libraries loaded (scipy's runs XLA:CPU's LAPACK calls; the library limits
+    it to one thread unless ``OPENBLAS_NUM_THREADS`` is set, ``curvature/threads.py``)."""
+    import threadpoolctl
+
+    return {os.path.basename(i["filepath"]): i["num_threads"] for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas"}
+
+
 def _progress(total: int):
     from tqdm.auto import tqdm
 
@@ -129,11 +138,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, str]:
     lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None
 
     environment = _environment()
-    if environment["backend"] == "cpu" and environment["openblas_num_threads"] is None:
-        print("note: OPENBLAS_NUM_THREADS is not set; on CPU, eigh and QR run several times faster (and steadier) "
-              "with OPENBLAS_NUM_THREADS=1 set before Python starts (make demo sets it)", file=sys.stderr)
     results = run_grid(tasks, optimizers, range(args.seeds), args.steps, lrs, args.evaluations, _progress)
     environment["load_average_after"] = _load_average()
+    environment["blas_threads_after"] = _blas_threads()
     targets = report.target_losses(results, tasks, args.target)
     summary = report.summarize(results, targets)
     table = report.markdown(summary, tasks, targets)
