@@ -74,6 +74,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20,
                         help="primitives: timed repeats per product; ab: rounds of 20 steps (5 give a first look)")
     parser.add_argument("--rev", default="HEAD", help="ab: the git revision to time this checkout against")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="ab: time steps by the wall clock, or by the process's CPU time (all threads; steadier "
+                        "on a loaded machine, with the process pinned to one core: taskset -c 0)")
     args = parser.parse_args(argv)
     if args.target not in (REFERENCE, "task"):
         try:
@@ -176,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         tasks = _names(args.tasks or "digits-autoencoder", list(TASKS), "task")
         names = [n for n in _names(args.optimizers, list(OPTIMIZERS), "optimizer") if n != REFERENCE]
-        ab.main(args.rev, tasks, names, args.repeats)
+        ab.main(args.rev, tasks, names, args.repeats, args.clock)
     elif args.command == "quasi-newton":  # evaluations to a tolerance on deterministic problems
         from optax_second_order.bench import quasi_newton
 
