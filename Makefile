@@ -7,7 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # XLA:CPU runs eigh, QR and Cholesky in OpenBLAS, whose threads compete with XLA's own: with one OpenBLAS thread the
 # refreshes of Shampoo, SOAP and K-FAC run several times faster and steadier (docs/benchmark.md, "CPU threads").
-# It must be set before Python starts; override with `make demo OPENBLAS_NUM_THREADS=...`.
+# The library also limits scipy's OpenBLAS to one thread itself (curvature/threads.py) when this is unset; override
+# with `make demo OPENBLAS_NUM_THREADS=...`.
 OPENBLAS_NUM_THREADS ?= 1
 export OPENBLAS_NUM_THREADS
 STAMP := $(VENV)/.installed

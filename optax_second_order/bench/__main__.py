@@ -74,6 +74,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=20,
                         help="primitives: timed repeats per product; ab: rounds of 20 steps (5 give a first look)")
     parser.add_argument("--rev", default="HEAD", help="ab: the git revision to time this checkout against")
+    parser.add_argument("--clock", choices=("wall", "process"), default="wall",
+                        help="ab: time steps by the wall clock, or by the process's CPU time (all threads; steadier "
+                        "on a loaded machine, with the process pinned to one core: taskset -c 0)")
     args = parser.parse_args(argv)
     if args.target not in (REFERENCE, "task"):
         try:
@@ -109,6 +112,15 @@ def _environment() -> dict:
     }
 
 
+def _blas_threads() -> dict[str, int]:
+    """``{library file: threads}`` of the BLAS libraries loaded (scipy's runs XLA:CPU's LAPACK calls; the library limits
+    it to one thread unless ``OPENBLAS_NUM_THREADS`` is set, ``curvature/threads.py``)."""
+    import threadpoolctl
+
+    return {os.path.basename(i["filepath"]): i["num_threads"] for i in threadpoolctl.threadpool_info()
+            if i["user_api"] == "blas"}
+
+
 def _progress(total: int):
     from tqdm.auto import tqdm
 
@@ -129,11 +141,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, str]:
     lrs = [float(v) for v in args.lrs.split(",")] if args.lrs else None
 
     environment = _environment()
-    if environment["backend"] == "cpu" and environment["openblas_num_threads"] is None:
-        print("note: OPENBLAS_NUM_THREADS is not set; on CPU, eigh and QR run several times faster (and steadier) "
-              "with OPENBLAS_NUM_THREADS=1 set before Python starts (make demo sets it)", file=sys.stderr)
     results = run_grid(tasks, optimizers, range(args.seeds), args.steps, lrs, args.evaluations, _progress)
     environment["load_average_after"] = _load_average()
+    environment["blas_threads_after"] = _blas_threads()
     targets = report.target_losses(results, tasks, args.target)
     summary = report.summarize(results, targets)
     table = report.markdown(summary, tasks, targets)
@@ -169,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         tasks = _names(args.tasks or "digits-autoencoder", list(TASKS), "task")
         names = [n for n in _names(args.optimizers, list(OPTIMIZERS), "optimizer") if n != REFERENCE]
-        ab.main(args.rev, tasks, names, args.repeats)
+        ab.main(args.rev, tasks, names, args.repeats, args.clock)
     elif args.command == "quasi-newton":  # evaluations to a tolerance on deterministic problems
         from optax_second_order.bench import quasi_newton
 

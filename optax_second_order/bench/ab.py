@@ -68,7 +68,7 @@ def _forget_package() -> None:
         del sys.modules[module]
 
 
-def _round_robin(steps: dict[str, list], repeats: int) -> dict[str, np.ndarray]:
+def _round_robin(steps: dict[str, list], repeats: int, clock=time.perf_counter) -> dict[str, np.ndarray]:
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(repeats):
         for name, entry in steps.items():
@@ -76,16 +76,21 @@ def _round_robin(steps: dict[str, list], repeats: int) -> dict[str, np.ndarray]:
             for _ in range(_STEPS_PER_ROUND):
                 batch = next(batches)
                 jax.block_until_ready(batch)
-                start = time.perf_counter()
+                start = clock()
                 params, state, _ = compiled(params, state, batch)
                 jax.block_until_ready((params, state))
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
             entry[1], entry[2] = params, state
     return {k: 1e3 * np.asarray(v[1:]) for k, v in times.items()}
 
 
-def main(rev: str, task_names: Sequence[str], names: Sequence[str], repeats: int) -> dict[str, dict[str, float]]:
-    """Prints and returns ``{task: {"<optimizer> <version>": mean ms}}`` (version ``tree`` or ``rev``)."""
+def main(rev: str, task_names: Sequence[str], names: Sequence[str], repeats: int,
+         clock: str = "wall") -> dict[str, dict[str, float]]:
+    """Prints and returns ``{task: {"<optimizer> <version>": mean ms}}`` (version ``tree`` or ``rev``).
+
+    ``clock="process"`` times each step by the process's CPU time (``time.process_time``, every thread) instead of the
+    wall clock: on a machine shared with other jobs, time spent descheduled then does not count (pin the process to
+    one core, ``taskset -c 0``, so that XLA's threads do not spin on a second one)."""
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         package_at(rev, folder)
@@ -102,9 +107,9 @@ def main(rev: str, task_names: Sequence[str], names: Sequence[str], repeats: int
             finally:
                 sys.path.remove(folder)
                 _forget_package()
-            times = _round_robin(steps, repeats)
+            times = _round_robin(steps, repeats, time.process_time if clock == "process" else time.perf_counter)
             adam = times["adam tree"].mean()
-            print(f"{task_name}: {repeats} rounds of {_STEPS_PER_ROUND} steps, round-robin")
+            print(f"{task_name}: {repeats} rounds of {_STEPS_PER_ROUND} steps, round-robin, {clock} clock")
             for name, t in times.items():
                 print(f"  {name:32s} median {np.median(t):8.2f} ms  mean {t.mean():8.2f} ms  mean x adam {t.mean() / adam:5.2f}")
             results[task_name] = {name: float(t.mean()) for name, t in times.items()}

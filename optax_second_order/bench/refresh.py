@@ -4,8 +4,9 @@ Run ``python -m optax_second_order.bench.refresh`` (timings) or ``python -m
 optax_second_order.bench.refresh accuracy`` (error against iterations); not wired into the ``bench``
 command line. On CPU, XLA runs eigh, QR, Cholesky and triangular solves in LAPACK/BLAS (scipy's
 OpenBLAS), whose threads compete with XLA's own: on a 2-core machine that makes them 10 to 300 times
-slower, and data-dependently so. Time them also with ``OPENBLAS_NUM_THREADS=1`` set before Python starts
-(``threadpoolctl`` at run time did not help); the table's title says which.
+slower, and data-dependently so. The library's own factorizations limit scipy's OpenBLAS to one thread when first
+traced (``curvature/threads.py``); set ``OPENBLAS_NUM_THREADS`` before Python starts to choose the threads for the raw
+calls too; the table's title says which.
 
 Timings: each function is jitted, run once to compile, then timed ``repeats`` times with
 ``jax.block_until_ready``, round-robin over the functions of one size so that load on a shared machine

@@ -57,6 +57,8 @@ class Row:
     compile_time: float | None = None
     compile_ratio: float | None = None
     state_ratio: float | None = None
+    hlo_ops: int | None = None
+    kernels: int | None = None
 
 
 def _by(results: Sequence[RunResult], *keys: str) -> dict[tuple, list[RunResult]]:
@@ -111,6 +113,12 @@ def _compile_time(results: Sequence[RunResult], task: str, optimizer: str) -> fl
     return float(np.max(times)) if times else None
 
 
+def _op_count(results: Sequence[RunResult], task: str, optimizer: str, field: str) -> int | None:
+    """``hlo_ops`` or ``kernels`` of the step (the same for every run of one executable; 0: not measured)."""
+    counts = [getattr(r, field) for r in results if r.task == task and r.optimizer == optimizer and getattr(r, field)]
+    return int(max(counts)) if counts else None
+
+
 def _ratio(value: float | None, reference: float | None) -> float | None:
     return value / reference if value is not None and reference else None
 
@@ -152,6 +160,8 @@ def summarize(results: Sequence[RunResult], targets: dict[str, float | None]) ->
                     compile_time=compile_time,
                     compile_ratio=_ratio(compile_time, reference_compile),
                     state_ratio=runs[0].state_ratio,
+                    hlo_ops=_op_count(task_runs, task, optimizer, "hlo_ops"),
+                    kernels=_op_count(task_runs, task, optimizer, "kernels"),
                 )
             )
         summary[task] = rows
@@ -176,8 +186,8 @@ def markdown(summary: dict[str, list[Row]], tasks: Sequence[Task], targets: dict
         lines += [
             f"| optimizer | best lr | final loss | steps to target | s to target | held-out acc | step ms | x {REFERENCE} "
             f"| mean step ms | mean x {REFERENCE} | slowest x {REFERENCE} median | compile s | compile x {REFERENCE} "
-            f"| state / params |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| HLO ops | state / params |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             lines.append(
@@ -186,7 +196,7 @@ def markdown(summary: dict[str, list[Row]], tasks: Sequence[Task], targets: dict
                 f"| {_fmt(row.accuracy, '.3f')} | {_fmt(1e3 * row.step_time, '.2f')} | {_fmt(row.step_time_ratio, '.2f')} "
                 f"| {_fmt(1e3 * row.mean_step_time, '.2f')} | {_fmt(row.mean_step_ratio, '.2f')} "
                 f"| {_fmt(row.slowest_step_ratio, '.1f')} | {_fmt(row.compile_time, '.1f')} | {_fmt(row.compile_ratio, '.2f')} "
-                f"| {_fmt(row.state_ratio, '.2f')} |"
+                f"| {_fmt(row.hlo_ops, 'd')} | {_fmt(row.state_ratio, '.2f')} |"
             )
         lines.append("")
     return "\n".join(lines)

@@ -27,6 +27,7 @@ Protocol, for every run:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -40,7 +41,7 @@ from optax_second_order.curvature.products import grad_and_hvp_fn
 from optax_second_order.bench.optimizers import OptimizerSpec
 from optax_second_order.bench.tasks import Batch, Task
 
-__all__ = ["RunResult", "make_step", "run_one", "run_grid", "state_bytes_ratio"]
+__all__ = ["RunResult", "make_step", "run_one", "run_grid", "state_bytes_ratio", "hlo_op_count", "compiled_kernel_count"]
 
 
 @dataclasses.dataclass
@@ -64,6 +65,8 @@ class RunResult:
     first_step_time: float = float("nan")
     step_times: list[float] = dataclasses.field(default_factory=list)
     state_ratio: float = float("nan")  # the optimizer state's bytes over the parameters' bytes
+    hlo_ops: int = 0  # operations in the step's StableHLO program (hlo_op_count); 0: not measured
+    kernels: int = 0  # work instructions of the compiled step's entry computation (compiled_kernel_count)
 
     def first_reaching(self, target: float) -> tuple[int, float] | None:
         """``(step, seconds)`` of the first evaluation with loss <= ``target``, or ``None``."""
@@ -135,10 +138,46 @@ def _own_buffers(state):
     return jax.tree.map(jnp.copy, state)
 
 
-def _compile(task: Task, tx: optax.GradientTransformation, params, state, batch, hvp: bool) -> tuple[Callable, float]:
+_STABLEHLO_OP = re.compile(r'^\s*(?:%[^=]*=\s*)?"?(?:stablehlo|chlo|mhlo|sdy)\.\w+', re.MULTILINE)
+_NO_WORK = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+
+
+def hlo_op_count(lowered) -> int:
+    """The number of operations in a lowered step's StableHLO program (``jax.jit(step).lower(...).as_text()``): what
+    XLA is given to compile, so what compile time grows with.
+
+    Every ``stablehlo`` / ``chlo`` operation in the module is counted once where it is written: a loop body
+    (``lax.scan``, ``fori_loop``) or a function called several times counts once, while a Python loop over leaves or
+    layers, which the trace unrolls, counts once per iteration. Constants and region terminators
+    (``stablehlo.return``) count; ``func.call`` and ``return`` do not.
+    """
+    return len(_STABLEHLO_OP.findall(lowered.as_text()))
+
+
+def compiled_kernel_count(compiled) -> int:
+    """The work instructions (fusions, dots, custom calls, copies, loops...; not parameters, constants, tuples or
+    bitcasts) of a compiled step's entry computation (``.compile().as_text()``): about the number of kernels XLA
+    launches per step, outside loop bodies."""
+    text = compiled.as_text()
+    entry = text[text.index("\nENTRY"):] if "\nENTRY" in text else text
+    entry = entry.split("\n}", 1)[0]
+    ops = re.findall(r"^\s*(?:ROOT\s+)?%\S+ = \S+ ([\w-]+)\(", entry, re.MULTILINE)
+    return sum(1 for op in ops if op not in _NO_WORK)
+
+
+@dataclasses.dataclass
+class _Compiled:
+    step: Callable
+    hlo_ops: int
+    kernels: int
+
+
+def _compile(task: Task, tx: optax.GradientTransformation, params, state, batch, hvp: bool) -> tuple[_Compiled, float]:
     start = time.perf_counter()
-    step = make_step(task, tx, hvp).lower(params, state, batch).compile()
-    return step, time.perf_counter() - start
+    lowered = make_step(task, tx, hvp).lower(params, state, batch)
+    step = lowered.compile()
+    seconds = time.perf_counter() - start
+    return _Compiled(step, hlo_op_count(lowered), compiled_kernel_count(step)), seconds
 
 
 def run_one(
@@ -177,9 +216,10 @@ def run_one(
     if compiled[key] is False:
         tx = spec.make(learning_rate, task)
         state = _own_buffers(tx.init(params))
-        step, compile_time = _compile(task, tx, params, state, batch, spec.hvp)
+        executable, compile_time = _compile(task, tx, params, state, batch, spec.hvp)
     else:
-        step = compiled[key]
+        executable = compiled[key]
+    step = executable.step
 
     curve_steps, curve_seconds, curve_losses, step_times = [0], [0.0], [evaluator.loss(params)], []
     diverged = not np.isfinite(curve_losses[0])
@@ -216,6 +256,8 @@ def run_one(
         first_step_time=float(step_times[0]) if step_times else float("nan"),
         step_times=[float(t) for t in step_times],
         state_ratio=state_bytes_ratio(state, params),
+        hlo_ops=executable.hlo_ops,
+        kernels=executable.kernels,
     )
 
 

@@ -10,6 +10,7 @@ from optax_second_order.curvature import (
     secant,
     solvers,
     spectrum,
+    threads,
 )
 from optax_second_order.curvature.estimators import *  # noqa: F401,F403
 from optax_second_order.curvature.matrix import *  # noqa: F401,F403

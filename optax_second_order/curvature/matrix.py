@@ -9,7 +9,8 @@ For ``M = Q diag(lambda) Q^T`` (``lambda`` clipped at 0, so round-off cannot mak
   without the eigendecomposition, several times faster on XLA:CPU and on accelerators;
 * :func:`eigh_psd`: the eigendecomposition itself (SOAP's eigenbases, EKFAC);
 * :func:`one_matrix_at_a_time`: how every batched factorization here runs on CPU (one matrix per LAPACK call,
-  which avoids a deadlock of jaxlib 0.10's batched CPU kernels).
+  which avoids a deadlock of jaxlib 0.10's batched CPU kernels); its first call limits the OpenBLAS behind those
+  kernels to one thread (:func:`~optax_second_order.curvature.threads.one_lapack_thread`).
 
 Every function works on a batch of matrices (leading dimensions are blocks), symmetrizes its input
 ``(M + M^T) / 2``, computes in float32 or better whatever the input dtype, and returns the result in
@@ -59,6 +60,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_second_order.curvature.threads import one_lapack_thread
+
 __all__ = [
     "symmetrize", "one_matrix_at_a_time", "eigh_psd", "inverse_pth_root", "damped_inverse",
     "inverse_pth_root_newton", "inverse_pth_root_in_basis", "orthonormalize", "orthogonal_iteration_step",
@@ -98,6 +101,7 @@ def one_matrix_at_a_time(fn: Callable[..., Any], *matrices: jax.Array) -> Any:
         ``jnp.linalg.eigh``; every output leaf has those leading axes.
       matrices: ``[..., m_i, n_i]`` arrays with the same leading axes.
     """
+    one_lapack_thread()  # on CPU, once per process: LAPACK with one OpenBLAS thread (curvature/threads.py)
     batch = matrices[0].shape[:-2]
     if math.prod(batch) <= 1:
         return fn(*matrices)

@@ -86,6 +86,34 @@ def test_state_ratio_counts_the_optimizer_state_against_the_params(tiny_run):
     assert f"| {row['adam']['state_ratio']:.2f} |" in table
 
 
+def test_hlo_ops_count_the_lowered_program_and_show_next_to_compile_time(tiny_run):
+    """The count is the StableHLO program's operations: a Python loop unrolls into the program (three times the
+    body's ops), a lax.fori_loop does not (its body once); the table and the JSON carry it for every row."""
+    def body(x):
+        return jnp.sin(x) * 2.0 + 1.0
+
+    def unrolled(x):
+        for _ in range(3):
+            x = body(x)
+        return x
+
+    x = jnp.ones(3)
+    one = runner.hlo_op_count(jax.jit(body).lower(x))
+    assert one >= 4  # sine, multiply, add and their constants
+    assert runner.hlo_op_count(jax.jit(unrolled).lower(x)) == 3 * one
+    looped = runner.hlo_op_count(jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, c: body(c), x)).lower(x))
+    assert looped < 3 * one + 8
+    assert runner.compiled_kernel_count(jax.jit(unrolled).lower(x).compile()) >= 1
+    _, _, record, table = tiny_run
+    for task, rows in record["summary"].items():
+        for row in rows:
+            runs = [r for r in record["runs"] if r["task"] == task and r["optimizer"] == row["optimizer"]]
+            assert row["hlo_ops"] > 0 and {r["hlo_ops"] for r in runs} == {row["hlo_ops"]}
+            assert row["kernels"] > 0
+            assert f"| {row['hlo_ops']:d} | {row['state_ratio']:.2f} |" in table
+    assert "| compile s | compile x adam | HLO ops | state / params |" in table
+
+
 def test_default_target_is_adams_best_final_loss(tiny_run):
     _, _, record, _ = tiny_run
     for task, target in record["targets"].items():

@@ -497,3 +497,29 @@ def test_an_overflowing_loss_does_not_blow_up_the_parameters(make):
     for _ in range(5):
         params, state = step(params, state, jnp.float32(1.0))
     assert np.all(np.isfinite(params["w"])) and np.all(params["w"] > 0)
+
+
+def test_a_corrupt_stored_entry_restarts_by_itself_and_the_step_goes_on():
+    """A NaN in one momentum entry and an inf in one curvature entry (a corrupt state): those entries restart (from
+    0 and from the initial curvature), the others keep their values, and the step is not rejected."""
+    tx = oso.scale_by_diagonal_curvature("squared_gradient", b1=0.5, b2=0.5, initial_curvature=0.25)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    state = state._replace(momentum={"w": jnp.array([jnp.nan, 1.0, 2.0])},
+                           curvature={"w": jnp.array([1.0, jnp.inf, 1.0])})
+    g = {"w": jnp.array([1.0, 1.0, 1.0])}
+    updates, new = jax.jit(tx.update)(g, state, params)
+    assert int(new.nonfinite) == 0 and int(new.count) == 1
+    np.testing.assert_allclose(new.momentum["w"], [0.5 * 0.0 + 0.5, 0.5 * 1.0 + 0.5, 0.5 * 2.0 + 0.5])
+    np.testing.assert_allclose(new.curvature["w"], [0.5 * 1.0 + 0.5, 0.5 * 0.25 + 0.5, 0.5 * 1.0 + 0.5])
+    assert bool(jnp.all(jnp.isfinite(updates["w"])))
+
+
+def test_a_zero_denominator_gives_a_zero_update_entry_not_a_nan():
+    """eps = eps_root = 0 and a coordinate whose gradients were all zero: 0 / 0 there; that entry moves by 0, the
+    others as Adam, and the step counts as a normal one."""
+    tx = oso.scale_by_diagonal_curvature("squared_gradient", eps=0.0)
+    params = {"w": jnp.zeros(2)}
+    updates, state = tx.update({"w": jnp.array([0.0, 3.0])}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], [0.0, 1.0], rtol=1e-6)
+    assert int(state.nonfinite) == 0 and int(state.count) == 1
