@@ -21,6 +21,7 @@ import optax_second_order as oso
 from contract import (
     LEARNING_RATE,
     NUM_STEPS,
+    ROUNDING_RTOL,
     ContractCase,
     Problem,
     _problem,
@@ -201,7 +202,9 @@ def check_threads(case: ContractCase, run: Callable = _run_steps) -> None:
         if isinstance(together, Exception):
             raise AssertionError(f"{case.name}: model {i} failed when traced at the same time as another: {together!r}")
         for step, (a, b) in enumerate(zip(together, by_itself)):
-            assert_trees_close(a, b, f"{case.name}: model {i} traced beside another, params after step {step}", rtol=1e-6)
+            # float32: the synchronized model_fn is another program, rounded its own way (contract.ROUNDING_RTOL)
+            assert_trees_close(a, b, f"{case.name}: model {i} traced beside another, params after step {step}",
+                               rtol=ROUNDING_RTOL)
 
 
 FLAX_CHECKS = {"linen": check_linen, "nnx": check_nnx, "threads": check_threads}

@@ -27,6 +27,16 @@ from optax_second_order.transforms.common import extra_arg
 CHECKS = {**contract.CHECKS, **contract_flax.FLAX_CHECKS}
 
 
+@pytest.fixture(autouse=True)
+def float32():
+    """x64 off around every test of this module (tests/conftest.py turns it on for the suite): the contract runs as
+    users do, hyperparameters injected as float32 arrays and nothing promoted; ``check_masked`` turns it back on
+    around itself. Per test, so any order of tests in a pytest-xdist worker sees the right mode; jit caches key on
+    it, so a step compiled under one mode is never reused under the other."""
+    with jax.enable_x64(False):
+        yield
+
+
 def _collect():
     """Cases of every ``tests/cases_*.py``, or only of the modules listed in ``$CONTRACT_CASES``."""
     only = os.environ.get("CONTRACT_CASES", "").replace(",", " ").split()

@@ -45,6 +45,12 @@ step: SOAP's step on the autoencoder benchmark took 82 ms with it, 60 ms without
 is not finite (a corrupt state) restarts from zero; a block whose basis comes out non-finite from finite factors
 keeps the previous one (``state.basis_failures`` counts such bases).
 
+Rounding (not in the official code; docs/optimizers/soap.md, "Rounding and degenerate eigenspaces"): the bases are
+those of ``L_i + sqrt(d u) max_j (L_i)_jj diag(1, ..., 1/d)`` (:func:`_tie_broken`), so that within a degenerate
+eigenspace of ``L_i`` (its null space while it has seen few gradients) they are a continuous function of ``L_i``
+rather than ``eigh``'s rounding; and in the eigenbases Adam's ``eps`` has ``100 u sqrt(sum v)`` per block added
+(:func:`_rounding_floor`), so that a rotated gradient that is rounding does not become a step.
+
 Defaults are the official code's (github.com/nikhilvyas/SOAP, ``soap.py``): ``lr = 3e-3``, ``betas =
 (0.95, 0.95)``, ``shampoo_beta = -1`` meaning ``b2``, ``eps = 1e-8``, ``weight_decay = 0.01`` (in the
 alias), ``precondition_frequency = 10``, ``max_precond_dim = 10000``, ``normalize_grads = False``,
@@ -134,6 +140,52 @@ def _rotate(x: jax.Array, modes, bases, back: bool = False) -> jax.Array:
     for mode, q in zip(modes, bases):
         x = blocking.batched_mode_dot(x, jnp.swapaxes(q, -1, -2) if back else q, mode)
     return x
+
+
+def _tie_broken(factor: jax.Array) -> jax.Array:
+    """Each ``L`` (``[blocks, d, d]``) plus ``tau * diag(1, (d - 1) / d, ..., 1 / d)`` with ``tau = sqrt(d u) max_i
+    L_ii`` (``u`` the unit roundoff of ``L``'s dtype): the matrix whose eigenvectors SOAP uses.
+
+    Within an eigenspace of ``L`` of dimension 2 or more -- above all its null space, most of the space while ``L``
+    has seen fewer gradients than its dimension (a ``d x d`` factor has rank at most ``min(d, other dims)`` after one
+    gradient) -- every orthonormal basis is one of eigenvectors, and ``eigh`` (or the power-QR refresh, whose ``L Q``
+    is rounding there) picks one by rounding. Adam's per-coordinate normalization is not invariant under rotations
+    within that space, so the step depended on the pick: a 1-ulp change of ``b2`` (which enters ``L`` through
+    ``shampoo_beta``) moved a small MLP's parameters by more than a learning rate after one step, in float64 as in
+    float32 (docs/optimizers/soap.md, "Rounding and degenerate eigenspaces"). The ramp makes the pick a continuous
+    function of ``L``: within such a space the eigenvectors are those of the ramp restricted to it (coordinate vectors
+    where the space contains them: Adam's own coordinates, e.g. a block's zero padding).
+
+    ``tau`` balances two errors: eigenvectors of ``L`` whose eigenvalues are ``gap`` apart move by about ``tau /
+    gap``, and the pick within a degenerate space is decided by the ramp (spacing ``tau / d``) against ``eigh``'s
+    rounding (about ``u ||L||``) up to about ``d u ||L|| / tau``; the geometric mean ``sqrt(d u) ||L||`` makes both
+    ``sqrt(d u)`` (``2e-3`` for a float32 ``32 x 32`` factor, ``4e-8`` in float64). Not in the paper or the official
+    code, which run ``eigh(L + 1e-30 I)``: a shift breaks no tie.
+    """
+    d = factor.shape[-1]
+    relative = math.sqrt(d * float(jnp.finfo(factor.dtype).eps))
+    scale = relative * jnp.max(jnp.diagonal(factor, axis1=-2, axis2=-1), axis=-1)
+    ramp = jnp.arange(d, 0, -1, dtype=factor.dtype) / d
+    return factor + scale[..., None, None] * (jnp.eye(d, dtype=factor.dtype) * ramp)
+
+
+ROUNDING_FLOOR = 100.0
+
+
+def _rounding_floor(nu: jax.Array) -> jax.Array:
+    """Per block (axis 0 of ``nu``, the second moments in the eigenbasis): ``ROUNDING_FLOOR * u * sqrt(sum(v))``, added
+    to Adam's ``eps``.
+
+    ``sqrt(sum(v))`` is the (moving) Frobenius norm of the block's gradients, which the rotation keeps, and ``u *``
+    that norm is the size of the rounding of one rotated entry: along a direction in which every gradient is exactly
+    zero (a factor's null vector that all gradients share, e.g. the sum over a softmax layer's outputs) the rotated
+    gradient is that rounding, about ``1e-9`` to ``1e-7`` in float32, which ``eps = 1e-8`` alone turned into steps of
+    up to a learning rate along a direction with no gradient. With the floor such a step is at most about
+    ``1 / ROUNDING_FLOOR`` of one; entries below ``ROUNDING_FLOOR * u`` of the block's norm (``1.2e-5`` in float32,
+    ``2e-14`` in float64) are damped, whose float32 values carry a relative rounding error of 1% or more.
+    """
+    total = jnp.sum(nu, axis=tuple(range(1, nu.ndim)), keepdims=True)
+    return ROUNDING_FLOOR * jnp.finfo(nu.dtype).eps * jnp.sqrt(total)
 
 
 def _eigenbasis(factor: jax.Array) -> jax.Array:
@@ -265,7 +317,7 @@ def scale_by_soap(
         """One refresh of the blocks' bases ``q`` (``[n, d, d]``) of ``mode`` from their factors ``f``, with ``mu``
         moved and ``nu`` permuted alike; a block whose new basis is not finite keeps its basis and moments. Also
         which blocks those were."""
-        q_new, nu_new = refresh_fn()(f, q, nu, mode + 1)
+        q_new, nu_new = refresh_fn()(_tie_broken(f), q, nu, mode + 1)
         mu_new = _moved(mu, q, q_new, mode + 1)
         ok = _finite_blocks(q_new)
         keep = lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
@@ -275,7 +327,7 @@ def scale_by_soap(
         """Every basis from ``eigh`` of its factor (the first call); a block whose basis is not finite keeps I."""
 
         def on_device(factors, bases):
-            new = [_eigenbasis(f) for f in factors]
+            new = [_eigenbasis(_tie_broken(f)) for f in factors]
             ok = [_finite_blocks(q) for q in new]
             return tuple(jnp.where(k[:, None, None], q, old) for q, k, old in zip(new, ok, bases)), tuple(~k for k in ok)
 
@@ -317,11 +369,13 @@ def scale_by_soap(
 
         return bank.on_each_device(on_device, factors, bases, mu, nu, shared=(slot, due))
 
-    def adam_step(g, mu, nu):
-        """Adam's moments and normalized direction ``m / (sqrt(v) + eps)`` (in whatever basis ``g`` is given)."""
+    def adam_step(g, mu, nu, rotated=False):
+        """Adam's moments and normalized direction ``m / (sqrt(v) + eps)`` (in whatever basis ``g`` is given; in the
+        eigenbases, ``rotated``, ``eps`` has the rotation's rounding floor of :func:`_rounding_floor` added)."""
         new_mu = b1 * mu + (1.0 - b1) * g
         new_nu = b2 * nu + (1.0 - b2) * jnp.square(g)
-        return new_mu / (jnp.sqrt(new_nu) + eps), new_mu, new_nu
+        floor = _rounding_floor(new_nu) if rotated else 0.0
+        return new_mu / (jnp.sqrt(new_nu) + (eps + floor)), new_mu, new_nu
 
     def adam_in_eigenbases(bank: FactorBank, blocks, grads, stacked, axes, mu, nu, bases, count):
         """``(directions, mu, nu)``: Adam's step in the eigenbases, each device on its own blocks (none on the first
@@ -330,7 +384,7 @@ def scale_by_soap(
         block_mu, block_nu, rotated_back = [], [], []
         for g, (group, x, m, v) in enumerate(zip(bank.groups, blocks, mu[0], nu[0])):
             group_bases = [bases[stack_of[g, mode]] for mode in group.modes]
-            direction, m, v = adam_step(_rotate(x, group.modes, group_bases), m, v)
+            direction, m, v = adam_step(_rotate(x, group.modes, group_bases), m, v, rotated=True)
             rotated_back.append(_rotate(direction, group.modes, group_bases, back=True))
             block_mu.append(m)
             block_nu.append(v)

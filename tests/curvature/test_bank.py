@@ -135,8 +135,11 @@ SHARDED = textwrap.dedent(
             mesh = jax.make_mesh((4,), ("data",), axis_types=(types,))
             with jax.set_mesh(mesh):
                 sharded, state = run(make, mesh)
+            # SOAP: the tie-break of near-equal eigenvalues (soap._tie_broken) resolves the bases to sqrt(d u) = 3e-8,
+            # so the all-reduce's rounding reaches the parameters more than through Shampoo's roots (2.2e-10 measured)
+            rtol = 1e-9 if name.startswith("soap") else 1e-10
             for k in single:
-                np.testing.assert_allclose(sharded[k], single[k], rtol=1e-10, atol=1e-12, err_msg=f"{name} {types} {k}")
+                np.testing.assert_allclose(sharded[k], single[k], rtol=rtol, atol=1e-12, err_msg=f"{name} {types} {k}")
             # the update, so the data-parallel parameters, come back replicated (on an Auto mesh XLA is free to
             # split them like the stacks unless told)
             assert all(a.sharding.is_fully_replicated for a in jax.tree.leaves(sharded)), (name, types)
@@ -153,7 +156,8 @@ SHARDED = textwrap.dedent(
             print(name, types, "device 0 holds", on_0, "of", total, "stack bytes")
 
     # float32, as users run, on an Explicit mesh: Shampoo equals one device to float32's rounding of the gradient's
-    # all-reduce, amplified by the roots (SOAP's float32 drift is issue 23's item 1, so it is compared in float64)
+    # all-reduce, amplified by the roots (SOAP, compared in float64 above: in float32 its parameters differ by up to
+    # 8e-3 relative after 6 steps, before and after issue 23's tie-break of its eigenbases; not yet explained)
     init32 = jax.tree.map(lambda v: v.astype(np.float32), init)
     single, _ = run(makers["shampoo"], None, init32)
     mesh = jax.make_mesh((4,), ("data",))  # Explicit axes, jax.make_mesh's default

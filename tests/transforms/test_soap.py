@@ -2,7 +2,8 @@
 
 The loop keeps Adam's first moment in the eigenbasis and moves it when the basis changes (project back
 with the old basis, forward with the new one), the way the official code does; the library keeps it in
-the original space. Both are the same algorithm, reached by different bookkeeping.
+the original space. Both are the same algorithm, reached by different bookkeeping. The loop applies the library's
+tie-break of degenerate eigenspaces (``tie_broken``; docs/optimizers/soap.md, "Rounding and degenerate eigenspaces").
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ def x64():
 
 
 SHAPES = {"m": (6, 5), "t": (3, 4, 5), "v": (5,)}
+
+
+def tie_broken(factor):
+    """``L + sqrt(d u) max_i L_ii diag(1, (d - 1) / d, ..., 1 / d)``: the library's tie-break, which makes the basis of
+    a degenerate eigenspace of ``L`` (its null space, while it has seen few gradients) a continuous function of
+    ``L`` instead of ``eigh``'s rounding (soap._tie_broken; docs/optimizers/soap.md). Not in the official code; the
+    loop applies it where the library does (every eigenbasis and refresh), so the comparison stays at 1e-8."""
+    d = factor.shape[0]
+    scale = np.sqrt(d * np.finfo(factor.dtype).eps) * np.max(np.diag(factor))
+    return factor + scale * np.diag(np.arange(d, 0, -1) / d)
 
 
 def project(x, bases, back=False):
@@ -60,18 +71,19 @@ class NumpySoap:
         for i in self.modes:
             others = [j for j in range(self.ndim) if j != i]
             self.GG[i] = self.b2 * self.GG[i] + (1 - self.b2) * np.tensordot(g, g, axes=(others, others))
+        factors = {i: tie_broken(self.GG[i]) for i in self.modes}
         if self.Q is None:
-            self.Q = {i: np.linalg.eigh(self.GG[i])[1][:, ::-1] for i in self.modes}
+            self.Q = {i: np.linalg.eigh(factors[i])[1][:, ::-1] for i in self.modes}
         for i in self.modes:
             due = self.step_count % self.f == 0 if self.slots is None else (-self.step_count) % self.f == self.slots[i]
             if self.step_count > 0 and due:
                 o = self.Q[i]
-                est = np.diag(o.T @ self.GG[i] @ o)
+                est = np.diag(o.T @ factors[i] @ o)
                 order = np.argsort(-est, kind="stable")
                 self.exp_avg_sq = np.take(self.exp_avg_sq, order, axis=i)
-                product = self.GG[i] @ o[:, order]
+                product = factors[i] @ o[:, order]
                 if self.shift is not None:
-                    product = product / np.linalg.norm(self.GG[i]) + self.shift * o[:, order]
+                    product = product / np.linalg.norm(factors[i]) + self.shift * o[:, order]
                 self.Q[i] = np.linalg.qr(product)[0]
         if self.step_count > 0:
             self.exp_avg = project(self.exp_avg, self.bases())
@@ -273,3 +285,32 @@ def test_rank_deficient_factors_stay_finite():
 def test_bad_hyperparameters_name_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         oso.scale_by_soap(**kwargs)
+
+
+def _directions(b2, dtype, steps=5):
+    """Five directions of ``scale_by_soap(b2=b2)`` on an ``8 x 3`` leaf whose gradients' rows sum to zero (as a softmax
+    layer's): the left factor has a null space of dimension 6, then 4, ... (rank 2 per gradient), the right one the
+    exact null vector ``(1, 1, 1) / sqrt(3)``, whose rotated gradient is rounding."""
+    rng = np.random.default_rng(7)
+    tx = oso.scale_by_soap(b2=b2, precondition_frequency=2)
+    params = {"w": jnp.zeros((8, 3), dtype)}
+    state, update, out = tx.init(params), jax.jit(tx.update), []
+    for _ in range(steps):
+        g = rng.standard_normal((8, 3))
+        u, state = update({"w": jnp.asarray((g - g.mean(axis=1, keepdims=True)).astype(dtype))}, state, params)
+        out.append(np.asarray(u["w"], np.float64))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_one_ulp_change_of_b2_moves_the_step_by_rounding(dtype):
+    """Issue 23: the eigenbasis of a degenerate eigenspace was eigh's rounding, and Adam's per-coordinate normalization
+    is not invariant under rotations within it, so a 1-ulp change of b2 (shampoo_beta follows it) changed the step by
+    0.99 of its size in float64, 1.4 in float32. With the tie-break (soap._tie_broken) the basis within such a space
+    is resolved to about sqrt(d u) (d = 8); the bound is ten times that, relative to the step's largest entry."""
+    b2 = dtype(0.95)
+    before, after = _directions(float(b2), dtype), _directions(float(np.nextafter(b2, dtype(1))), dtype)
+    size = max(np.max(np.abs(x)) for x in before)
+    bound = 10 * np.sqrt(8 * np.finfo(dtype).eps) * size
+    for step, (x, y) in enumerate(zip(before, after)):
+        assert np.max(np.abs(x - y)) <= bound, (step, np.max(np.abs(x - y)), bound)
