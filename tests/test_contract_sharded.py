@@ -108,11 +108,6 @@ print("RESULT", json.dumps(failures))
 # the per-example gradients of Martens' preconditioner) meet it on the toy's conv layer; they run on Auto meshes.
 # Strict: a JAX release that fixes it makes this test fail, so the entries get removed.
 UPSTREAM_EXPLICIT_CONV = {"newton Explicit", "gauss_newton-row_space Explicit", "hessian_free Explicit"}
-# SOAP's zero-padded blocks (the toy's 4 x 3 matrix in blocks of 3) have factors with a null space, whose eigenbasis
-# eigh picks arbitrarily: the all-reduce's other rounding turns it, and Adam in the eigenbasis amplifies it (issue 23,
-# item 1), on either axis type depending on the rounding. Allowed here until that item is fixed (SOAP's sharded state
-# equals one device to 1e-10 without padded blocks: tests/curvature/test_bank.py).
-KNOWN_MISMATCH = {"soap Explicit", "soap Auto", "soap FSDP"}
 NAMES = [case.name for case in CASES]
 HALVES = {"first": NAMES[: len(NAMES) // 2], "second": NAMES[len(NAMES) // 2:]}
 
@@ -129,6 +124,5 @@ def test_every_case_data_parallel_on_four_devices_equals_one_device(half):
     expected = {k for k in UPSTREAM_EXPLICIT_CONV if k.split()[0] in HALVES[half]}
     upstream = {k for k, message in failures.items() if k in expected and "reshape is not supported" in message}
     assert upstream == expected, f"JAX's Explicit-mesh conv batching now works for {sorted(expected - upstream)}"
-    upstream |= {k for k, message in failures.items() if k in KNOWN_MISMATCH and "Not equal to tolerance" in message}
     others = {k: message for k, message in failures.items() if k not in upstream}
     assert not others, "\n\n".join(f"{name}: {message}" for name, message in others.items())
