@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
@@ -147,6 +148,12 @@ def sophia(
 # --- Kronecker-factored matrix preconditioners (transforms/shampoo.py, transforms/soap.py) -----
 
 
+def _momentum_dtype(state_dtype: Any) -> Any:
+    """The momentum's dtype under ``state_dtype``: that dtype (bfloat16 momentum, as bfloat16 Adam keeps its first
+    moment), or ``None`` (the updates' dtype)."""
+    return None if state_dtype is None else jnp.dtype(state_dtype)
+
+
 def shampoo(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -169,6 +176,8 @@ def shampoo(
     root_method: str = "eigh",
     stagger: bool | int | None = None,
     layer_axes: Any = None,
+    state_dtype: Any = None,
+    quantize: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo (Gupta et al. 2018; Anil et al. 2020) with momentum and decoupled weight decay.
 
@@ -197,8 +206,10 @@ def shampoo(
             root_method=root_method,
             stagger=stagger,
             layer_axes=layer_axes,
+            state_dtype=state_dtype,
+            quantize=quantize,
         ),
-        optax.trace(decay=b1, nesterov=nesterov),
+        optax.trace(decay=b1, nesterov=nesterov, accumulator_dtype=_momentum_dtype(state_dtype)),
         optax.scale(1.0 - b1),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
@@ -221,6 +232,8 @@ def soap(
     block_size: int | None = None,
     precondition_sharding: NamedSharding | None = None,
     layer_axes: Any = None,
+    state_dtype: Any = None,
+    quantize: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
 
@@ -245,6 +258,8 @@ def soap(
             block_size=block_size,
             precondition_sharding=precondition_sharding,
             layer_axes=layer_axes,
+            state_dtype=state_dtype,
+            quantize=quantize,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -43,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_second_order.curvature.matrix import eigh_psd
+
 __all__ = [
-    "linear_square_codebook", "Quantized", "SymmetricQuantized", "quantize", "dequantize", "bjorck", "Quantizer",
+    "linear_square_codebook", "Quantized", "Eigenpairs", "SymmetricQuantized", "quantize", "dequantize", "bjorck", "Quantizer",
     "FactorStorage", "as_quantizer", "as_state_dtype", "units_finite", "select_units", "nbytes",
 ]
 
@@ -68,6 +70,14 @@ class Quantized(NamedTuple):
 
     codes: jax.Array
     scales: jax.Array
+
+
+class Eigenpairs(NamedTuple):
+    """A PSD matrix ``U diag(values) U^T`` kept as its float32 ``values`` ``[..., d]`` and its eigenbasis ``U``
+    quantized by :meth:`Quantizer.store_basis` (the paper's form of a statistic)."""
+
+    values: jax.Array
+    vectors: Quantized
 
 
 class SymmetricQuantized(NamedTuple):
@@ -253,8 +263,36 @@ class FactorStorage:
             return q.load_basis(stored, q.root_rectify if root else q.rectify, self.compute)
         return self.load(stored)
 
+    def store_psd(self, m: jax.Array) -> Any:
+        """A PSD statistic: dense, or as :class:`Eigenpairs` (``eigh``, eigenvalues clipped at 0)."""
+        if not self.quantized(m.shape[-1]):
+            return self.store(m)
+        values, vectors = eigh_psd(m)
+        return Eigenpairs(values.astype(jnp.float32), self.quantizer.store_basis(vectors))
+
+    def zero_psd(self, n: int, dim: int) -> Any:
+        """``n`` zero ``dim x dim`` statistics as stored (fresh buffers)."""
+        if not self.quantized(dim):
+            return jnp.zeros((n, dim, dim), self.dtype)
+        return Eigenpairs(jnp.zeros((n, dim), jnp.float32), self.quantizer.store_basis(
+            jnp.broadcast_to(jnp.eye(dim, dtype=jnp.float32), (n, dim, dim))))
+
+    def load_psd(self, stored: Any) -> jax.Array:
+        """A statistic back: ``V diag(values) V^T`` with ``V`` rectified by ``rectify`` Björck steps if stored as
+        :class:`Eigenpairs`."""
+        if isinstance(stored, Eigenpairs):
+            v = self.load_basis(stored.vectors)
+            return jnp.matmul(v * stored.values.astype(self.compute)[..., None, :], jnp.swapaxes(v, -1, -2),
+                              precision=_HIGHEST)
+        return self.load(stored)
+
     def store_symmetric(self, a: jax.Array) -> Any:
         return self.quantizer.store_symmetric(a) if self.quantized(a.shape[-1]) else self.store(a)
+
+    def identity_symmetric(self, n: int, dim: int) -> Any:
+        """``n`` identity matrices as :meth:`store_symmetric` stores them (fresh buffers)."""
+        eye = jnp.broadcast_to(jnp.eye(dim, dtype=self.compute), (n, dim, dim)) + jnp.zeros((), self.compute)
+        return self.store_symmetric(eye)
 
     def load_symmetric(self, stored: Any) -> jax.Array:
         if isinstance(stored, SymmetricQuantized):
