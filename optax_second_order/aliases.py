@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
@@ -148,10 +149,24 @@ def sophia(
 # --- Kronecker-factored matrix preconditioners (transforms/shampoo.py, transforms/soap.py) -----
 
 
-def _momentum_dtype(state_dtype: Any) -> Any:
-    """The momentum's dtype under ``state_dtype``: that dtype (bfloat16 momentum, as bfloat16 Adam keeps its first
-    moment), or ``None`` (the updates' dtype)."""
-    return None if state_dtype is None else jnp.dtype(state_dtype)
+def _momentum(b1: Any, nesterov: bool, state_dtype: Any) -> optax.GradientTransformation:
+    """``optax.trace(b1, nesterov)``, with its accumulator stored in ``state_dtype`` when one is given (computed in the
+    updates' dtype: the stored momentum is cast up before ``g + b1 m``, so a traced ``b1`` under
+    ``optax.inject_hyperparams`` gives the same numbers as a Python float)."""
+    if state_dtype is None:
+        return optax.trace(decay=b1, nesterov=nesterov)
+    dtype = jnp.dtype(state_dtype)
+
+    def init_fn(params):
+        return optax.TraceState(trace=jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype), params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        new = jax.tree.map(lambda g, m: g + b1 * m.astype(g.dtype), updates, state.trace)
+        out = jax.tree.map(lambda g, m: g + b1 * m, updates, new) if nesterov else new
+        return out, optax.TraceState(trace=jax.tree.map(lambda m: m.astype(dtype), new))
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def shampoo(
@@ -209,7 +224,7 @@ def shampoo(
             state_dtype=state_dtype,
             quantize=quantize,
         ),
-        optax.trace(decay=b1, nesterov=nesterov, accumulator_dtype=_momentum_dtype(state_dtype)),
+        _momentum(b1, nesterov, state_dtype),
         optax.scale(1.0 - b1),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
