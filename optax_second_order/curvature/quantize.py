@@ -92,6 +92,31 @@ def _blocks_of(columns: int, block_size: int) -> int:
     return -(-columns // block_size)
 
 
+def _code_value(j: jax.Array, bits: int) -> jax.Array:
+    """Entry ``j`` of :func:`linear_square_codebook`, computed elementwise (no table lookup: a gather from a constant
+    table does not take the sharding of sharded codes on an ``Explicit`` mesh)."""
+    levels = 2**bits - 1
+    t = -1.0 + 2.0 * j.astype(jnp.float32) / levels
+    t = jnp.where(j == 2 ** (bits - 1) - 1, 0.0, t)
+    return jnp.sign(t) * t * t
+
+
+def _nearest_code(v: jax.Array, bits: int) -> jax.Array:
+    """The index of the code nearest to each ``v`` in ``[-1, 1]`` (ties: the lower index), elementwise: the codes
+    ``floor(u) - 1 .. floor(u) + 2`` around ``u = (sign(v) sqrt|v| + 1) (2^bits - 1) / 2`` (where ``v`` falls on the
+    codebook's square-root scale) contain the nearest one, also next to the zero code."""
+    levels = 2**bits - 1
+    base = jnp.floor((jnp.sign(v) * jnp.sqrt(jnp.abs(v)) + 1.0) * (levels / 2.0)).astype(jnp.int32)
+    best = jnp.clip(base - 1, 0, levels)
+    best_error = jnp.abs(v - _code_value(best, bits))
+    for k in (0, 1, 2):
+        j = jnp.clip(base + k, 0, levels)
+        error = jnp.abs(v - _code_value(j, bits))
+        better = error < best_error
+        best, best_error = jnp.where(better, j, best), jnp.where(better, error, best_error)
+    return best
+
+
 def quantize(x: jax.Array, bits: int = 4, block_size: int = 64) -> Quantized:
     """Block-wise quantization of ``x`` (``[..., r, c]``, blocks of ``block_size`` along the last axis) to the
     linear-square codebook: per block the absmax ``s`` (float32), per entry the nearest code to ``x / s``.
@@ -99,7 +124,6 @@ def quantize(x: jax.Array, bits: int = 4, block_size: int = 64) -> Quantized:
     A block of zeros has scale 0 (its codes are the zero code). A non-finite entry makes its block's scale
     non-finite: callers quantize finite matrices only.
     """
-    codebook = jnp.asarray(linear_square_codebook(bits))
     x = jnp.asarray(x, jnp.float32)
     *batch, rows, columns = x.shape
     nblocks = _blocks_of(columns, block_size)
@@ -107,8 +131,7 @@ def quantize(x: jax.Array, bits: int = 4, block_size: int = 64) -> Quantized:
     blocks = padded.reshape(*batch, rows, nblocks, block_size)
     scales = jnp.max(jnp.abs(blocks), axis=-1)
     normalized = blocks / jnp.where(scales > 0, scales, 1.0)[..., None]
-    midpoints = (codebook[1:] + codebook[:-1]) / 2
-    codes = jnp.searchsorted(midpoints, normalized, side="left").astype(jnp.uint8)  # ties: the lower code
+    codes = _nearest_code(normalized, bits).astype(jnp.uint8)
     codes = codes.reshape(*batch, rows, nblocks * block_size)[..., :columns]
     if bits == 4:
         if columns % 2:
@@ -120,13 +143,12 @@ def quantize(x: jax.Array, bits: int = 4, block_size: int = 64) -> Quantized:
 def dequantize(q: Quantized, columns: int | None = None, bits: int = 4, block_size: int = 64,
                dtype: Any = jnp.float32) -> jax.Array:
     """The ``[..., r, c]`` array of :func:`quantize` back (``columns = c``; default ``r``, a square matrix)."""
-    codebook = jnp.asarray(linear_square_codebook(bits))
     rows = q.codes.shape[-2]
     columns = rows if columns is None else columns
     codes = q.codes
     if bits == 4:
         codes = jnp.stack([codes & 15, codes >> 4], axis=-1).reshape(*codes.shape[:-1], -1)[..., :columns]
-    values = codebook[codes.astype(jnp.int32)]
+    values = _code_value(codes.astype(jnp.int32), bits)
     nblocks = q.scales.shape[-1]
     values = jnp.pad(values, [(0, 0)] * (values.ndim - 1) + [(0, nblocks * block_size - columns)])
     values = values.reshape(*values.shape[:-1], nblocks, block_size) * q.scales[..., None]
