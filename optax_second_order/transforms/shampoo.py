@@ -51,6 +51,13 @@ them, computes their roots (:func:`jax.shard_map`) and preconditions only its bl
 is gathered once. This runs inside ``jax.jit`` on meshes of either axis type (``Explicit`` under
 ``jax.set_mesh``, or ``Auto``).
 
+Storage (``docs/memory.md``). ``state_dtype`` stores the statistics and roots in another dtype (bfloat16), computing
+in float32. ``quantize`` is 4-bit Shampoo (Wang, Zhou, Li & Huang, NeurIPS 2024): a statistic ``H = U diag(lambda) U^T``
+is kept as float32 ``lambda`` and a block-wise 4- or 8-bit ``U``
+(:mod:`~optax_second_order.curvature.quantize`); a statistics step rebuilds ``H`` (one Björck step on the dequantized
+``U``), updates it and decomposes it again (eigh); a root is ``V diag((lambda + delta)^{-1/p}) V^T`` with ``V``
+rectified by 4 Björck steps, stored quantized with a float32 diagonal.
+
 Defaults: ``b2 = 1`` (the paper), ``eps = 1e-12`` (Distributed Shampoo's epsilon),
 ``relative_eps = 1e-6`` (Anil et al.'s ``matrix_epsilon``, relative to ``lambda_max``), ``block_size =
 1024`` (Distributed Shampoo's ``max_preconditioner_dim``), ``max_precond_dim = 4096`` (Anil et

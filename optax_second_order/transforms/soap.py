@@ -45,6 +45,10 @@ step: SOAP's step on the autoencoder benchmark took 82 ms with it, 60 ms without
 is not finite (a corrupt state) restarts from zero; a block whose basis comes out non-finite from finite factors
 keeps the previous one (``state.basis_failures`` counts such bases).
 
+Storage (``docs/memory.md``): ``state_dtype`` stores the factors, bases and moments in another dtype (bfloat16),
+computing in float32; ``quantize`` stores the bases block-wise in 4 or 8 bits
+(:mod:`~optax_second_order.curvature.quantize`, the quantizer of 4-bit Shampoo), used after ``rectify`` Björck steps.
+
 Defaults are the official code's (github.com/nikhilvyas/SOAP, ``soap.py``): ``lr = 3e-3``, ``betas =
 (0.95, 0.95)``, ``shampoo_beta = -1`` meaning ``b2``, ``eps = 1e-8``, ``weight_decay = 0.01`` (in the
 alias), ``precondition_frequency = 10``, ``max_precond_dim = 10000``, ``normalize_grads = False``,
