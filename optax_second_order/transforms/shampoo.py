@@ -320,7 +320,9 @@ def scale_by_shampoo(
             root, ok = eigenpair_root(order)(h, storage)
         else:
             root, ok = root_fn(order)(storage.load(h))
-        return storage.store_symmetric(jnp.where(ok[:, None, None], root, 0.0)), ok
+        if isinstance(h, Eigenpairs) or storage.quantized(root.shape[-1]):  # quantize finite roots only
+            root = jnp.where(ok[:, None, None], root, 0.0)
+        return storage.store_symmetric(root), ok
 
     def root_fn(order):
         """``h -> (root, ok)`` for a ``[n, d, d]`` stack of factors of tensor order ``order``."""

@@ -298,8 +298,11 @@ def scale_by_soap(
         q_used = storage.load_basis(q)
         q_new, nu_new = refresh_fn()(f, q_used, nu, mode + 1)
         ok = _finite_blocks(q_new)
-        stored = storage.store_basis(jnp.where(ok[:, None, None], q_new, q_used))
-        mu_new = _moved(mu, q_used, storage.load_basis(stored), mode + 1)
+        if storage.quantized(q_new.shape[-1]):  # quantize finite bases only; mu moves to the basis as it will be used
+            stored = storage.store_basis(jnp.where(ok[:, None, None], q_new, q_used))
+            mu_new = _moved(mu, q_used, storage.load_basis(stored), mode + 1)
+        else:
+            stored, mu_new = storage.store(q_new), _moved(mu, q_used, q_new, mode + 1)
         return select_units(ok, stored, q), select_units(ok, mu_new, mu), select_units(ok, nu_new, nu), ~ok
 
     def first_bases(bank: FactorBank, storage: FactorStorage, factors, bases, mu, nu):
@@ -308,7 +311,8 @@ def scale_by_soap(
         def on_device(factors, bases):
             new = [_eigenbasis(f) for f in factors]
             ok = [_finite_blocks(q) for q in new]
-            stored = [storage.store_basis(jnp.where(k[:, None, None], q, 0.0)) for q, k in zip(new, ok)]
+            stored = [storage.store_basis(jnp.where(k[:, None, None], q, 0.0)) if storage.quantized(q.shape[-1])
+                      else storage.store(q) for q, k in zip(new, ok)]
             return tuple(select_units(k, q, old) for q, k, old in zip(stored, ok, bases)), tuple(~k for k in ok)
 
         bases, failed = bank.on_each_device(on_device, factors, bases)
