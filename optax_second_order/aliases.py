@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding
 
@@ -147,6 +149,26 @@ def sophia(
 # --- Kronecker-factored matrix preconditioners (transforms/shampoo.py, transforms/soap.py) -----
 
 
+def _momentum(b1: Any, nesterov: bool, state_dtype: Any) -> optax.GradientTransformation:
+    """``optax.trace(b1, nesterov)``, with its accumulator stored in ``state_dtype`` when one is given (computed in the
+    updates' dtype: the stored momentum is cast up before ``g + b1 m``, so a traced ``b1`` under
+    ``optax.inject_hyperparams`` gives the same numbers as a Python float)."""
+    if state_dtype is None:
+        return optax.trace(decay=b1, nesterov=nesterov)
+    dtype = jnp.dtype(state_dtype)
+
+    def init_fn(params):
+        return optax.TraceState(trace=jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), dtype), params))
+
+    def update_fn(updates, state, params=None):
+        del params
+        new = jax.tree.map(lambda g, m: g + b1 * m.astype(g.dtype), updates, state.trace)
+        out = jax.tree.map(lambda g, m: g + b1 * m, updates, new) if nesterov else new
+        return out, optax.TraceState(trace=jax.tree.map(lambda m: m.astype(dtype), new))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def shampoo(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -169,6 +191,8 @@ def shampoo(
     root_method: str = "eigh",
     stagger: bool | int | None = None,
     layer_axes: Any = None,
+    state_dtype: Any = None,
+    quantize: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo (Gupta et al. 2018; Anil et al. 2020) with momentum and decoupled weight decay.
 
@@ -197,8 +221,10 @@ def shampoo(
             root_method=root_method,
             stagger=stagger,
             layer_axes=layer_axes,
+            state_dtype=state_dtype,
+            quantize=quantize,
         ),
-        optax.trace(decay=b1, nesterov=nesterov),
+        _momentum(b1, nesterov, state_dtype),
         optax.scale(1.0 - b1),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
@@ -221,6 +247,8 @@ def soap(
     block_size: int | None = None,
     precondition_sharding: NamedSharding | None = None,
     layer_axes: Any = None,
+    state_dtype: Any = None,
+    quantize: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
 
@@ -245,6 +273,8 @@ def soap(
             block_size=block_size,
             precondition_sharding=precondition_sharding,
             layer_axes=layer_axes,
+            state_dtype=state_dtype,
+            quantize=quantize,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -5,12 +5,21 @@ default configurations are checked against NumPy loops of the papers in tests/tr
 frequent, staggered coupled-Newton roots (two slots, one refreshed per step, so a root branch runs within the
 contract's steps), SOAP in blocks of 3 (the toy's 4 x 3 matrix and 3 x 3 x 2 x 4 kernel get zero-padded blocks)
 with staggered Cholesky-QR bases.
+
+The storage options (issue 22) have a case each: Shampoo with 4-bit quantized statistics and roots and bfloat16 storage
+of the rest, SOAP with 8-bit quantized bases and bfloat16 factors and moments. The toy's factors are 2 x 2 to 24 x 24,
+below the paper's 4096 entries, so these quantizers take every matrix (``min_size=0``) in blocks of 2 (odd widths pad
+a block and, at 4 bits, a nibble). Shampoo's case cuts the kernel into its 4 modes (``block_size=4``): merged to
+18 x 4, its 18 x 18 statistic has a 14-dimensional null space after a step, where eigh may return any basis, and
+programs compiled apart (the ``inject_hyperparams`` check) then quantize different bases to different codes (the
+quantizer is discontinuous); docs/memory.md says so.
 """
 
 from __future__ import annotations
 
 import optax_second_order as oso
 from contract import ContractCase
+from optax_second_order.curvature.quantize import Quantizer
 
 CASES = [
     ContractCase(
@@ -27,5 +36,16 @@ CASES = [
         # the eigenbases are resolved to sqrt(d u) = 6e-4 for the 3 x 3 blocks (soap._tie_broken): 2.9e-4 needed at
         # step 2 (0.23 before the tie-break, issue 23)
         inject_rtol=1e-3,
+    ),
+    ContractCase(
+        "shampoo-q4", oso.shampoo,
+        dict(precondition_frequency=2, start_preconditioning_step=1, state_dtype="bfloat16", block_size=4,
+             quantize=Quantizer(4, block_size=2, min_size=0)),
+        inject="b1", static_args=("block_size",),
+    ),
+    ContractCase(
+        "soap-q8", oso.soap,
+        dict(precondition_frequency=2, stagger=True, state_dtype="bfloat16", quantize=Quantizer(8, block_size=2, min_size=0)),
+        inject="b1", static_args=("precondition_frequency",),
     ),
 ]

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import optax
 
 import optax_second_order as oso
+from optax_second_order.curvature.quantize import Quantizer
 
 if TYPE_CHECKING:
     from optax_second_order.bench.tasks import Task
@@ -112,6 +113,24 @@ OPTIMIZERS["soap"] = OptimizerSpec(
     learning_rates=(1e-2, 3e-3, 1e-3),
     description="SOAP, official defaults (betas 0.95, weight decay 0.01, eigenbasis every 10 steps) with blocks of "
     "128 and the refreshes staggered over the 10 steps, Vyas et al. 2024",
+)
+# Memory-saving configurations (issue 22, docs/memory.md): 4-bit Shampoo (Wang et al. 2024: statistics as float32
+# eigenvalues and a 4-bit eigenbasis, roots 4-bit with a float32 diagonal) with the statistics every 10 steps (each
+# costs an eigh per factor; the paper gathers them every 100), bfloat16 momentum and small factors; SOAP with 4-bit
+# bases (used as dequantized: Björck's rectification on every step cost more than it changed the loss) and bfloat16
+# factors and moments.
+OPTIMIZERS["shampoo-lowmem"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.shampoo(learning_rate, precondition_frequency=10, block_size=128, stagger=True,
+                                                 statistics_frequency=10, quantize=4, state_dtype="bfloat16"),
+    learning_rates=(1e-2, 3e-3, 1e-3),
+    description="Shampoo as above with 4-bit eigenbases and roots (4-bit Shampoo, Wang et al. 2024), statistics "
+    "every 10 steps, bfloat16 momentum",
+)
+OPTIMIZERS["soap-lowmem"] = OptimizerSpec(
+    make=lambda learning_rate, task: oso.soap(learning_rate, precondition_frequency=10, block_size=128, stagger=True,
+                                              quantize=Quantizer(4, rectify=0), state_dtype="bfloat16"),
+    learning_rates=(1e-2, 3e-3, 1e-3),
+    description="SOAP as above with 4-bit eigenbases and bfloat16 factors and moments",
 )
 
 # --- K-FAC (transforms/kfac.py) --------------------------------------------------------------------

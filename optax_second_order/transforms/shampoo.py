@@ -51,6 +51,13 @@ them, computes their roots (:func:`jax.shard_map`) and preconditions only its bl
 is gathered once. This runs inside ``jax.jit`` on meshes of either axis type (``Explicit`` under
 ``jax.set_mesh``, or ``Auto``).
 
+Storage (``docs/memory.md``). ``state_dtype`` stores the statistics and roots in another dtype (bfloat16), computing
+in float32. ``quantize`` is 4-bit Shampoo (Wang, Zhou, Li & Huang, NeurIPS 2024): a statistic ``H = U diag(lambda) U^T``
+is kept as float32 ``lambda`` and a block-wise 4- or 8-bit ``U``
+(:mod:`~optax_second_order.curvature.quantize`); a statistics step rebuilds ``H`` (one Björck step on the dequantized
+``U``), updates it and decomposes it again (eigh); a root is ``V diag((lambda + delta)^{-1/p}) V^T`` with ``V``
+rectified by 4 Björck steps, stored quantized with a float32 diagonal.
+
 Defaults: ``b2 = 1`` (the paper), ``eps = 1e-12`` (Distributed Shampoo's epsilon),
 ``relative_eps = 1e-6`` (Anil et al.'s ``matrix_epsilon``, relative to ``lambda_max``), ``block_size =
 1024`` (Distributed Shampoo's ``max_preconditioner_dim``), ``max_precond_dim = 4096`` (Anil et
@@ -72,6 +79,8 @@ from jax.sharding import NamedSharding
 from optax_second_order.curvature.matrix import inverse_pth_root, inverse_pth_root_newton
 from optax_second_order.curvature import blocking
 from optax_second_order.curvature.bank import FactorBank, due_slot, plan_bank, update_slot_units
+from optax_second_order.curvature import quantize as storage_codecs
+from optax_second_order.curvature.quantize import Eigenpairs, FactorStorage, select_units, units_finite
 from optax_second_order.transforms.damping import reject_step
 from optax_second_order.transforms.common import (
     all_finite,
@@ -166,6 +175,8 @@ def scale_by_shampoo(
     root_method: str = "eigh",
     stagger: bool | int | None = None,
     layer_axes: Any = None,
+    state_dtype: Any = None,
+    quantize: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Shampoo preconditioning with blocking, grafting and sharded roots (see the module docstring).
 
@@ -196,6 +207,16 @@ def scale_by_shampoo(
         unrolled model's would, all in the same stacks (one batched operation, whatever the number of layers).
         ``None`` (no stacked leaves), or a pytree prefix of the params with an axis, a tuple of axes or ``None`` at
         each leaf, or a callable ``params -> such a pytree`` (as optax's Muon takes its dimension numbers).
+      state_dtype: the dtype the statistics and roots are stored in (``None``: float32, or the parameters' wider
+        dtype); ``jnp.bfloat16`` halves them, computing in float32. With ``b2 = 1`` (a sum) or ``b2`` near 1, a
+        bfloat16 statistic stops taking in small gradients (8 bits of mantissa): prefer ``quantize`` there.
+      quantize: ``None``, 4, 8 or a :class:`~optax_second_order.curvature.quantize.Quantizer`: 4-bit Shampoo (Wang
+        et al. 2024): every ``d x d`` factor with ``d^2 >= 4096`` keeps its statistic as float32 eigenvalues and a
+        block-wise quantized eigenbasis (rebuilt with one Björck step, updated, and decomposed again by ``eigh`` on
+        each statistics step) and its root quantized with a float32 diagonal (rebuilt from the eigenpairs after 4
+        Björck steps, matrix products only). The eigendecomposition on each statistics step is the price: pair it
+        with ``statistics_frequency`` (the paper gathers statistics every 100 steps). Smaller factors follow
+        ``state_dtype``.
 
     ``block_size``, ``max_precond_dim``, ``stagger`` and ``layer_axes`` set shapes: under
     ``optax.inject_hyperparams`` leave them ``None`` or list them in ``static_args`` (with ``stagger=True``, list
@@ -213,6 +234,13 @@ def scale_by_shampoo(
     check(NAME, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
           f"at most precondition_frequency ({precondition_frequency})")
     start = precondition_frequency if start_preconditioning_step is None else start_preconditioning_step
+    quantizer = storage_codecs.as_quantizer(NAME, quantize)
+    state_dtype = storage_codecs.as_state_dtype(NAME, state_dtype)
+
+    def storage_of(dtype) -> FactorStorage:
+        """How the factors are stored (computing in ``dtype``, the statistics' dtype)."""
+        return FactorStorage(dtype if state_dtype is None else state_dtype, dtype, quantizer)
+
     def bank_of(tree) -> tuple[FactorBank, list[tuple[int, ...]]]:
         axes, leaves = common_layer_axes(NAME, layer_axes, tree), jax.tree.leaves(tree)
         bank = _bank([x.shape for x in leaves], axes, block_size, merge_dims, max_precond_dim, precondition_sharding)
@@ -231,15 +259,68 @@ def scale_by_shampoo(
             for x, place in zip(leaves, bank.places)
         )
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 (fresh buffers: the state is donatable)
-        return ShampooState(zero(), bank.matrices(dtype), bank.matrices(dtype, identity=True), diagonal, zero(), zero())
+        storage = storage_of(dtype)
+        sizes = [(bank.groups[g].size, d) for (g, _), d in zip(bank.factor_stacks, bank.factor_dims())]
+        stats = bank.split(tuple(storage.zero_psd(n, d) for n, d in sizes))
+        roots = bank.split(tuple(storage.identity_symmetric(n, d) for n, d in sizes))
+        return ShampooState(zero(), stats, roots, diagonal, zero(), zero())
 
-    def accumulate(bank: FactorBank, stats, blocks, fresh_ok):
+    def accumulate(bank: FactorBank, storage: FactorStorage, stats, blocks, fresh_ok):
         """``b2 H + w G_(i) G_(i)^T`` for every block and mode (``H`` if not ``fresh_ok``): one batched Gram
-        product per factor stack, on each device's own blocks."""
-        return bank.split(tuple(
-            jnp.where(fresh_ok, b2 * h + _sum_weight(b2) * blocking.batched_mode_gram(blocks[g], mode), h)
+        product per factor stack, on each device's own blocks. A quantized statistic is rebuilt from its eigenpairs,
+        updated and decomposed again (each device its own blocks; a block whose decomposition is not finite keeps
+        its statistic)."""
+        dense = bank.split(tuple(
+            h if isinstance(h, Eigenpairs) else storage.store(jnp.where(
+                fresh_ok, b2 * storage.load(h) + _sum_weight(b2) * blocking.batched_mode_gram(blocks[g], mode),
+                storage.load(h)))
             for h, (g, mode) in zip(stats, bank.factor_stacks)
         ))
+        quantized = [s for s, h in enumerate(stats) if isinstance(h, Eigenpairs)]
+        if not quantized:
+            return dense
+
+        def on_device(stats, blocks):
+            out = []
+            for s in quantized:
+                g, mode = bank.factor_stacks[s]
+                new = b2 * storage.load_psd(stats[s]) + _sum_weight(b2) * blocking.batched_mode_gram(blocks[g], mode)
+                stored = storage.store_psd(new)
+                out.append(select_units(units_finite(stored), stored, stats[s]))
+            return tuple(out)
+
+        kept = tuple(stats[s] for s in quantized)
+        updated = jax.lax.cond(fresh_ok, lambda st, bl: bank.on_each_device(on_device, st, bl),
+                               lambda st, bl: bank.split(kept), stats, blocks)
+        out = list(dense)
+        for s, stored in zip(quantized, updated):
+            out[s] = stored
+        return tuple(out)
+
+    def eigenpair_root(order):
+        """``stored -> (root, ok)`` for statistics kept as quantized eigenpairs: ``V diag((lambda + delta)^{-1/p})
+        V^T`` with ``V`` rectified by ``root_rectify`` Björck steps (matrix products only)."""
+        p = 2.0 * order if exponent_override is None else exponent_override
+
+        def root(stored: Eigenpairs, storage: FactorStorage):
+            v = storage.load_basis(stored.vectors, root=True)
+            values = stored.values.astype(v.dtype)
+            delta = eps + relative_eps * jnp.max(values, axis=-1, keepdims=True)
+            scaled = v * jnp.power(values + delta, -1.0 / jnp.asarray(p, v.dtype))[..., None, :]
+            r = jnp.matmul(scaled, jnp.swapaxes(v, -1, -2), precision=jax.lax.Precision.HIGHEST)
+            return r, jnp.all(jnp.isfinite(r), axis=(-2, -1))
+
+        return root
+
+    def any_root(order, storage: FactorStorage, h):
+        """``(stored root, ok)`` of a stored statistic ``h`` (dense or eigenpairs)."""
+        if isinstance(h, Eigenpairs):
+            root, ok = eigenpair_root(order)(h, storage)
+        else:
+            root, ok = root_fn(order)(storage.load(h))
+        if isinstance(h, Eigenpairs) or storage.quantized(root.shape[-1]):  # quantize finite roots only
+            root = jnp.where(ok[:, None, None], root, 0.0)
+        return storage.store_symmetric(root), ok
 
     def root_fn(order):
         """``h -> (root, ok)`` for a ``[n, d, d]`` stack of factors of tensor order ``order``."""
@@ -261,19 +342,19 @@ def scale_by_shampoo(
 
         return newton_root
 
-    def inverse_roots(bank: FactorBank, stats, roots):
+    def inverse_roots(bank: FactorBank, storage: FactorStorage, stats, roots):
         """Every root recomputed (each device its own blocks'); a non-finite one keeps the previous root."""
         orders = [len(bank.groups[g].block_shape) for g, _ in bank.factor_stacks]
 
         def on_device(stats, roots):
-            results = [root_fn(order)(h) for order, h in zip(orders, stats)]
-            new = tuple(jnp.where(ok[:, None, None], root, old) for (root, ok), old in zip(results, roots))
+            results = [any_root(order, storage, h) for order, h in zip(orders, stats)]
+            new = tuple(select_units(ok, root, old) for (root, ok), old in zip(results, roots))
             return new, tuple(~ok for _, ok in results)
 
         roots, failed = bank.on_each_device(on_device, stats, roots)
         return roots, bank.count_real(failed)
 
-    def staggered_roots(bank: FactorBank, stats, roots, count, fresh_ok):
+    def staggered_roots(bank: FactorBank, storage: FactorStorage, stats, roots, count, fresh_ok):
         """The roots of the slot due at ``count`` (if any, and if ``fresh_ok``); the others keep theirs."""
         tables = bank.stagger_tables(slots)
         orders = [len(bank.groups[g].block_shape) for g, _ in bank.factor_stacks]
@@ -281,14 +362,17 @@ def scale_by_shampoo(
         due = (slot < slots) & (count >= start - slot) & fresh_ok
 
         def on_device(stats, roots, slot, due):
-            failed = [jnp.zeros_like(h[:, 0, 0], bool) for h in stats]  # (varying over the devices, as h)
+            # (varying over the devices, as h)
+            failed = [jnp.zeros_like(_unit_column(h), bool) for h in stats]
             carry = (list(roots), failed)
             for stack, (order, h) in enumerate(zip(orders, stats)):
 
-                def refresh(index, carry, fn=root_fn(order), h=h, stack=stack):
+                def refresh(index, carry, order=order, h=h, stack=stack):
                     roots, failed = list(carry[0]), list(carry[1])
-                    root, ok = fn(h[index])
-                    roots[stack] = roots[stack].at[index].set(jnp.where(ok[:, None, None], root, roots[stack][index]))
+                    root, ok = any_root(order, storage, jax.tree.map(lambda x: x[index], h))
+                    old = jax.tree.map(lambda x: x[index], roots[stack])
+                    roots[stack] = jax.tree.map(lambda x, new: x.at[index].set(new), roots[stack],
+                                                select_units(ok, root, old))
                     failed[stack] = failed[stack].at[index].set(~ok)
                     return roots, failed
 
@@ -314,7 +398,7 @@ def scale_by_shampoo(
             return g / (jnp.sqrt(v) + graft_eps)
         return g if rule == "sgd" else None
 
-    def precondition(bank: FactorBank, blocks, roots, grafts):
+    def precondition(bank: FactorBank, storage: FactorStorage, blocks, roots, grafts):
         """``G x_1 R_1 ... x_k R_k`` for every block (each device its own), rescaled to the block norms of the graft
         (``grafts``: per leaf, the diagonal method's direction)."""
         stack_of = {key: s for s, key in enumerate(bank.factor_stacks)}
@@ -322,7 +406,7 @@ def scale_by_shampoo(
         out = []
         for g, (group, x) in enumerate(zip(bank.groups, blocks)):
             for mode in group.modes:
-                x = blocking.batched_mode_dot(x, roots[stack_of[g, mode]], mode)
+                x = blocking.batched_mode_dot(x, storage.load_symmetric(roots[stack_of[g, mode]]), mode)
             out.append(x if norms is None else _graft(x, norms[g]))
         return out
 
@@ -331,13 +415,14 @@ def scale_by_shampoo(
         check_float_leaves(updates, NAME)
         leaves, treedef = jax.tree.flatten(updates)
         (bank, axes), dtype = bank_of(updates), tree_stat_dtype(leaves)
+        storage = storage_of(dtype)
         state = state._replace(stats=bank.split(state.stats), roots=bank.split(state.roots))  # laid out as planned
         grads = [g.astype(dtype) for g in leaves]
         stacked = [layers_first(g, a) for g, a in zip(grads, axes)]  # each layer of a stacked leaf on its own
         blocks = bank.to_stacks(stacked)
         count = state.count
 
-        old_stats, largest = discard_nonfinite_matrices(state.stats)  # a corrupt factor restarts (per block)
+        old_stats, largest = _discard_corrupt(storage, state.stats)  # a corrupt factor restarts (per block)
         # non-finite policy: a gradient that is not finite, or whose statistic could overflow (its squared norm
         # does; gram_update_finite), is not folded in, refreshes no root, and the step is rejected (the kept graft
         # statistic would pair with the fresh gradient into a huge step). Deciding this from the inputs lets the
@@ -346,27 +431,28 @@ def scale_by_shampoo(
         # direction keeps its finite statistics and roots.
         fresh_ok = gram_update_finite(grads, largest, b2, _sum_weight(b2), dtype)
         if isinstance(statistics_frequency, int) and statistics_frequency == 1:
-            stats = accumulate(bank, old_stats, blocks, fresh_ok)
+            stats = accumulate(bank, storage, old_stats, blocks, fresh_ok)
         else:
             statistics_step = is_refresh_step(count, statistics_frequency)
             fresh_ok = jnp.where(statistics_step, fresh_ok, all_finite(grads))  # no statistic to overflow
             stats = jax.lax.cond(
-                statistics_step, lambda s: accumulate(bank, s, blocks, fresh_ok), lambda s: s, old_stats,
+                statistics_step, lambda s: accumulate(bank, storage, s, blocks, fresh_ok), lambda s: s, old_stats,
             )
         if slots == 1:
             roots, failures = jax.lax.cond(
                 is_refresh_step(count, precondition_frequency, start) & fresh_ok,
-                lambda s, r: inverse_roots(bank, s, r), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats, state.roots,
+                lambda s, r: inverse_roots(bank, storage, s, r), lambda s, r: (r, jnp.zeros((), jnp.int32)), stats,
+                state.roots,
             )
         else:
-            roots, failures = staggered_roots(bank, stats, state.roots, count, fresh_ok)
+            roots, failures = staggered_roots(bank, storage, stats, state.roots, count, fresh_ok)
         rules = [diagonal_rule(place) for place in bank.places]
         diagonal = tuple(update_diagonal(v, g, r) for v, g, r in zip(discard_nonfinite(state.diagonal), grads, rules))
         t = (count + 1).astype(dtype)
         directions = [diagonal_direction(v, g, rule, t) for g, v, rule in zip(grads, diagonal, rules)]
         if bank.groups:
             grafts = [d if d is None else layers_first(d, a) for d, a in zip(directions, axes)]
-            shampoo = bank.from_stacks(precondition(bank, blocks, roots, grafts), stacked)
+            shampoo = bank.from_stacks(precondition(bank, storage, blocks, roots, grafts), stacked)
             shampoo = [s if s is None else layers_back(s, a, g.shape) for s, a, g in zip(shampoo, axes, grads)]
         else:
             shampoo = [None] * len(grads)
@@ -384,6 +470,30 @@ def scale_by_shampoo(
         return jax.tree.unflatten(treedef, bank.gathered(reject_step(~ok, out))), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _unit_column(stored) -> jax.Array:
+    """One entry per unit (leading axis) of a stored stack, ``[n]`` (a template for per-unit flags)."""
+    leaf = jax.tree.leaves(stored)[0]
+    return leaf.reshape(leaf.shape[0], -1)[:, 0]
+
+
+def _discard_corrupt(storage: FactorStorage, stats):
+    """The stored statistics with every unit that holds a non-finite number restarted from zero (dense stacks:
+    :func:`~optax_second_order.transforms.common.discard_nonfinite_matrices`; eigenpairs: zero eigenvalues, the
+    identity basis), and the largest ``|entry|`` kept (for eigenpairs, the largest eigenvalue, which bounds them)."""
+    dense = [s for s, h in enumerate(stats) if not isinstance(h, Eigenpairs)]
+    cleaned, largest = discard_nonfinite_matrices(tuple(stats[s] for s in dense))
+    out = list(stats)
+    for s, h in zip(dense, cleaned):
+        out[s] = h
+    for s, h in enumerate(stats):
+        if isinstance(h, Eigenpairs):
+            ok = units_finite(h)
+            zero = storage.zero_psd(h.values.shape[0], h.values.shape[1])
+            out[s] = select_units(ok, h, zero)
+            largest = jnp.maximum(largest, jnp.max(jnp.where(ok[:, None], jnp.abs(h.values), 0.0)))
+    return tuple(out), largest
 
 
 def _validate(b2, eps, relative_eps, exponent_override, precondition_frequency, start, statistics_frequency,

@@ -51,6 +51,10 @@ eigenspace of ``L_i`` (its null space while it has seen few gradients) they are 
 rather than ``eigh``'s rounding; and in the eigenbases Adam's ``eps`` has ``100 u sqrt(sum v)`` per block added
 (:func:`_rounding_floor`), so that a rotated gradient that is rounding does not become a step.
 
+Storage (``docs/memory.md``): ``state_dtype`` stores the factors, bases and moments in another dtype (bfloat16),
+computing in float32; ``quantize`` stores the bases block-wise in 4 or 8 bits
+(:mod:`~optax_second_order.curvature.quantize`, the quantizer of 4-bit Shampoo), used after ``rectify`` Björck steps.
+
 Defaults are the official code's (github.com/nikhilvyas/SOAP, ``soap.py``): ``lr = 3e-3``, ``betas =
 (0.95, 0.95)``, ``shampoo_beta = -1`` meaning ``b2``, ``eps = 1e-8``, ``weight_decay = 0.01`` (in the
 alias), ``precondition_frequency = 10``, ``max_precond_dim = 10000``, ``normalize_grads = False``,
@@ -71,6 +75,8 @@ import optax
 from jax.sharding import NamedSharding
 
 from optax_second_order.curvature.bank import FactorBank, due_slot, plan_bank, update_slot_units
+from optax_second_order.curvature import quantize as storage_codecs
+from optax_second_order.curvature.quantize import FactorStorage, select_units
 from optax_second_order.curvature.matrix import eigh_psd, one_matrix_at_a_time, orthogonal_iteration_step
 from optax_second_order.curvature import blocking
 from optax_second_order.transforms.common import (
@@ -251,6 +257,8 @@ def scale_by_soap(
     block_size: int | None = None,
     precondition_sharding: NamedSharding | None = None,
     layer_axes: Any = None,
+    state_dtype: Any = None,
+    quantize: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP's update direction (see the module docstring); chain with the learning rate (:func:`soap`).
 
@@ -277,6 +285,13 @@ def scale_by_soap(
         (:mod:`~optax_second_order.curvature.bank`); the direction is gathered once.
       layer_axes: the axes of stacked leaves that index independent layers (scanned layers): each layer gets its
         own factors, bases and moments, as the unrolled model's would (see :func:`~optax_second_order.scale_by_shampoo`).
+      state_dtype: the dtype the factors, the bases and the moments are stored in (``None``: float32, or the
+        parameters' wider dtype); ``jnp.bfloat16`` halves them, computing in float32 (SOAP's decays of 0.95 leave
+        each update 5% of the value, well above bfloat16's resolution of 0.4%).
+      quantize: ``None``, 4, 8 or a :class:`~optax_second_order.curvature.quantize.Quantizer`: store every eigenbasis
+        ``Q_i`` with ``d_i^2 >= 4096`` block-wise quantized (Wang et al. 2024's quantizer), used after one Björck step
+        (``rectify``) and refreshed from the rectified basis; the first moment moves between the bases as they are
+        used. Smaller bases follow ``state_dtype``.
 
     ``max_precond_dim``, ``stagger``, ``block_size`` and ``layer_axes`` set shapes: under ``optax.inject_hyperparams`` leave them
     ``None`` or list them in ``static_args`` (with ``stagger=True``, list ``precondition_frequency``).
@@ -291,6 +306,17 @@ def scale_by_soap(
     block_size = None if block_size is None else static_int(name, "block_size", block_size, 0)
     check_choice(name, "basis_method", basis_method, BASIS_METHODS)
     slots = stagger_slots(name, stagger, precondition_frequency)
+    quantizer = storage_codecs.as_quantizer(name, quantize)
+    state_dtype = storage_codecs.as_state_dtype(name, state_dtype)
+
+    def storage_of(dtype) -> FactorStorage:
+        """How the factors, bases and block moments are stored (computing in ``dtype``)."""
+        return FactorStorage(dtype if state_dtype is None else state_dtype, dtype, quantizer)
+
+    def leaf_dtype(x) -> Any:
+        """The stored dtype of a moment of a leaf outside the bank."""
+        return stat_dtype(x.dtype) if state_dtype is None else state_dtype
+
     check(name, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
           f"at most precondition_frequency ({precondition_frequency})")
 
@@ -301,66 +327,76 @@ def scale_by_soap(
     def init_fn(params):
         leaves = jax.tree.leaves(params)
         (bank, _), dtype = bank_of(params), tree_stat_dtype(leaves)
+        storage = storage_of(dtype)
         outside = [x for x, place in zip(leaves, bank.places) if place is None]
 
         def moments():  # fresh buffers: the state is donatable
-            return bank.zero_stacks(dtype), tuple(jnp.zeros(x.shape, stat_dtype(x.dtype)) for x in outside)
+            return bank.zero_stacks(storage.dtype), tuple(jnp.zeros(x.shape, leaf_dtype(x)) for x in outside)
 
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
-        return SoapState(zero(), moments(), moments(), bank.matrices(dtype), bank.matrices(dtype, identity=True),
-                         zero(), zero())
+        bases = bank.split(tuple(storage.store_basis(q) for q in bank.matrices(dtype, identity=True)))
+        return SoapState(zero(), moments(), moments(), bank.matrices(storage.dtype), bases, zero(), zero())
 
     def refresh_fn():  # looked up at call time (tests replace it)
         return _power_qr_refresh if basis_method == "qr" else _cholesky_qr_refresh
 
-    def refreshed(f, q, mu, nu, mode):
-        """One refresh of the blocks' bases ``q`` (``[n, d, d]``) of ``mode`` from their factors ``f``, with ``mu``
-        moved and ``nu`` permuted alike; a block whose new basis is not finite keeps its basis and moments. Also
-        which blocks those were."""
-        q_new, nu_new = refresh_fn()(_tie_broken(f), q, nu, mode + 1)
-        mu_new = _moved(mu, q, q_new, mode + 1)
+    def refreshed(storage: FactorStorage, f, q, mu, nu, mode):
+        """One refresh of the blocks' bases ``q`` (``[n, d, d]``, as stored) of ``mode`` from their factors ``f``,
+        with ``mu`` moved and ``nu`` permuted alike; a block whose new basis is not finite keeps its basis and
+        moments. Also which blocks those were. ``mu`` moves from the basis as it was used to the new one as it will
+        be (a quantized basis: after its round trip through storage)."""
+        q_used = storage.load_basis(q)
+        q_new, nu_new = refresh_fn()(_tie_broken(f), q_used, nu, mode + 1)
         ok = _finite_blocks(q_new)
-        keep = lambda new, old: jnp.where(ok.reshape((-1,) + (1,) * (old.ndim - 1)), new, old)  # noqa: E731
-        return keep(q_new, q), keep(mu_new, mu), keep(nu_new, nu), ~ok
+        if storage.quantized(q_new.shape[-1]):  # quantize finite bases only; mu moves to the basis as it will be used
+            stored = storage.store_basis(jnp.where(ok[:, None, None], q_new, q_used))
+            mu_new = _moved(mu, q_used, storage.load_basis(stored), mode + 1)
+        else:
+            stored, mu_new = storage.store(q_new), _moved(mu, q_used, q_new, mode + 1)
+        return select_units(ok, stored, q), select_units(ok, mu_new, mu), select_units(ok, nu_new, nu), ~ok
 
-    def first_bases(bank: FactorBank, factors, bases, mu, nu):
+    def first_bases(bank: FactorBank, storage: FactorStorage, factors, bases, mu, nu):
         """Every basis from ``eigh`` of its factor (the first call); a block whose basis is not finite keeps I."""
 
         def on_device(factors, bases):
             new = [_eigenbasis(_tie_broken(f)) for f in factors]
             ok = [_finite_blocks(q) for q in new]
-            return tuple(jnp.where(k[:, None, None], q, old) for q, k, old in zip(new, ok, bases)), tuple(~k for k in ok)
+            stored = [storage.store_basis(jnp.where(k[:, None, None], q, 0.0)) if storage.quantized(q.shape[-1])
+                      else storage.store(q) for q, k in zip(new, ok)]
+            return tuple(select_units(k, q, old) for q, k, old in zip(stored, ok, bases)), tuple(~k for k in ok)
 
         bases, failed = bank.on_each_device(on_device, factors, bases)
         return bases, mu, nu, failed
 
-    def refresh_all(bank: FactorBank, factors, bases, mu, nu):
+    def refresh_all(bank: FactorBank, storage: FactorStorage, factors, bases, mu, nu):
         """Every factor's basis refreshed (each device its own blocks')."""
 
         def on_device(factors, bases, mu, nu):
             bases, mu, nu, failed = list(bases), list(mu), list(nu), []
             for s, (g, mode) in enumerate(bank.factor_stacks):
-                bases[s], mu[g], nu[g], bad = refreshed(factors[s], bases[s], mu[g], nu[g], mode)
+                bases[s], mu[g], nu[g], bad = refreshed(storage, factors[s], bases[s], mu[g], nu[g], mode)
                 failed.append(bad)
             return tuple(bases), tuple(mu), tuple(nu), tuple(failed)
 
         return bank.on_each_device(on_device, factors, bases, mu, nu)
 
-    def staggered(bank: FactorBank, factors, bases, mu, nu, count, ok):
+    def staggered(bank: FactorBank, storage: FactorStorage, factors, bases, mu, nu, count, ok):
         """The blocks whose slot is due refreshed (if ``ok``), each device its own."""
         tables = bank.stagger_tables(slots)
         slot = due_slot(count, precondition_frequency)
         due = (count > 0) & (slot < slots) & ok
 
         def on_device(factors, bases, mu, nu, slot, due):
-            failed = tuple(jnp.zeros_like(q[:, 0, 0], bool) for q in bases)  # (varying over the devices, as q)
+            failed = tuple(jnp.zeros_like(f[:, 0, 0], bool) for f in factors)  # (varying over the devices, as f)
             carry = (bases, mu, nu, failed)
             for s, (g, mode) in enumerate(bank.factor_stacks):
 
                 def refresh(index, carry, s=s, g=g, mode=mode):
                     bases, mu, nu, failed = (list(c) for c in carry)
-                    q, m, v, bad = refreshed(factors[s][index], bases[s][index], mu[g][index], nu[g][index], mode)
-                    bases[s], failed[s] = bases[s].at[index].set(q), failed[s].at[index].set(bad)
+                    q, m, v, bad = refreshed(storage, factors[s][index], jax.tree.map(lambda x: x[index], bases[s]),
+                                             mu[g][index], nu[g][index], mode)
+                    bases[s] = jax.tree.map(lambda x, new: x.at[index].set(new), bases[s], q)
+                    failed[s] = failed[s].at[index].set(bad)
                     mu[g], nu[g] = mu[g].at[index].set(m), nu[g].at[index].set(v)
                     return tuple(bases), tuple(mu), tuple(nu), tuple(failed)
 
@@ -409,7 +445,8 @@ def scale_by_soap(
         new_nu = (started(block_nu, nu[0]), started(leaf_nu, nu[1]))
         return out, new_mu, new_nu
 
-    def factors_and_bases(bank: FactorBank, blocks, mu, nu, factors, bases, count, fresh_ok, ok):
+    def factors_and_bases(bank: FactorBank, storage: FactorStorage, blocks, mu, nu, factors, bases, count, fresh_ok,
+                          ok):
         """Shampoo's factors take in ``G`` (if ``fresh_ok``) after the step; then the bases (if ``ok``): ``eigh`` on
         the first call, power-QR every ``precondition_frequency`` steps (or a slot of them, staggered)."""
         factors = bank.split(tuple(
@@ -420,16 +457,16 @@ def scale_by_soap(
         no_refresh = bank.split(tuple(jnp.zeros(f.shape[0], bool) for f in factors))
         if slots > 1:
             bases, mu, nu, failed = jax.lax.cond(
-                first, functools.partial(first_bases, bank), lambda f, b, m, v: (b, m, v, no_refresh),
+                first, functools.partial(first_bases, bank, storage), lambda f, b, m, v: (b, m, v, no_refresh),
                 factors, bases, mu, nu,
             )
-            bases, mu, nu, more = staggered(bank, factors, bases, mu, nu, count, ok)
+            bases, mu, nu, more = staggered(bank, storage, factors, bases, mu, nu, count, ok)
             failed = tuple(a | b for a, b in zip(failed, more))
         else:
             branch = jnp.where(first, 0, jnp.where(ok & (count > 0) & (count % precondition_frequency == 0), 1, 2))
             bases, mu, nu, failed = jax.lax.switch(
                 branch,
-                (functools.partial(first_bases, bank), functools.partial(refresh_all, bank),
+                (functools.partial(first_bases, bank, storage), functools.partial(refresh_all, bank, storage),
                  lambda f, b, m, v: (b, m, v, no_refresh)),
                 factors, bases, mu, nu,
             )
@@ -440,10 +477,18 @@ def scale_by_soap(
         check_float_leaves(updates, name)
         leaves, treedef = jax.tree.flatten(updates)
         (bank, axes), dtype = bank_of(updates), tree_stat_dtype(leaves)
-        # laid out as planned; a corrupt stored statistic restarts from zero (a moment per block or leaf)
-        old_mu, old_nu = ((_discard_nonfinite_blocks(bank.split(m[0])), discard_nonfinite(m[1])) for m in (state.mu, state.nu))
+        storage = storage_of(dtype)
+        # laid out as planned; a corrupt stored statistic restarts from zero (a moment per block or leaf); the
+        # moments and factors computed in float32 (or better) whatever their stored dtype
+        outside = [x for x, place in zip(leaves, bank.places) if place is None]
+        old_mu, old_nu = ((
+            tuple(storage.load(x) for x in _discard_nonfinite_blocks(bank.split(m[0]))),
+            tuple(x.astype(stat_dtype(g.dtype)) for x, g in zip(discard_nonfinite(m[1]), outside)),
+        ) for m in (state.mu, state.nu))
         factors, largest = discard_nonfinite_matrices(bank.split(state.factors))
+        factors = tuple(storage.load(f) for f in factors)
         state = state._replace(bases=bank.split(state.bases))
+        used_bases = tuple(storage.load_basis(q) for q in state.bases)
         grads = [g.astype(dtype if place is not None else stat_dtype(g.dtype)) for g, place in zip(leaves, bank.places)]
         stacked = [layers_first(g, a) for g, a in zip(grads, axes)]  # each layer of a stacked leaf on its own
         blocks = bank.to_stacks(stacked)
@@ -453,18 +498,20 @@ def scale_by_soap(
         # are gated, keeps the large factors and bases out of a whole-state select after the step, which copied
         # them every step.
         fresh_ok = gram_update_finite(grads, largest, shampoo_beta, 1.0 - shampoo_beta, dtype)
-        direction, new_mu, new_nu = adam_in_eigenbases(bank, blocks, grads, stacked, axes, old_mu, old_nu, state.bases,
+        direction, new_mu, new_nu = adam_in_eigenbases(bank, blocks, grads, stacked, axes, old_mu, old_nu, used_bases,
                                                        state.count)
         ok = fresh_ok & all_finite((new_mu, new_nu, direction))
         new_mu, new_nu = jax.tree.map(lambda new, old: jnp.where(ok, new, old), (new_mu, new_nu), (old_mu, old_nu))
         factors, bases, mu_blocks, nu_blocks, failed = factors_and_bases(
-            bank, blocks, new_mu[0], new_nu[0], factors, state.bases, state.count, fresh_ok, ok
+            bank, storage, blocks, new_mu[0], new_nu[0], factors, state.bases, state.count, fresh_ok, ok
         )
+        stored = lambda xs: tuple(storage.store(x) for x in xs)  # noqa: E731
+        leaf_moments = lambda xs: tuple(x.astype(leaf_dtype(g)) for x, g in zip(xs, outside))  # noqa: E731
         new_state = SoapState(
             jnp.where(ok, optax.safe_int32_increment(state.count), state.count),
-            (mu_blocks, new_mu[1]),
-            (nu_blocks, new_nu[1]),
-            factors,
+            (stored(mu_blocks), leaf_moments(new_mu[1])),
+            (stored(nu_blocks), leaf_moments(new_nu[1])),
+            stored(factors),
             bases,
             state.basis_failures + failed,
             state.nonfinite + (~ok).astype(jnp.int32),

@@ -87,6 +87,7 @@ SHARDED = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P, AxisType
     import optax_second_order as oso
+    from optax_second_order.curvature.quantize import Quantizer
 
     jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == 4, jax.devices()
@@ -128,6 +129,11 @@ SHARDED = textwrap.dedent(
         "soap": lambda s: oso.soap(0.01, block_size=4, precondition_frequency=2, precondition_sharding=s),
         "soap-stagger": lambda s: oso.soap(0.01, block_size=4, precondition_frequency=2, stagger=True,
                                            precondition_sharding=s),
+        # quantized states (issue 22): 4-bit statistics (eigenpairs) and roots, 8-bit bases, every field split alike
+        "shampoo-q4": lambda s: oso.shampoo(0.05, block_size=4, precondition_frequency=2, start_preconditioning_step=1,
+                                            quantize=Quantizer(4, block_size=2, min_size=0), precondition_sharding=s),
+        "soap-q8": lambda s: oso.soap(0.01, block_size=4, precondition_frequency=2, stagger=True,
+                                      quantize=Quantizer(8, block_size=2, min_size=0), precondition_sharding=s),
     }
     for name, make in makers.items():
         single, _ = run(make, None)
