@@ -81,6 +81,10 @@ def run(case, mesh, layout="replicated"):
     return params
 
 
+# Quantized and bfloat16 stores round discontinuously: the all-reduce's other rounding can store a neighbouring code
+# (4-bit Shampoo: 5e-3 relative after 3 steps, a tenth of a step; 8-bit SOAP: 9e-5), so these cases are held to their
+# storage's precision; a block refreshed or applied on the wrong device would still be off by a whole step.
+STORED_ROUNDING = {"shampoo-q4": 2e-2, "soap-q8": 1e-3}
 failures = {}
 for case in CASES:
     if case.name not in sys.argv[1:]:
@@ -91,8 +95,9 @@ for case in CASES:
             mesh = jax.make_mesh((4,), ("data",), axis_types=(types,))
             with jax.set_mesh(mesh):
                 sharded = run(case, mesh, layout)
+            rtol = STORED_ROUNDING.get(case.name, 1e-8)
             for k in single:
-                np.testing.assert_allclose(np.asarray(sharded[k]), np.asarray(single[k]), rtol=1e-8, atol=1e-12,
+                np.testing.assert_allclose(np.asarray(sharded[k]), np.asarray(single[k]), rtol=rtol, atol=1e-3 * rtol,
                                            err_msg=k)
                 want = fsdp(sharded[k], mesh) if layout == "fsdp" else NamedSharding(mesh, P())
                 assert sharded[k].sharding.is_equivalent_to(want, sharded[k].ndim), f"{k}: {sharded[k].sharding}"
