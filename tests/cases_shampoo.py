@@ -42,10 +42,15 @@ CASES = [
         dict(precondition_frequency=2, start_preconditioning_step=1, state_dtype="bfloat16", block_size=4,
              quantize=Quantizer(4, block_size=2, min_size=0)),
         inject="b1", static_args=("block_size",),
+        # a quantized store rounds discontinuously: the hyperparameters' float32 rounding can store a neighbouring
+        # 4-bit code (1.6e-5 against updates of 3e-3 at step 1)
+        inject_rtol=2e-2,
     ),
     ContractCase(
         "soap-q8", oso.soap,
         dict(precondition_frequency=2, stagger=True, state_dtype="bfloat16", quantize=Quantizer(8, block_size=2, min_size=0)),
         inject="b1", static_args=("precondition_frequency",),
+        # as shampoo-q4, a neighbouring 8-bit code of a basis (2.2e-5 against updates of 1.6e-2 at step 1)
+        inject_rtol=1e-2,
     ),
 ]

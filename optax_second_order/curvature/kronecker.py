@@ -155,7 +155,8 @@ def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -
         in_ndim = len(layer.kernel_shape) - layer.output_ndim
         rows = x.reshape(math.prod(x.shape[: x.ndim - in_ndim]), layer.fan_in)
     if layer.bias is not None:
-        rows = jnp.concatenate([rows, jnp.ones_like(rows[:, :1])], axis=1)  # (laid out like the rows on a mesh)
+        ones = jnp.ones_like(jnp.sum(rows, axis=1, keepdims=True))  # (rows, 1) laid out like the rows on a mesh
+        rows = jnp.concatenate([rows, ones], axis=1)
     return rows
 
 
