@@ -759,6 +759,7 @@ def kbfgs(
     memory_size: int | None = None,
     statistics_frequency: int = 1,
     min_cosine: float = 1e-8,
+    precondition_sharding: NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-BFGS, or K-BFGS(L) with ``limited_memory=True`` (Goldfarb, Ren & Bahamou 2020).
 
@@ -782,6 +783,7 @@ def kbfgs(
             memory_size=memory_size,
             statistics_frequency=statistics_frequency,
             min_cosine=min_cosine,
+            precondition_sharding=precondition_sharding,
         ),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -56,6 +56,9 @@ MAKERS = {
     "soap": lambda s: oso.soap(0.01, block_size=4, precondition_frequency=2, stagger=True, precondition_sharding=s),
     "kfac": lambda s: oso.kfac(0.05, LAYERS, statistics_frequency=1, precondition_frequency=2, stagger=True,
                                precondition_sharding=s),
+    "kbfgs": lambda s: oso.kbfgs(0.05, LAYERS, precondition_sharding=s),
+    # Sophia-G's Gauss-Newton-Bartlett statistics with labels sampled from the model, over the global batch
+    "sophia": lambda s: oso.sophia(0.05, statistics_frequency=2),
 }
 
 

@@ -1,5 +1,6 @@
-"""Several processes: Shampoo, SOAP and K-FAC under ``jax.distributed.initialize`` (2 processes x 2 host devices, gloo
-collectives, coordinator on 127.0.0.1), their block stacks split over the global mesh of 4, equal to one device;
+"""Several processes: Shampoo, SOAP, K-FAC, K-BFGS and Sophia-G under ``jax.distributed.initialize`` (2 processes x 2 host devices, gloo
+collectives, coordinator on 127.0.0.1), their block stacks split over the global mesh of 4, equal to one device (K-FAC's,
+K-BFGS's and Sophia-G's curvature statistics are those of the global batch);
 and the orbax checkpoint the two processes write, restored in one process on 1 device and on a 4-device mesh, continues
 step for step. The processes run ``tests/multiprocess_worker.py``."""
 
@@ -41,7 +42,7 @@ def _finish(process: subprocess.Popen) -> str:
     return output
 
 
-@pytest.mark.parametrize("optimizer", ["shampoo", "soap", "kfac"])
+@pytest.mark.parametrize("optimizer", ["shampoo", "soap", "kfac", "kbfgs", "sophia"])
 def test_two_processes_equal_one_device_and_their_checkpoint_restores_on_other_topologies(optimizer, tmp_path):
     port = str(_free_port())
     workers = [_start("worker", optimizer, str(tmp_path), str(i), port) for i in range(2)]

@@ -155,7 +155,7 @@ class FactorBank:
         """``fn(*trees, *shared)`` for trees of unit-axis stacks and ``shared`` values every device needs whole (a
         step counter); with a sharding, each device runs ``fn`` on its own units (:func:`jax.shard_map`) and the
         results stay split. ``fn`` must work unit by unit (a refresh)."""
-        if self.sharding is None:
+        if self.sharding is None or not jax.tree.leaves(trees):  # no stacks (a bank with no groups): nothing to split
             return fn(*trees, *shared)
         spec = PartitionSpec(sharding_axes(self.sharding))
         in_specs = (spec,) * len(trees) + (PartitionSpec(),) * len(shared)
@@ -209,24 +209,30 @@ class FactorBank:
             out.append(self._unblocks(blocks, place).reshape(jnp.shape(x)))
         return out
 
-    def stack_items(self, per_item: Sequence[Sequence[jax.Array] | None]) -> tuple[jax.Array, ...]:
+    def stack_items(self, per_item: Sequence[Any], per: str = "factor") -> tuple[Any, ...]:
         """One stack per factor stack from each item's own factors (``per_item[i]``: per preconditioned mode, the
-        matrices of item ``i``'s units, ``[count, b, b]``, or ``[b, b]`` for an item of one unit; ignored for an
-        item outside the bank), padding units zero, split over the devices. The inverse of :meth:`item_units`."""
-        parts: dict[tuple[int, int], list[jax.Array]] = {key: [] for key in self.factor_stacks}
-        for matrices, place in zip(per_item, self.places):
+        matrices of item ``i``'s units, ``[count, b, b]``, or ``[b, b]`` for an item of one unit), or with
+        ``per="group"`` one pytree of stacks per group (``per_item[i]``: a pytree of ``[count, ...]`` arrays, the same
+        structure for the items of a group). Items outside the bank are ignored; padding units are zero; the stacks
+        are split over the devices. The inverse of :meth:`item_units`."""
+        keys = self.factor_stacks if per == "factor" else [(g, None) for g in range(len(self.groups))]
+        parts: dict[tuple, list[Any]] = {key: [] for key in keys}
+        for units, place in zip(per_item, self.places):
             if place is None:
                 continue
+            if per == "group":
+                parts[place.group, None].append(units)
+                continue
             group = self.groups[place.group]
-            for mode, m in zip(group.modes, matrices):
+            for mode, m in zip(group.modes, units):
                 d = group.block_shape[mode]
                 parts[place.group, mode].append(jnp.reshape(m, (place.count, d, d)))
         stacks = []
-        for (g, _), blocks in parts.items():
+        for (g, _), items in parts.items():
             pad = self.groups[g].size - self.groups[g].real
             if pad:
-                blocks.append(jnp.zeros((pad, *blocks[0].shape[1:]), blocks[0].dtype))
-            stacks.append(blocks[0] if len(blocks) == 1 else jnp.concatenate(blocks))
+                items.append(jax.tree.map(lambda x, p=pad: jnp.zeros((p, *x.shape[1:]), x.dtype), items[0]))
+            stacks.append(jax.tree.map(lambda *xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs), *items))
         return self.split(tuple(stacks))
 
     def item_units(self, stacks: Sequence[Any], per: str = "factor") -> list[Any]:

@@ -64,8 +64,9 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from optax_second_order.curvature.bank import FactorBank, plan_bank
 from optax_second_order.curvature.capture import (
     ConvConfig,
     Layer,
@@ -94,6 +95,7 @@ __all__ = [
     "layer_inputs",
     "kernel_matrix",
     "split_kernel_matrix",
+    "layer_bank",
     "fisher_cotangent",
     "layer_rows",
     "sum_over_rows",
@@ -184,6 +186,13 @@ def split_kernel_matrix(layer: Layer, w: jax.Array) -> tuple[jax.Array, jax.Arra
     else:
         kernel = w.reshape(layer.kernel_shape)
     return kernel, bias
+
+
+def layer_bank(layers: Layers, sharding: NamedSharding | None = None) -> FactorBank:
+    """The factor bank of a capture: one unit per captured layer, its :func:`kernel_matrix` ``(d_in [+1], d_out)``,
+    with a factor over the inputs (mode 0: K-FAC's ``A``, K-BFGS's ``H_a``) and one over the output gradients
+    (mode 1: ``G``, ``H_g``); layers of one shape share the stacks (:mod:`~optax_second_order.curvature.bank`)."""
+    return plan_bank([(l.input_dim, l.output_dim) for l in layers.layers], lambda shape: (0, 1), None, sharding)
 
 
 def fisher_cotangent(

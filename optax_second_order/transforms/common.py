@@ -62,6 +62,7 @@ __all__ = [
     "masked_extras",
     "update_on_whole_tree",
     "check_float_leaves",
+    "inner_state",
 ]
 
 PyTree = Any
@@ -427,3 +428,11 @@ def check_float_leaves(tree: PyTree, transform: str) -> None:
                 "floating-point parameters. Keep integer state out of the optimized tree (nnx.Optimizer(..., "
                 "wrt=nnx.Param)) or leave it out with optax.masked / optax.partition"
             )
+
+
+def inner_state(state: Any, cls: type, transform: str) -> Any:
+    """The one ``cls`` state (a NamedTuple) in ``state``: an alias's chained state, or the state itself."""
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, cls)) if isinstance(s, cls)]
+    if len(found) != 1:
+        raise ValueError(f"{transform}: expected one {cls.__name__} in the state, found {len(found)}")
+    return found[0]

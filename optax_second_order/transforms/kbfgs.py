@@ -64,23 +64,28 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import NamedSharding
 
 from optax_second_order.curvature import kronecker, secant
+from optax_second_order.curvature.bank import FactorBank
 from optax_second_order.transforms.common import (
     all_finite,
     check,
     extra_arg,
     has_masked_leaves,
+    inner_state,
     is_refresh_step,
     require_params,
     stat_dtype,
     static_int,
+    tree_stat_dtype,
     update_on_whole_tree,
     value_at,
 )
 
-__all__ = ["KBFGSState", "scale_by_kbfgs"]
+__all__ = ["KBFGSState", "KBFGSLayerState", "kbfgs_layer_states", "scale_by_kbfgs"]
 
 PyTree = Any
 NAME = "scale_by_kbfgs"
@@ -88,18 +93,41 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class KBFGSState(NamedTuple):
-    """K-BFGS state; tuples follow ``layers.layers`` / ``layers.fallback`` order."""
+    """K-BFGS state. The per-layer matrices live in the factor bank's stacks (:func:`~optax_second_order.kronecker.\
+layer_bank`: layers of one shape ``(d_in [+1], d_out)`` share a group, one unit each), one entry per group; read
+    one layer's with :func:`kbfgs_layer_states`."""
 
     count: jax.Array  # int32, finite steps taken
     momentum: tuple  # gradient momentum m per leaf of the parameters (float32 or better), in jax.tree.leaves order
-    factors: tuple  # A per layer, (d_in, d_in)
-    inverse_factors: tuple  # H_a per layer, (d_in, d_in)
-    curvature: tuple  # H_g per layer, (d_out, d_out); K-BFGS(L): an LBFGSMemory of (d_out,) pairs
-    pairs: tuple  # ((s_g, y_g), ...): the moving averages of the pre-activation pairs
+    factors: tuple  # A per group, [n, d_in, d_in]
+    inverse_factors: tuple  # H_a per group, [n, d_in, d_in]
+    curvature: tuple  # H_g per group, [n, d_out, d_out]; K-BFGS(L): an LBFGSMemory of (d_out,) pairs, leaves [n, ...]
+    pairs: tuple  # per group (s_g, y_g), [n, d_out] each: the moving averages of the pre-activation pairs
     diagonal: tuple  # the fallback parameters' moving average of squared gradients
     num_statistics: jax.Array  # int32, statistics steps so far
-    skipped: jax.Array  # int32, H_g or H_a updates that rejected their pair
+    skipped: jax.Array  # int32, H_g or H_a updates of a layer that rejected their pair
     nonfinite: jax.Array  # int32, non-finite gradients or statistics (not folded in)
+
+
+class KBFGSLayerState(NamedTuple):
+    """One layer's part of a :class:`KBFGSState` (:func:`kbfgs_layer_states`)."""
+
+    name: str
+    factor: Any  # A, (d_in, d_in)
+    inverse_factor: Any  # H_a, (d_in, d_in)
+    curvature: Any  # H_g, (d_out, d_out), or K-BFGS(L)'s LBFGSMemory
+    pair: tuple  # (s_g, y_g)
+
+
+def kbfgs_layer_states(layers: kronecker.Layers, state: Any) -> list[KBFGSLayerState]:
+    """Each captured layer's state (in ``layers.layers`` order), gathered from the bank's stacks to the host, to
+    inspect. ``state``: a :class:`KBFGSState` or a state holding one (an alias's)."""
+    state = inner_state(state, KBFGSState, "kbfgs_layer_states")
+    fields = ("factors", "inverse_factors", "curvature", "pairs")
+    host = jax.tree.map(lambda x: x if isinstance(x, jax.core.Tracer) else np.asarray(x), [getattr(state, f) for f in fields])
+    per_layer = [kronecker.layer_bank(layers).item_units(stacks, per="group") for stacks in host]
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731 (a layer is one unit)
+    return [KBFGSLayerState(l.name, *(first(f[i]) for f in per_layer)) for i, l in enumerate(layers.layers)]
 
 
 class _Means(NamedTuple):
@@ -140,20 +168,19 @@ def _layer_means(layer, calls, kernel: jax.Array, bias) -> _Means:
     )
 
 
-def _in_dtypes(means: list[_Means], factors) -> list[_Means]:
-    """Each layer's means in its factor's dtype (the rows follow the model's activations, not the kernels)."""
-    return [_Means(*(x.astype(a.dtype) for x in mean)) for a, mean in zip(factors, means)]
-
-
-def _pass_means(layers: kronecker.Layers, model_fn, loss, params) -> list[_Means]:
-    """Every layer's :class:`_Means` at ``params``, from one forward/backward pass."""
+def _pass_means(layers: kronecker.Layers, bank: FactorBank, model_fn, loss, params, dtype) -> tuple[_Means, ...]:
+    """Every layer's :class:`_Means` at ``params``, from one forward/backward pass, stacked per group of the bank
+    (``[n, ...]`` in ``dtype``: the rows follow the model's activations, the stacks the kernels)."""
+    if not bank.groups:
+        return ()
     captured = kronecker.layer_rows(model_fn, params, layers, _cotangent(loss))
     leaves = jax.tree.leaves(params)
-    out = []
+    per_layer = []
     for layer, calls in zip(layers.layers, captured.rows):
         bias = leaves[layer.bias_index] if layer.bias_index is not None else None
-        out.append(_layer_means(layer, calls, leaves[layer.kernel_index], bias))
-    return out
+        means = _layer_means(layer, calls, leaves[layer.kernel_index], bias)
+        per_layer.append(_Means(*(x.astype(dtype)[None] for x in means)))
+    return bank.stack_items(per_layer, per="group")
 
 
 # --- H_g: BFGS or L-BFGS on double-damped pairs ---------------------------------------------------------
@@ -181,7 +208,19 @@ def _update_h_a(h_a, aa_damped, h, min_cosine):
 
 
 def _damped(a: jax.Array, damping) -> jax.Array:
-    return a + jnp.sqrt(damping).astype(a.dtype) * jnp.eye(a.shape[0], dtype=a.dtype)
+    """``A + sqrt(lambda) I`` (for a stack of ``A``, each)."""
+    return a + jnp.sqrt(damping).astype(a.dtype) * jnp.eye(a.shape[-1], dtype=a.dtype)
+
+
+def _update_units(curvature, s, y, h_a, a, h, damping, min_cosine):
+    """Each unit's ``H_g`` from its pair and ``H_a`` by Hessian-action BFGS (one group's stacks): the new ones and
+    whether each used its pair."""
+    def unit(curvature, s, y, h_a, a, h):
+        new_h_g, used_g = _update_h_g(curvature, s, y, damping, min_cosine)
+        new_h_a, used_a = _update_h_a(h_a, _damped(a, damping), h, min_cosine)
+        return new_h_g, used_g, new_h_a, used_a
+
+    return jax.vmap(unit)(curvature, s, y, h_a, a, h)
 
 
 # --- the direction ----------------------------------------------------------------------------------------
@@ -195,18 +234,25 @@ def _layer_direction(h_a, v, curvature) -> jax.Array:
     return jnp.matmul(left, curvature, precision=_HIGHEST)
 
 
-def _direction(layers: kronecker.Layers, leaves, inverse_factors, curvature, diagonal, damping) -> list:
-    """Each leaf's direction from the momentum's leaves: ``H_a V H_g`` per layer, ``m / (d + lambda)`` else."""
+def _direction(layers: kronecker.Layers, bank: FactorBank, leaves, inverse_factors, curvature, diagonal, damping):
+    """Each leaf's direction from the momentum's leaves: ``H_a V H_g`` per layer (one batched product per group of
+    the bank, each device its own units, gathered), ``m / (d + lambda)`` else."""
     out = list(leaves)
-    for layer, h_a, h_g in zip(layers.layers, inverse_factors, curvature):
-        bias = leaves[layer.bias_index] if layer.bias_index is not None else None
-        v = _layer_direction(h_a, kronecker.kernel_matrix(layer, leaves[layer.kernel_index], bias), h_g)
-        out[layer.kernel_index], bias = kronecker.split_kernel_matrix(layer, v)
-        if layer.bias_index is not None:
-            out[layer.bias_index] = bias
+    if bank.groups:
+        matrices = [
+            kronecker.kernel_matrix(l, leaves[l.kernel_index], None if l.bias_index is None else leaves[l.bias_index])
+            for l in layers.layers
+        ]
+        blocks = bank.to_stacks(matrices)
+        directions = [jax.vmap(_layer_direction)(*group) for group in zip(inverse_factors, blocks, curvature)]
+        for layer, v in zip(layers.layers, bank.from_stacks(directions, matrices)):
+            if v is not None:  # a layer with a zero dimension is not in the bank: its (empty) leaves stay
+                out[layer.kernel_index], bias = kronecker.split_kernel_matrix(layer, v)
+                if layer.bias_index is not None:
+                    out[layer.bias_index] = bias
     for i, d in zip(layers.fallback_indices, diagonal):
         out[i] = leaves[i] / (d + jnp.asarray(damping, d.dtype))
-    return out
+    return bank.gathered(out)
 
 
 def _squares_finite(leaves: list) -> jax.Array:
@@ -234,38 +280,45 @@ def _validate(layers, learning_rate, damping, momentum, ema_decay, pair_decay, s
     check(NAME, "min_cosine", min_cosine, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
-def _init(layers: kronecker.Layers, params, limited_memory: bool, memory_size: int) -> KBFGSState:
+def _stack_dtype(stacks: tuple) -> Any:
+    """The dtype of the bank's stacks (all share one; float32 when there are none)."""
+    return stacks[0].dtype if stacks else jnp.float32
+
+
+def _side(bank: FactorBank, stacks: tuple, mode: int) -> tuple:
+    """The stacks of one side (mode 0: over the inputs, 1: over the output gradients), one per group."""
+    return tuple(x for x, (_, m) in zip(stacks, bank.factor_stacks) if m == mode)
+
+
+def _init(layers: kronecker.Layers, bank: FactorBank, params, limited_memory: bool, memory_size: int) -> KBFGSState:
     if has_masked_leaves(params):  # optax.masked: the whole tree's state, from the shapes find_layers saw
         leaves = list(layers.leaves)
     else:
         leaves = layers.check_params(params, NAME)
+    dtype = tree_stat_dtype([leaves[l.kernel_index] for l in layers.layers])
 
-    def dtype(index):
-        return stat_dtype(jnp.result_type(leaves[index]))
+    def eye(mode):  # fresh arrays each call: a state sharing buffers cannot be donated
+        return _side(bank, bank.matrices(dtype, identity=True), mode)
 
-    def eye(n, index):  # fresh arrays each call: a state sharing buffers cannot be donated
-        return jnp.eye(n, dtype=dtype(index))
+    def memory(group):
+        one = secant.lbfgs_init_memory(jax.ShapeDtypeStruct(group.block_shape[1:], dtype), memory_size)
+        return jax.tree.map(lambda x: jnp.zeros((group.size, *x.shape), x.dtype), one)
 
-    def zeros(shape, index):
-        return jnp.zeros(shape, dtype(index))
-
-    def curvature(layer):
-        if limited_memory:
-            shape = jax.ShapeDtypeStruct((layer.output_dim,), dtype(layer.kernel_index))
-            return secant.lbfgs_init_memory(shape, memory_size)
-        return eye(layer.output_dim, layer.kernel_index)
+    def vectors():
+        return bank.split(tuple(jnp.zeros((g.size, g.block_shape[1]), dtype) for g in bank.groups))
 
     def zero():
         return jnp.zeros([], jnp.int32)
 
     return KBFGSState(
         count=zero(),
-        momentum=tuple(zeros(jnp.shape(p), i) for i, p in enumerate(leaves)),
-        factors=tuple(eye(l.input_dim, l.kernel_index) for l in layers.layers),
-        inverse_factors=tuple(eye(l.input_dim, l.kernel_index) for l in layers.layers),
-        curvature=tuple(curvature(l) for l in layers.layers),
-        pairs=tuple((zeros(l.output_dim, l.kernel_index), zeros(l.output_dim, l.kernel_index)) for l in layers.layers),
-        diagonal=tuple(zeros(jnp.shape(leaves[i]), i) for i in layers.fallback_indices),
+        momentum=tuple(jnp.zeros(jnp.shape(p), stat_dtype(jnp.result_type(p))) for p in leaves),
+        factors=eye(0),
+        inverse_factors=eye(0),
+        curvature=bank.split(tuple(memory(g) for g in bank.groups)) if limited_memory else eye(1),
+        pairs=tuple(zip(vectors(), vectors())),
+        diagonal=tuple(jnp.zeros(jnp.shape(leaves[i]), stat_dtype(jnp.result_type(leaves[i])))
+                       for i in layers.fallback_indices),
         num_statistics=zero(),
         skipped=zero(),
         nonfinite=zero(),
@@ -284,6 +337,7 @@ def scale_by_kbfgs(
     memory_size: int | None = None,
     statistics_frequency: int = 1,
     min_cosine: float = 1e-8,
+    precondition_sharding: NamedSharding | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-BFGS (``limited_memory=False``) or K-BFGS(L) preconditioning (see the module docstring for the math).
 
@@ -302,44 +356,65 @@ def scale_by_kbfgs(
         ``optax.inject_hyperparams`` list it in ``static_args``.
       statistics_frequency: the two passes and the ``H_a``, ``H_g`` updates run every this many steps.
       min_cosine: the BFGS updates' skip threshold.
+      precondition_sharding: ``NamedSharding(mesh, PartitionSpec(axes))``: store the per-layer matrices (``A``,
+        ``H_a``, ``H_g``, the pairs) split over those mesh axes, each device updating and applying only its layers'
+        (:mod:`~optax_second_order.curvature.bank`; ``docs/scaling.md``).
 
     ``update(grads, state, params, model_fn=..., loss=...)`` needs ``model_fn`` (the function ``find_layers``
     traced, on the current batch) and ``loss`` (bound to the batch's targets).
     """
     _validate(layers, learning_rate, damping, momentum, ema_decay, pair_decay, statistics_frequency, min_cosine)
     m = static_int(NAME, "memory_size", memory_size, 100)
+    bank = kronecker.layer_bank(layers, precondition_sharding)
 
     def statistics_step(state, params, model_fn, loss):
         """Pass at theta_k: A's moving average (the first batch sets it), the means, H_a on the first step."""
-        means = _in_dtypes(_pass_means(layers, model_fn, loss, params), state.factors)
+        means = _pass_means(layers, bank, model_fn, loss, params, _stack_dtype(state.factors))
         ok = all_finite(means)
         decay = jnp.where(state.num_statistics == 0, 0.0, ema_decay)
         factors = tuple(
             jnp.where(ok, (decay * a + (1 - decay) * mean.aa).astype(a.dtype), a) for a, mean in zip(state.factors, means)
         )
+
+        def inverses(a, lam):
+            return tuple(jnp.linalg.inv(_damped(x, lam)) for x in a)
+
         first = ok & (state.num_statistics == 0)
-        inverse_factors = tuple(
-            jax.lax.cond(first, lambda a=a: jnp.linalg.inv(_damped(a, damping)), lambda h=h: h)
-            for a, h in zip(factors, state.inverse_factors)
+        inverse_factors = jax.lax.cond(
+            first, lambda: bank.on_each_device(inverses, factors, shared=(damping,)), lambda: state.inverse_factors
         )
         return factors, inverse_factors, means, ok
 
     def pair_step(state, factors, inverse_factors, means, ok, params_next, model_fn, loss):
-        """Pass at theta_{k+1} on the same batch: the averaged, double-damped pairs into H_g, then H_a."""
-        means_next = _in_dtypes(_pass_means(layers, model_fn, loss, params_next), factors)
+        """Pass at theta_{k+1} on the same batch: the averaged, double-damped pairs into H_g, then H_a (each device
+        its own units)."""
+        means_next = _pass_means(layers, bank, model_fn, loss, params_next, _stack_dtype(factors))
         ok = ok & all_finite(means_next)
-        curvature, pairs, inverse_out, skipped = [], [], [], state.skipped
-        for i, (mean, nxt) in enumerate(zip(means, means_next)):
-            s_avg, y_avg = state.pairs[i]
-            s_avg = pair_decay * s_avg + (1 - pair_decay) * (nxt.s - mean.s).astype(s_avg.dtype)
-            y_avg = pair_decay * y_avg + (1 - pair_decay) * (nxt.g - mean.g).astype(y_avg.dtype)
-            new_h_g, used_g = _update_h_g(state.curvature[i], s_avg, y_avg, damping, min_cosine)
-            new_h_a, used_a = _update_h_a(inverse_factors[i], _damped(factors[i], damping), mean.h, min_cosine)
-            curvature.append(jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_h_g, state.curvature[i]))
-            pairs.append((jnp.where(ok, s_avg, state.pairs[i][0]), jnp.where(ok, y_avg, state.pairs[i][1])))
-            inverse_out.append(jnp.where(ok, new_h_a, inverse_factors[i]))
-            skipped = skipped + (ok & ~used_g).astype(jnp.int32) + (ok & ~used_a).astype(jnp.int32)
-        return tuple(curvature), tuple(pairs), tuple(inverse_out), skipped, (~ok).astype(jnp.int32)
+        pairs = tuple(
+            (pair_decay * s_avg + (1 - pair_decay) * (nxt.s - mean.s),
+             pair_decay * y_avg + (1 - pair_decay) * (nxt.g - mean.g))
+            for (s_avg, y_avg), mean, nxt in zip(state.pairs, means, means_next)
+        )
+
+        def on_device(curvature, pairs, inverse_factors, factors, h, lam):
+            return tuple(
+                _update_units(c, s_avg, y_avg, h_a, a, h_j, lam, min_cosine)
+                for c, (s_avg, y_avg), h_a, a, h_j in zip(curvature, pairs, inverse_factors, factors, h)
+            )
+
+        h = tuple(mean.h for mean in means)
+        updated = bank.on_each_device(on_device, state.curvature, pairs, inverse_factors, factors, h, shared=(damping,))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        rejected = [(ok & ~used_g, ok & ~used_a) for _, used_g, _, used_a in updated]
+        skipped = (state.skipped + bank.count_real([g for g, _ in rejected], per="group")
+                   + bank.count_real([a for _, a in rejected], per="group"))
+        return (
+            keep(tuple(u[0] for u in updated), state.curvature),
+            keep(pairs, state.pairs),
+            keep(tuple(u[2] for u in updated), inverse_factors),
+            skipped,
+            (~ok).astype(jnp.int32),
+        )
 
     def update_fn(updates, state, params=None, **extra):
         """The K-BFGS step; inside ``optax.masked`` it runs on the whole tree (``full_params``, zero gradients
@@ -364,17 +439,17 @@ def scale_by_kbfgs(
         )
 
         def no_statistics():
-            zeros = [
-                _Means(jnp.zeros_like(a), jnp.zeros(a.shape[0], a.dtype), jnp.zeros_like(p[0]), jnp.zeros_like(p[1]))
+            zeros = tuple(
+                _Means(jnp.zeros_like(a), jnp.zeros_like(a[..., 0]), jnp.zeros_like(p[0]), jnp.zeros_like(p[1]))
                 for a, p in zip(state.factors, state.pairs)
-            ]
+            )
             return state.factors, state.inverse_factors, zeros, jnp.asarray(True)
 
         factors, inverse_factors, means, stats_ok = jax.lax.cond(
             refresh, lambda: statistics_step(state, params, model_fn, loss), no_statistics
         )
         direction = jax.tree.unflatten(
-            treedef, _direction(layers, moment, inverse_factors, state.curvature, diagonal, damping)
+            treedef, _direction(layers, bank, moment, inverse_factors, state.curvature, diagonal, damping)
         )
         params_next = jax.tree.map(lambda p, d: (p - rate * d).astype(jnp.result_type(p)), params, direction)
 
@@ -405,5 +480,5 @@ def scale_by_kbfgs(
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(
-        lambda params: _init(layers, params, limited_memory, m), update_fn
+        lambda params: _init(layers, bank, params, limited_memory, m), update_fn
     )

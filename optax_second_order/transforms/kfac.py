@@ -82,7 +82,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from optax_second_order.curvature import kronecker
-from optax_second_order.curvature.bank import FactorBank, due_slot, plan_bank, update_slot_units
+from optax_second_order.curvature.bank import FactorBank, due_slot, update_slot_units
 from optax_second_order.curvature.matrix import damped_inverse, eigh_psd
 from optax_second_order.curvature.products import gnvp_quadratic_form
 from optax_second_order.transforms import damping as damping_rules
@@ -94,6 +94,7 @@ from optax_second_order.transforms.common import (
     extra_arg,
     finite_ema,
     has_masked_leaves,
+    inner_state,
     is_refresh_step,
     require_params,
     stagger_slots,
@@ -150,30 +151,17 @@ class _Config(NamedTuple):
     slots: int = 1  # refreshes spread over this many steps (stagger)
 
 
-def _bank(layers: kronecker.Layers, sharding: NamedSharding | None = None) -> FactorBank:
-    """One unit per captured layer, its ``(d_in [+1], d_out)`` gradient matrix; factors ``A`` (mode 0), ``G`` (1)."""
-    return plan_bank([(l.input_dim, l.output_dim) for l in layers.layers], lambda shape: (0, 1), None, sharding)
-
-
 def _pair(bank: FactorBank, stacks: tuple, group: int) -> tuple:
     """``group``'s ``(A-side, G-side)`` entries of a tuple in factor-stack order."""
     return tuple(stacks[s] for s in bank.stacks_of(group))
-
-
-def _inner_state(state: Any) -> KFACState:
-    """The one :class:`KFACState` in ``state`` (an alias's chained state, or the state itself)."""
-    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, KFACState)) if isinstance(s, KFACState)]
-    if len(found) != 1:
-        raise ValueError(f"kfac_layer_states: expected one KFACState in the state, found {len(found)}")
-    return found[0]
 
 
 def kfac_layer_states(layers: kronecker.Layers, state: Any) -> list[LayerState]:
     """The state of each captured layer (in ``layers.layers`` order), gathered from the bank's stacks: a layer's
     factors, preconditioners and (EK-FAC) scales. ``state``: a :class:`KFACState` or a state holding one (an
     alias's)."""
-    state = _inner_state(state)
-    bank = _bank(layers)
+    state = inner_state(state, KFACState, "kfac_layer_states")
+    bank = kronecker.layer_bank(layers)
     fields = ("factors", "preconditioners", "scales", "num_scales")  # split over devices: read on the host
     host = lambda x: x if isinstance(x, jax.core.Tracer) else np.asarray(x)  # noqa: E731
     state = state._replace(**{f: jax.tree.map(host, getattr(state, f)) for f in fields})
@@ -639,7 +627,7 @@ def scale_by_kfac(
     check(NAME, "stagger", slots, lambda x: not isinstance(precondition_frequency, (int, float)) or x <= precondition_frequency,
           f"at most precondition_frequency ({precondition_frequency})")
     config = _Config(
-        layers, _bank(layers, precondition_sharding), damping_mode == "factored" and not corrected, corrected, fisher,
+        layers, kronecker.layer_bank(layers, precondition_sharding), damping_mode == "factored" and not corrected, corrected, fisher,
         adaptive_momentum, slots,
     )
     omega = damping_adaptation_decay**damping_adaptation_interval

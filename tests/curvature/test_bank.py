@@ -49,6 +49,26 @@ def test_layout_groups_blocks_of_one_shape_and_round_trips():
     assert [m.shape for m in plan.matrices(jnp.float32)] == [(6, 3, 3), (6, 3, 3), (2, 2, 2), (2, 2, 2), (2, 3, 3)]
 
 
+def test_per_unit_arrays_stack_by_group_and_come_back_per_item():
+    """stack_items / item_units: each item's per-unit arrays (per mode, or any pytree per group) land in its group's
+    stacks at its units, padding units zero, and item_units gives each item its own back."""
+    rng = np.random.default_rng(1)
+    plan = bank_module.plan_bank([(6, 3), (3, 3), None, (2, 3)], _matrix_modes, 3)  # units: 2 + 1 of (3, 3), 1 of (2, 3)
+    padded = bank_module.FactorBank(tuple(g._replace(size=g.size + 1) for g in plan.groups), plan.places, 3, None)
+    counts = [2, 1, None, 1]
+    per_mode = [None if c is None else tuple(rng.standard_normal((c, d, d)) for d in ((3, 3) if i < 2 else (2, 3)))
+                for i, c in enumerate(counts)]
+    per_group = [None if c is None else {"v": rng.standard_normal((c, 4)), "n": np.arange(c)} for c in counts]
+    for per, items in (("factor", per_mode), ("group", per_group)):
+        stacks = padded.stack_items([None if x is None else jax.tree.map(jnp.asarray, x) for x in items], per=per)
+        first = jax.tree.leaves(stacks[0])[0]
+        assert first.shape[0] == 4 and not np.any(np.asarray(first[3]))  # 3 real units, then a zero padding unit
+        for want, got in zip(items, padded.item_units(stacks, per=per)):
+            assert (want is None) == (got is None)
+            if want is not None:
+                jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(b), a), want, got)
+
+
 def test_stagger_partition_does_not_depend_on_the_devices():
     """The slot of every unit is the same whether one device holds a stack or four share it, and each device's tables
     list exactly its own units of each slot (by their index on the device)."""

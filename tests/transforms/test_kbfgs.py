@@ -18,7 +18,7 @@ from optax_second_order.curvature import kronecker
 
 jax.config.update("jax_enable_x64", True)
 
-N, D0, D1, D2 = 8, 3, 4, 3
+N, D0, D1, D2 = 8, 4, 4, 4  # both layers' (d_in + 1, d_out) is (5, 4): one group of two units in the bank
 LR, LAM, RHO, BETA, DELTA = 0.3, 0.3, 0.9, 0.9, 0.9
 
 
@@ -177,12 +177,12 @@ def run(limited, steps=3):
         np.testing.assert_allclose(float(updates["scale"]), want_scale, rtol=1e-9, err_msg=f"scale, step {k}")
         params = jax.tree.map(lambda p, u: p + u, params, updates)
     inner = state[1]
-    for l in range(2):
-        np.testing.assert_allclose(np.asarray(inner.factors[l]), reference.A[l], rtol=1e-10)
-        np.testing.assert_allclose(np.asarray(inner.inverse_factors[l]), reference.Ha[l], rtol=1e-8)
-        np.testing.assert_allclose(np.asarray(inner.pairs[l][0]), reference.pairs[l][0], rtol=1e-9, atol=1e-14)
+    for l, got in enumerate(oso.kbfgs_layer_states(layers, state)):
+        np.testing.assert_allclose(got.factor, reference.A[l], rtol=1e-10)
+        np.testing.assert_allclose(got.inverse_factor, reference.Ha[l], rtol=1e-8)
+        np.testing.assert_allclose(got.pair[0], reference.pairs[l][0], rtol=1e-9, atol=1e-14)
         if not limited:
-            np.testing.assert_allclose(np.asarray(inner.curvature[l]), reference.Hg[l], rtol=1e-8)
+            np.testing.assert_allclose(got.curvature, reference.Hg[l], rtol=1e-8)
     assert int(inner.skipped) == 0 and int(inner.nonfinite) == 0 and int(inner.num_statistics) == steps
     return layers, tx, state, params
 

@@ -418,16 +418,21 @@ def model(p, x):
     return kronecker.dense(x, p["out"]["w"])
 
 layers = kronecker.find_layers(lambda p: model(p, x), init)
-makers = {
-    "kfac": lambda s: oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, statistics_frequency=1,
-                                        precondition_frequency=2, precondition_sharding=s),
-    "ekfac-stagger": lambda s: oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, statistics_frequency=1,
-                                                 approximation="eigenvalue_corrected", precondition_frequency=2,
-                                                 stagger=True, precondition_sharding=s),
+kfac_stacks = lambda st: (st.factors, st.preconditioners, st.scales)
+kbfgs_stacks = lambda st: (st.factors, st.inverse_factors, st.curvature, st.pairs)
+makers = {  # name: (transformation with precondition_sharding s, the bank's stacks of its state)
+    "kfac": (lambda s: oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, statistics_frequency=1,
+                                         precondition_frequency=2, precondition_sharding=s), kfac_stacks),
+    "ekfac-stagger": (lambda s: oso.scale_by_kfac(layers, kl_clip=None, damping=1e-2, statistics_frequency=1,
+                                                  approximation="eigenvalue_corrected", precondition_frequency=2,
+                                                  stagger=True, precondition_sharding=s), kfac_stacks),
+    "kbfgs": (lambda s: oso.scale_by_kbfgs(layers, learning_rate=0.1, precondition_sharding=s), kbfgs_stacks),
+    "kbfgs-l": (lambda s: oso.scale_by_kbfgs(layers, learning_rate=0.1, limited_memory=True, memory_size=4,
+                                             precondition_sharding=s), kbfgs_stacks),
 }
 
 def run(name, mesh, hlo=False):
-    tx = makers[name](None if mesh is None else NamedSharding(mesh, P("data")))
+    tx = makers[name][0](None if mesh is None else NamedSharding(mesh, P("data")))
     params, xs, ys = init, x, y
     if mesh is not None:  # data parallel: the batch split over the devices, the params replicated
         xs, ys = (jax.device_put(a, NamedSharding(mesh, P("data"))) for a in (x, y))
@@ -454,11 +459,14 @@ for name in makers:
         # float32 (as users run): the global batch's factors, to the rounding of the all-reduce over devices
         for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(sharded)):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=f"{name} {types}")
-        for a, b in zip(oso.kfac_layer_states(layers, single_state), oso.kfac_layer_states(layers, state)):
-            np.testing.assert_allclose(b.factors[0], a.factors[0], rtol=1e-4, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(makers[name][1](single_state)), jax.tree.leaves(makers[name][1](state))):
+            # the real units (a mesh pads each group to a multiple of its devices), to float32 rounding in norm
+            error = np.linalg.norm(np.asarray(b)[:len(a)] - a) / max(np.linalg.norm(a), 1e-30)
+            assert error <= 1e-4, (name, types, a.shape, error)
         assert all(a.sharding.is_fully_replicated for a in jax.tree.leaves(sharded)), (name, types)
-        # the bank's stacks (factors, preconditioners, EK-FAC's scales) are stored split: device 0 holds a quarter
-        stacks = jax.tree.leaves((state.factors, state.preconditioners, state.scales))
+        # the bank's stacks (factors, preconditioners, EK-FAC's scales; K-BFGS's H_a, H_g, pairs) are stored split:
+        # device 0 holds a quarter
+        stacks = jax.tree.leaves(makers[name][1](state))
         total = sum(a.nbytes for a in stacks)
         on_0 = sum(s.data.nbytes for a in stacks for s in a.addressable_shards if s.device == jax.devices()[0])
         assert on_0 <= 1.25 / 4 * total and all(a.sharding.spec[0] == "data" for a in stacks), (name, types, on_0)
@@ -473,8 +481,9 @@ print("OK")
 
 
 def test_sharded_batch_gives_global_factors_and_spreads_inverses_over_devices():
-    """4 host devices, Explicit and Auto meshes, K-FAC and staggered EK-FAC: 6 sharded steps equal one device's, the
-    bank's stacks are stored split (a quarter on each device), and each device decomposes 1 matrix per stack."""
+    """4 host devices, Explicit and Auto meshes, K-FAC, staggered EK-FAC, K-BFGS and K-BFGS(L): 6 sharded steps equal
+    one device's (parameters and every stack of the state), the bank's stacks are stored split (a quarter on each
+    device), and for K-FAC each device decomposes 1 matrix per stack."""
     env = dict(os.environ, JAX_ENABLE_X64="0")  # the script adds the device count to the suite's XLA_FLAGS
     result = subprocess.run([sys.executable, "-c", DEVICES_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     print(result.stdout)
