@@ -307,6 +307,7 @@ def kfac(
     adaptive_learning_rate: bool = False,
     adaptive_momentum: bool = False,
     stagger: bool | int | None = None,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC: KL-clipped natural gradient, heavy-ball ``momentum`` on it, decoupled ``weight_decay``.
 
@@ -341,6 +342,7 @@ def kfac(
             adaptive_learning_rate=adaptive_learning_rate,
             adaptive_momentum=adaptive_momentum,
             stagger=stagger,
+            state_dtype=state_dtype,
         ),
         *([] if adaptive_momentum else [optax.trace(momentum)]),
         optax.add_decayed_weights(weight_decay),

@@ -25,4 +25,10 @@ CASES = [
         injected_value=0.2,
         uses_layers=True,
     ),
+    ContractCase(
+        # EK-FAC's factors, eigenbases and scales stored in bfloat16 between steps (issue 22)
+        "kfac-ekfac-bf16", oso.kfac,
+        dict(approximation="eigenvalue_corrected", precondition_frequency=2, kl_clip=1.0, state_dtype="bfloat16"),
+        needs=("model_fn", "loss"), inject="damping", uses_layers=True,
+    ),
 ]

@@ -82,6 +82,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from optax_second_order.curvature import kronecker
+from optax_second_order.curvature import quantize as storage_codecs
 from optax_second_order.curvature.bank import FactorBank, due_slot, update_slot_units
 from optax_second_order.curvature.matrix import damped_inverse, eigh_psd
 from optax_second_order.curvature.products import gnvp_quadratic_form
@@ -542,6 +543,16 @@ def _init(config: _Config, params, damping, seed) -> KFACState:
     )
 
 
+def _stored(state: KFACState, dtype: Any) -> KFACState:
+    """``state`` with its factors, preconditioners and scales in ``dtype`` (``state_dtype``: stored between steps;
+    the compute dtype: for a step; ``None``: as they are)."""
+    if dtype is None:
+        return state
+    cast = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)  # noqa: E731
+    return state._replace(factors=cast(state.factors), preconditioners=cast(state.preconditioners),
+                          scales=cast(state.scales))
+
+
 def scale_by_kfac(
     layers: kronecker.Layers,
     *,
@@ -563,6 +574,7 @@ def scale_by_kfac(
     adaptive_learning_rate: bool = False,
     adaptive_momentum: bool = False,
     stagger: bool | int | None = None,
+    state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """K-FAC preconditioning of the gradient (see the module docstring for the math).
 
@@ -602,6 +614,9 @@ def scale_by_kfac(
         ``precondition_frequency``; a shape, so under ``optax.inject_hyperparams`` list it (or, with ``True``,
         ``precondition_frequency``) in ``static_args``. EK-FAC's scales then restart at the next statistics step
         (module docstring).
+      state_dtype: the dtype the factors, preconditioners and (EK-FAC) scales are stored in between steps
+        (``jnp.bfloat16`` or ``"bfloat16"``: half the state; ``None``: float32, or the parameters' wider dtype); each
+        step computes in float32 from them (``docs/memory.md``).
 
     ``update(grads, state, params, model_fn=..., loss=...)`` needs ``model_fn`` (params -> outputs, the
     same function ``find_layers`` traced, on the current batch) and ``loss``; with ``adaptive_damping`` also
@@ -631,6 +646,8 @@ def scale_by_kfac(
         adaptive_momentum, slots,
     )
     omega = damping_adaptation_decay**damping_adaptation_interval
+    stored_dtype = storage_codecs.as_state_dtype(NAME, state_dtype)
+    computed_dtype = tree_stat_dtype([layers.leaves[l.kernel_index] for l in layers.layers])
 
     def statistics(state, params, model_fn, loss, key):
         stats = _batch_statistics(config, params, model_fn, loss, key, state.preconditioners)
@@ -651,7 +668,10 @@ def scale_by_kfac(
         where masked) and returns the masked part."""
         params = require_params(params, NAME)
         check_float_leaves(updates, NAME)
-        return update_on_whole_tree(step, updates, state, params, extra, NAME)
+        if stored_dtype is None:
+            return update_on_whole_tree(step, updates, state, params, extra, NAME)
+        updates, state = update_on_whole_tree(step, updates, _stored(state, computed_dtype), params, extra, NAME)
+        return updates, _stored(state, stored_dtype)
 
     def step(updates, state, params, **extra):
         layers.check_params(updates, NAME)
@@ -713,4 +733,6 @@ def scale_by_kfac(
         )
         return updates, new_state
 
-    return optax.GradientTransformationExtraArgs(lambda params: _init(config, params, damping, seed), update_fn)
+    return optax.GradientTransformationExtraArgs(
+        lambda params: _stored(_init(config, params, damping, seed), stored_dtype), update_fn
+    )

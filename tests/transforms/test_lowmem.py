@@ -1,4 +1,4 @@
-"""Storage options of Shampoo and SOAP (issue 22): ``state_dtype`` and ``quantize`` store what they say, shrink the
+"""Storage options of Shampoo, SOAP and K-FAC (issue 22): ``state_dtype`` and ``quantize`` store what they say, shrink the
 state, stay close to the float32 run, and a corrupt quantized state restarts instead of poisoning the run."""
 
 from __future__ import annotations
@@ -114,3 +114,39 @@ def test_bad_options_name_the_argument():
         oso.shampoo(1e-2, quantize=3)
     with pytest.raises(ValueError, match="state_dtype"):
         oso.soap(1e-2, state_dtype="int8")
+
+
+@pytest.mark.parametrize("approximation", ["kronecker", "eigenvalue_corrected"])
+def test_kfac_state_dtype_is_the_float32_step_on_states_rounded_to_bfloat16(approximation):
+    """K-FAC / EK-FAC with ``state_dtype="bfloat16"`` against a loop of the float32 transformation whose factors,
+    preconditioners and scales are rounded to bfloat16 after every step (what storing them means): equal to the
+    last bit, for 6 steps with statistics and refreshes; the stored state is bfloat16 and half the bytes."""
+    params, _ = problem()
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((96, 72)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((96, 80)), jnp.float32)
+    model = lambda p: jnp.tanh(oso.kronecker.dense(x, p["w"], p["b"]))  # noqa: E731
+    loss = oso.losses.squared_error(y)
+    layers = oso.kronecker.find_layers(model, params)
+    options = dict(approximation=approximation, statistics_frequency=2, precondition_frequency=3, kl_clip=None)
+    low, plain = (oso.scale_by_kfac(layers, state_dtype=d, **options) for d in ("bfloat16", None))
+    fields = ("factors", "preconditioners", "scales")
+
+    def rounded(state):
+        return state._replace(**{f: jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(a.dtype), getattr(state, f))
+                                 for f in fields})
+
+    grads = jax.grad(lambda p: loss(model(p)))(params)
+    step = {id(tx): jax.jit(lambda s, tx=tx: tx.update(grads, s, params, model_fn=model, loss=loss)) for tx in (low, plain)}
+    s_low, s_plain = low.init(params), rounded(plain.init(params))
+    for _ in range(6):
+        u_low, s_low = step[id(low)](s_low)
+        u_plain, s_plain = step[id(plain)](s_plain)
+        s_plain = rounded(s_plain)
+        jax.tree.map(np.testing.assert_array_equal, u_low, u_plain)
+    for f in fields:
+        stored, reference = getattr(s_low, f), getattr(s_plain, f)
+        assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(stored))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a, np.float32), b), stored, reference)
+    nbytes = lambda s: sum(a.nbytes for f in fields for a in jax.tree.leaves(getattr(s, f)))  # noqa: E731
+    assert nbytes(s_low) * 2 == nbytes(s_plain)
