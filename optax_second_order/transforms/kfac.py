@@ -129,7 +129,8 @@ class KFACState(NamedTuple):
 
 
 class LayerState(NamedTuple):
-    """One captured layer's part of a :class:`KFACState` (from :func:`kfac_layer_states`)."""
+    """One captured layer's part of a :class:`KFACState` (from :func:`kfac_layer_states`); a stacked layer's entries
+    have a leading layer axis ``L`` (layer ``l``'s factors at index ``l``)."""
 
     name: str
     factors: tuple  # (A, G)
@@ -151,8 +152,11 @@ class _Config(NamedTuple):
 
 
 def _bank(layers: kronecker.Layers, sharding: NamedSharding | None = None) -> FactorBank:
-    """One unit per captured layer, its ``(d_in [+1], d_out)`` gradient matrix; factors ``A`` (mode 0), ``G`` (1)."""
-    return plan_bank([(l.input_dim, l.output_dim) for l in layers.layers], lambda shape: (0, 1), None, sharding)
+    """One unit per captured layer, its ``(d_in [+1], d_out)`` gradient matrix; factors ``A`` (mode 0), ``G`` (1). A
+    stacked layer (scanned, ``layer.stack = L``) is ``L`` units of the same group, one per layer."""
+    shapes = [(l.input_dim, l.output_dim) for l in layers.layers]
+    depths = [l.stack or 1 for l in layers.layers]
+    return plan_bank(shapes, lambda shape: (0, 1), None, sharding, layers=depths)
 
 
 def _pair(bank: FactorBank, stacks: tuple, group: int) -> tuple:
@@ -178,14 +182,14 @@ def kfac_layer_states(layers: kronecker.Layers, state: Any) -> list[LayerState]:
     host = lambda x: x if isinstance(x, jax.core.Tracer) else np.asarray(x)  # noqa: E731
     state = state._replace(**{f: jax.tree.map(host, getattr(state, f)) for f in fields})
     none = [None] * len(layers.layers)
-    first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731 (a layer is one unit)
     factors, preconditioners = bank.item_units(state.factors), bank.item_units(state.preconditioners)
     scales = bank.item_units(state.scales, per="group") if state.scales else none
     counts = bank.item_units(state.num_scales, per="group") if isinstance(state.num_scales, tuple) else none
-    return [
-        LayerState(l.name, first(f), first(p), None if s is None else s[0], None if c is None else c[0])
-        for l, f, p, s, c in zip(layers.layers, factors, preconditioners, scales, counts)
-    ]
+    states = []
+    for l, *parts in zip(layers.layers, factors, preconditioners, scales, counts):
+        own = (lambda x: x[0]) if l.stack is None else (lambda x: x)  # a layer is one unit; a stack, L of them
+        states.append(LayerState(l.name, *(None if x is None else jax.tree.map(own, x) for x in parts)))
+    return states
 
 
 # --- statistics: the factors' moving averages (section 5) ------------------------------------------
@@ -202,14 +206,15 @@ def _batch_statistics(config: _Config, params, model_fn, loss, key, precondition
 
 
 def _eigenbases(config: _Config, preconditioners) -> dict:
-    """``{layer: (Q_A, Q_G)}`` from the bank's stacks."""
+    """``{layer: (Q_A, Q_G)}`` from the bank's stacks (``(L, d, d)`` for a stacked layer)."""
     bases = {}
     for l, units in zip(config.layers.layers, config.bank.item_units(preconditioners)):
+        stack = () if l.stack is None else (l.stack,)
         if units is None:  # a layer with no weights (a zero dimension) is not in the bank
-            bases[l.name] = (jnp.eye(l.input_dim), jnp.eye(l.output_dim))
+            bases[l.name] = tuple(jnp.broadcast_to(jnp.eye(d), (*stack, d, d)) for d in (l.input_dim, l.output_dim))
         else:
             (_, q_a), (_, q_g) = units
-            bases[l.name] = (q_a[0], q_g[0])
+            bases[l.name] = (q_a, q_g) if stack else (q_a[0], q_g[0])
     return bases
 
 
