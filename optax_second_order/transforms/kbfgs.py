@@ -289,7 +289,8 @@ def scale_by_kbfgs(
 
     Args:
       layers: the capture found by :func:`optax_second_order.kronecker.find_layers` or
-        :func:`optax_second_order.flax.find_layers`, on the same parameters ``init`` and ``update`` get.
+        :func:`optax_second_order.flax.find_layers`, on the same parameters ``init`` and ``update`` get. Stacked
+        (scanned) layers are not K-BFGS layers yet: their parameters get the diagonal fallback.
       learning_rate: the learning rate the chain applies after this transformation (float or schedule): the
         pairs are formed at ``theta - learning_rate * D``.
       damping: ``lambda``: ``A + sqrt(lambda) I`` for ``H_a``, ``mu_2 = sqrt(lambda)`` in the double damping of
@@ -307,6 +308,7 @@ def scale_by_kbfgs(
     traced, on the current batch) and ``loss`` (bound to the batch's targets).
     """
     _validate(layers, learning_rate, damping, momentum, ema_decay, pair_decay, statistics_frequency, min_cosine)
+    layers = layers.without_stacks()  # scanned layers: the diagonal fallback (one K-BFGS layer per kernel leaf)
     m = static_int(NAME, "memory_size", memory_size, 100)
 
     def statistics_step(state, params, model_fn, loss):

@@ -1,6 +1,7 @@
-"""K-FAC and EK-FAC on layers under a scan (issue 21): a stack of tagged dense layers run by
-``oso.kronecker.scan`` steps exactly as the same network written layer by layer (float64)."""
+"""K-FAC and EK-FAC on layers under a scan (issue 21): a stack of dense layers run by ``oso.kronecker.scan`` (tags,
+plain JAX) or linen's ``nn.scan`` steps exactly as the same network written layer by layer (float64)."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,10 +62,10 @@ def _batch(seed):
     return jax.random.normal(kx, (N, D_IN)), jax.random.randint(ky, (N,), 0, D_OUT)
 
 
-def _run(model, params, steps, **options):
+def _run(model, params, steps, find_layers=kronecker.find_layers, **options):
     """``steps`` K-FAC steps (the alias, with momentum); the updates of each step and the final state."""
     x, _ = _batch(0)
-    layers = kronecker.find_layers(lambda p: model(p, x), params)
+    layers = find_layers(lambda p: model(p, x), params)
     tx = oso.kfac(0.1, layers, statistics_frequency=1, precondition_frequency=2, **options)
 
     @jax.jit
@@ -118,3 +119,71 @@ def test_scanned_layers_step_as_the_unrolled_network(options):
         mine = per_layer_u[f"['block{l}']['w']"]
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[l], rtol=1e-10, atol=1e-14),
                      (mine.factors, mine.scales), (blocks.factors, blocks.scales))
+
+
+# --- linen: nn.scan against the unrolled linen network --------------------------------------------------------
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, h, _):
+        return jnp.tanh(nn.Dense(D)(h)), None
+
+
+class _LinenNet(nn.Module):
+    scanned: bool
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(D)(x))
+        if self.scanned:
+            stack = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=DEPTH)
+            h, _ = stack(name="blocks")(h, None)
+        else:
+            for l in range(DEPTH):
+                h, _ = _Block(name=f"block{l}")(h, None)
+        return nn.Dense(D_OUT, use_bias=False, name="head")(h)
+
+
+def _linen_params():
+    """The unrolled linen network's params (their block biases made nonzero), and the scanned one's: restacked."""
+    unrolled = _LinenNet(False).init(jax.random.key(0), _batch(0)[0])["params"]
+    unrolled = jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.1 if "bias" in jax.tree_util.keystr(path) else x, unrolled)
+    blocks = [unrolled[f"block{l}"] for l in range(DEPTH)]
+    scanned = {k: v for k, v in unrolled.items() if not k.startswith("block")}
+    scanned["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    return unrolled, scanned
+
+
+def _linen_model(scanned):
+    return lambda params, x: _LinenNet(scanned).apply({"params": params}, x)
+
+
+def test_nn_scan_layers_are_stacked_layers():
+    _, params = _linen_params()
+    layers = oso.flax.find_layers(lambda p: _linen_model(True)(p, _batch(0)[0]), params)
+    assert layers.fallback == ()
+    assert [(l.kernel, l.stack) for l in layers.layers if l.stack] == [("['blocks']['Dense_0']['kernel']", DEPTH)]
+
+
+@pytest.mark.parametrize("options", [dict(damping_mode="exact"), dict(approximation="eigenvalue_corrected")],
+                         ids=["kfac-exact", "ekfac"])
+def test_nn_scan_steps_as_the_unrolled_linen_network(options):
+    unrolled, scanned = _linen_params()
+    _, updates_u, _ = _run(_linen_model(False), unrolled, 4, oso.flax.find_layers, **options)
+    _, updates_s, _ = _run(_linen_model(True), scanned, 4, oso.flax.find_layers, **options)
+    for u, s in zip(updates_u, updates_s):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), u, _unstacked(s))
+
+
+def test_kbfgs_gives_scanned_layers_the_diagonal_fallback():
+    x, y = _batch(0)
+    params = _stacked(_unrolled_params())
+    layers = kronecker.find_layers(lambda p: _scanned_model(p, x), params)
+    assert layers.without_stacks().fallback == ("['blocks']['b']", "['blocks']['w']", "['shift']")
+    tx = oso.kbfgs(0.1, layers)
+    loss = oso.losses.softmax_cross_entropy(y)
+    grads = jax.grad(lambda p: loss(_scanned_model(p, x)))(params)
+    updates, _ = tx.update(grads, tx.init(params), params, model_fn=lambda p: _scanned_model(p, x), loss=loss)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
