@@ -26,6 +26,9 @@ the eigenbases (four products per step; EK-FAC likewise). The factors are expone
 ``decay_k = min(1 - 1/k, ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
 ``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets
 sampled from the model (``fisher="true"``, the default) or the data's targets (``"empirical"``).
+A stacked layer (``L`` layers under :func:`~optax_second_order.kronecker.scan` or linen's ``nn.scan``, a kernel
+leaf ``(L, d_in, d_out)``) is ``L`` layers with factors ``A_l, G_l`` of their own, ``L`` units of the factor bank
+(docs/optimizers/kfac.md, "Scanned and stacked layers"): the same steps as the network written layer by layer.
 Parameters no layer captured fall back to a diagonal Fisher ``d`` (EMA of the squared gradients of the
 same pass): ``v = grad / (d + lambda)``. With sampled targets the square of the batch's summed gradient is an
 unbiased estimate of the Fisher diagonal (the cross terms between examples vanish in expectation); with the
