@@ -3,7 +3,8 @@
     python tools/scan_compile_time.py [depth ...]      (default: 2 12)
 
 Prints, per depth and form, the seconds to trace and lower, and to compile (XLA), the step of
-``oso.kfac`` (statistics and refresh branches included) on a 64-wide MLP with that many hidden layers.
+``oso.kfac`` (statistics and refresh branches included) on a 64-wide MLP with that many hidden layers, with this
+process's ``XLA_FLAGS`` (none: XLA's defaults).
 """
 
 import sys
@@ -63,6 +64,7 @@ def measure(depth: int, scanned: bool) -> tuple[float, float]:
 
 
 if __name__ == "__main__":
+    measure(1, True)  # warm-up: JAX's own start-up is not the step's
     for depth in [int(d) for d in sys.argv[1:]] or [2, 12]:
         for scanned in (True, False):
             trace, compile_ = measure(depth, scanned)
