@@ -20,8 +20,22 @@ output ``s``. This module finds them without JAX internals:
   same parameters seen as an ``nnx.State`` of variables (paths ending in ``.value``) and as the pure dictionaries
   ``nnx.Optimizer`` passes to ``update`` have the same leaves in the same order.
 
-Tags work under ``jit``, ``grad`` and ``vmap`` of the whole forward function, but not inside ``lax.scan`` /
-``lax.cond`` bodies (their tracers cannot leave the body).
+Tags work under ``jit``, ``grad`` and ``vmap`` of the whole forward function. Inside a loop body the tracers cannot
+leave the body, so a stack of layers under a scan is run with :func:`scan`, the drop-in ``jax.lax.scan`` that
+carries the capture through the body:
+
+* before the loop it finds the leaves of ``xs`` that are parameter leaves (by identity, as a tag finds a kernel):
+  the *stacked* parameters, ``(L, *shape)``, whose slice ``l`` is layer ``l``'s parameter;
+* the body runs with a recorder of its own, which knows those slices: a tag whose kernel is one of them is layer
+  ``l`` of a *stacked* :class:`Layer` (``stack = L``, ``kernel_shape`` the slice's shape, ``kernel_index`` the
+  stacked leaf's position);
+* the body returns the tagged layers' inputs as extra scanned outputs, ``(L, *input_shape)``, and takes their
+  perturbations as extra scanned inputs, ``(L, *output_shape)``, so the gradient of a perturbation is every layer's
+  ``dL/ds`` at once; the outer recorder gets one :class:`LayerCall` per tag of the body with these stacked arrays.
+
+The program and its compile time stay those of the loop: nothing is unrolled. Not captured (the parameters fall
+back): a tag in the body whose kernel is not a slice of ``xs`` (a parameter closed over and shared by every
+iteration), tags in a scan nested in a scanned body, and tags in ``lax.cond`` / ``lax.while_loop`` bodies.
 """
 
 from __future__ import annotations
@@ -44,6 +58,7 @@ __all__ = [
     "conv",
     "tag_layer",
     "capturing",
+    "scan",
     "find_layers",
     "trace_calls",
 ]
@@ -90,7 +105,9 @@ class Layer:
     ``output_ndim``: how many trailing kernel axes are output features (a dense kernel
     ``(*in_shape, *out_shape)`` with several of either, as Flax's ``DenseGeneral`` has, is the matrix
     ``(prod(in_shape), prod(out_shape))``; a conv's is always 1). ``kernel_index`` / ``bias_index``: the positions
-    of the kernel and bias in ``jax.tree.leaves(params)``.
+    of the kernel and bias in ``jax.tree.leaves(params)``. ``stack``: for the layers of a stack run by :func:`scan`,
+    their number ``L``: the kernel leaf is ``(L, *kernel_shape)`` (the bias ``(L, *out_shape)``) and each layer has
+    its own ``kernel_shape`` kernel; ``None`` for a single layer.
     """
 
     kind: str
@@ -100,10 +117,20 @@ class Layer:
     output_ndim: int = 1
     kernel_index: int = -1
     bias_index: int | None = None
+    stack: int | None = None
 
     @property
     def name(self) -> str:
         return self.kernel
+
+    @property
+    def leaf_shape(self) -> tuple[int, ...]:
+        """The kernel leaf's shape: ``kernel_shape``, after the layer axis ``(stack,)`` for a stacked layer."""
+        return self.kernel_shape if self.stack is None else (self.stack, *self.kernel_shape)
+
+    def one_layer(self) -> "Layer":
+        """The layer as one of its stack (``stack=None``): what each of a stacked layer's ``L`` layers is."""
+        return dataclasses.replace(self, stack=None)
 
     @property
     def fan_in(self) -> int:
@@ -148,8 +175,9 @@ class Layers:
         lines = [f"capture: {len(self.layers)} layers preconditioned, {len(self.fallback)} params fall back"]
         for layer in self.layers:
             bias = f" + {layer.bias}" if layer.bias else ""
+            stack = "" if layer.stack is None else f"  stacked: {layer.stack} layers, each"
             lines.append(
-                f"  {layer.kind:5s} {layer.kernel}{bias}  A {layer.input_dim}x{layer.input_dim}, "
+                f"  {layer.kind:5s} {layer.kernel}{bias}{stack}  A {layer.input_dim}x{layer.input_dim}, "
                 f"G {layer.output_dim}x{layer.output_dim}"
             )
         lines.extend(f"  diagonal {name}" for name in self.fallback)
@@ -157,6 +185,22 @@ class Layers:
 
     def __str__(self) -> str:
         return self.summary()
+
+    def without_stacks(self) -> "Layers":
+        """These layers with the stacked layers' parameters moved to the fallback, for a method that keeps no
+        per-layer state for a stack (K-BFGS)."""
+        stacked = [l for l in self.layers if l.stack is not None]
+        if not stacked:
+            return self
+        paths = dict(zip(self.fallback_indices, self.fallback))
+        for l in stacked:
+            paths[l.kernel_index] = l.kernel
+            if l.bias_index is not None:
+                paths[l.bias_index] = l.bias
+        fallback = sorted(paths)
+        kept = tuple(l for l in self.layers if l.stack is None)
+        return dataclasses.replace(self, layers=kept, fallback=tuple(paths[i] for i in fallback),
+                                   fallback_indices=tuple(fallback))
 
     def check_params(self, params: PyTree, where: str) -> list[Any]:
         """The leaves of ``params``, or a ``ValueError`` if they are not the parameters the layers were found on."""
@@ -169,17 +213,18 @@ class Layers:
             )
         for layer in self.layers:
             shape = tuple(jnp.shape(leaves[layer.kernel_index]))
-            if shape != layer.kernel_shape:
+            if shape != layer.leaf_shape:
                 raise ValueError(
                     f"{where}: leaf {layer.kernel_index} of params has shape {shape}, but the layer found there "
-                    f"({layer.kernel}) has kernel shape {layer.kernel_shape}; find_layers and the optimizer must see "
+                    f"({layer.kernel}) has kernel shape {layer.leaf_shape}; find_layers and the optimizer must see "
                     "the same parameters"
                 )
         return leaves
 
 
 class LayerCall(NamedTuple):
-    """One recorded call of a layer: the layer, its input ``x`` as passed, its conv config and output shape."""
+    """One recorded call of a layer: the layer, its input ``x`` as passed, its conv config and output shape (for a
+    stacked layer's call under :func:`scan`: every layer's input and output, stacked on a leading layer axis)."""
 
     layer: Layer
     inputs: jax.Array | None
@@ -188,13 +233,20 @@ class LayerCall(NamedTuple):
 
 
 class _Recorder:
-    """Collects the tagged calls of one trace of ``model_fn`` (and perturbs their outputs, if given)."""
+    """Collects the tagged calls of one trace of ``model_fn`` (and perturbs their outputs, if given).
 
-    def __init__(self, paths: Sequence[str], leaves: Sequence[Any], perturbations: Sequence[jax.Array] | None):
+    In the body of a :func:`scan`, ``leaves`` are the slices of the stacked parameters, ``indices`` their
+    parameter leaves' positions and ``stack`` the number of layers.
+    """
+
+    def __init__(self, paths: Sequence[str], leaves: Sequence[Any], perturbations: Sequence[jax.Array] | None,
+                 indices: Sequence[int] | None = None, stack: int | None = None):
         self.paths = list(paths)
         self.leaves = list(leaves)  # keeps the traced leaves alive, so their ids are unique for the whole trace
-        self.positions = {id(leaf): i for i, leaf in enumerate(self.leaves)}
+        indices = range(len(self.leaves)) if indices is None else indices
+        self.positions = {id(leaf): i for leaf, i in zip(self.leaves, indices)}
         self.perturbations = perturbations
+        self.stack = stack
         self.calls: list[LayerCall] = []
 
     def layer(self, kind, kernel, bias, output_ndim) -> Layer | None:
@@ -203,7 +255,8 @@ class _Recorder:
             return None  # not a parameter leaf of this model_fn: cannot be preconditioned
         bias_index = self.positions.get(id(bias)) if bias is not None else None
         bias_path = self.paths[bias_index] if bias_index is not None else None
-        return Layer(kind, self.paths[kernel_index], bias_path, tuple(kernel.shape), output_ndim, kernel_index, bias_index)
+        return Layer(kind, self.paths[kernel_index], bias_path, tuple(kernel.shape), output_ndim, kernel_index,
+                     bias_index, self.stack)
 
     def record(self, kind, outputs, inputs, kernel, bias, config, output_ndim):
         layer = self.layer(kind, kernel, bias, output_ndim)
@@ -224,13 +277,70 @@ def capturing() -> bool:
 
 
 @contextlib.contextmanager
-def _recording(recorder: _Recorder, capture: CaptureContext | None) -> Iterator[_Recorder]:
+def _recording(recorder: _Recorder | None, capture: CaptureContext | None) -> Iterator[_Recorder]:
     token = _RECORDER.set(recorder)
     try:
         with capture() if capture is not None else contextlib.nullcontext():
             yield recorder
     finally:
         _RECORDER.reset(token)
+
+
+def scan(f: Callable, init: Any, xs: Any = None, length: int | None = None, reverse: bool = False,
+         unroll: int | bool = 1, _split_transpose: bool = False) -> tuple[Any, Any]:
+    """``jax.lax.scan(f, init, xs, ...)``, through which a capture sees the tagged layers of ``f``.
+
+    Outside a capture it is exactly ``jax.lax.scan``. Inside one, a tag in ``f`` whose kernel is the slice of a
+    parameter leaf scanned in ``xs`` is a layer of a stacked :class:`Layer` (one layer per iteration; module
+    docstring). Example, a stack of ``L`` dense layers with kernels ``(L, d, d)`` and biases ``(L, d)``::
+
+        def model_fn(params):
+            def block(h, p):
+                return jnp.tanh(oso.kronecker.dense(h, p["w"], p["b"])), None
+            return oso.kronecker.scan(block, x, params["blocks"])[0]
+    """
+    outer = _RECORDER.get()
+    if outer is None or outer.stack is not None:  # no capture, or nested in a scanned body: the plain loop
+        with _recording(None, None):
+            return jax.lax.scan(f, init, xs, length=length, reverse=reverse, unroll=unroll,
+                                _split_transpose=_split_transpose)
+    leaves = jax.tree.leaves(xs)
+    stacked = {j: outer.positions[id(x)] for j, x in enumerate(leaves) if id(x) in outer.positions}
+    steps = length if length is not None or not leaves else jnp.shape(leaves[0])[0]
+    perturbations = None
+    if outer.perturbations is not None:  # the body's number of tags, from an abstract trace of it
+        one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x)[1:], jnp.result_type(x)), xs)
+        found: list[LayerCall] = []
+        jax.eval_shape(_scanned_body(f, outer.paths, stacked, steps, found), init, (one, None))
+        start = len(outer.calls)
+        perturbations = list(outer.perturbations[start:start + len(found)])
+    calls: list[LayerCall] = []
+    body = _scanned_body(f, outer.paths, stacked, steps, calls)
+    carry, (ys, inputs) = jax.lax.scan(body, init, (xs, perturbations), length=length, reverse=reverse, unroll=unroll,
+                                       _split_transpose=_split_transpose)
+    for call, x in zip(calls, inputs):
+        output = jax.ShapeDtypeStruct((steps, *call.output.shape), call.output.dtype)
+        outer.calls.append(LayerCall(call.layer, x, call.config, output))
+    return carry, ys
+
+
+def _scanned_body(f: Callable, paths: Sequence[str], stacked: dict[int, int], steps: int, calls: list[LayerCall]):
+    """``f`` as a scan body that records its tagged calls (into ``calls``) and returns their inputs as extra outputs.
+
+    ``stacked``: which leaves of ``xs`` (by position) are which parameter leaves. The body's ``xs`` are
+    ``(xs, perturbations)``: the perturbations of its tagged outputs, one per tag, or ``None``.
+    """
+
+    def body(carry, packed):
+        x, perturbations = packed
+        leaves = jax.tree.leaves(x)
+        recorder = _Recorder(paths, [leaves[j] for j in stacked], perturbations, list(stacked.values()), steps)
+        with _recording(recorder, None):
+            carry, y = f(carry, x)
+        calls[:] = recorder.calls  # the last trace's (lax.scan may trace the body again)
+        return carry, (y, [call.inputs for call in recorder.calls])
+
+    return body
 
 
 def tag_layer(

@@ -48,7 +48,9 @@ the true Fisher in that basis; with the data's, of the empirical Fisher.
 Layers are found by :mod:`~optax_second_order.curvature.capture` (tags, or Flax layers through
 :func:`optax_second_order.flax.find_layers`); :func:`layer_rows` gives every captured layer's input rows ``a`` and
 output-gradient rows ``p`` from one forward and backward pass, and :func:`kronecker_factors` builds the factors
-from them.
+from them. A stacked layer (``L`` layers run by :func:`~optax_second_order.curvature.capture.scan`, ``layer.stack``)
+is ``L`` independent layers: its rows, kernel matrices, factors and scales carry a leading layer axis ``L``, and
+layer ``l``'s come from layer ``l``'s inputs and output gradients alone.
 
 References: Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
 curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
@@ -74,6 +76,7 @@ from optax_second_order.curvature.capture import (
     conv,
     dense,
     find_layers,
+    scan,
     tag_layer,
     trace_calls,
 )
@@ -88,6 +91,7 @@ __all__ = [
     "conv",
     "tag_layer",
     "find_layers",
+    "scan",
     # defined here
     "LayerRows",
     "CapturedPass",
@@ -107,7 +111,8 @@ PyTree = Any
 
 class LayerRows(NamedTuple):
     """One call of a layer: input rows ``a`` ``(rows, d_in [+1])`` (a trailing ``1`` for the bias), output-gradient
-    rows ``p`` ``(rows, d_out)``, and ``num_examples``, the call's number of examples ``N`` (rows are ``N x T``)."""
+    rows ``p`` ``(rows, d_out)``, and ``num_examples``, the call's number of examples ``N`` (rows are ``N x T``).
+    A stacked layer's rows have a leading layer axis, ``(L, rows, d)``."""
 
     inputs: jax.Array
     output_grads: jax.Array
@@ -138,8 +143,11 @@ def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -
 
     Dense: ``x (..., *in_shape)`` flattened to ``(-1, prod(in_shape))``. Conv: image patches from
     ``jax.lax.conv_general_dilated_patches`` (features ordered ``(C_in, *window)``, see
-    :func:`kernel_matrix`), one row per example and output location.
+    :func:`kernel_matrix`), one row per example and output location. A stacked layer: ``x (L, ...)``, rows
+    ``(L, rows, d_in [+1])``.
     """
+    if layer.stack is not None:
+        return jax.vmap(lambda xl: layer_inputs(layer.one_layer(), xl, config))(x)
     if layer.kind == "conv":
         window = layer.kernel_shape[:-2]
         x = x.reshape((-1,) + x.shape[x.ndim - len(window) - 1:])
@@ -166,8 +174,10 @@ def kernel_matrix(layer: Layer, kernel: jax.Array, bias: jax.Array | None = None
     """The ``(d_in [+1], d_out)`` matrix ``W`` whose rows match :func:`layer_inputs` (bias last).
 
     A dense kernel ``(*in_shape, *out_shape)`` becomes ``(prod(in_shape), prod(out_shape))`` row-major,
-    its bias ``out_shape`` the row ``prod(out_shape)``.
+    its bias ``out_shape`` the row ``prod(out_shape)``. A stacked layer: ``(L, d_in [+1], d_out)``.
     """
+    if layer.stack is not None:
+        return jax.vmap(lambda k, b: kernel_matrix(layer.one_layer(), k, b))(kernel, bias)
     if layer.kind == "conv":
         kernel = jnp.moveaxis(kernel, -2, 0)  # (*window, C_in, C_out) -> (C_in, *window, C_out)
     w = kernel.reshape(-1, layer.output_dim)
@@ -178,6 +188,8 @@ def kernel_matrix(layer: Layer, kernel: jax.Array, bias: jax.Array | None = None
 
 def split_kernel_matrix(layer: Layer, w: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Inverse of :func:`kernel_matrix`: ``(kernel, bias)`` in the parameters' shapes."""
+    if layer.stack is not None:
+        return jax.vmap(lambda wl: split_kernel_matrix(layer.one_layer(), wl))(w)
     bias = w[-1].reshape(layer.kernel_shape[-layer.output_ndim:]) if layer.bias is not None else None
     w = w[:-1] if layer.bias is not None else w
     if layer.kind == "conv":
@@ -191,8 +203,10 @@ def split_kernel_matrix(layer: Layer, w: jax.Array) -> tuple[jax.Array, jax.Arra
 def layer_bank(layers: Layers, sharding: NamedSharding | None = None) -> FactorBank:
     """The factor bank of a capture: one unit per captured layer, its :func:`kernel_matrix` ``(d_in [+1], d_out)``,
     with a factor over the inputs (mode 0: K-FAC's ``A``, K-BFGS's ``H_a``) and one over the output gradients
-    (mode 1: ``G``, ``H_g``); layers of one shape share the stacks (:mod:`~optax_second_order.curvature.bank`)."""
-    return plan_bank([(l.input_dim, l.output_dim) for l in layers.layers], lambda shape: (0, 1), None, sharding)
+    (mode 1: ``G``, ``H_g``); layers of one shape share the stacks (:mod:`~optax_second_order.curvature.bank`). A
+    stacked layer (scanned, ``layer.stack = L``) is ``L`` units of the same group, one per layer."""
+    shapes = [(l.input_dim, l.output_dim) for l in layers.layers]
+    return plan_bank(shapes, lambda shape: (0, 1), None, sharding, layers=[l.stack or 1 for l in layers.layers])
 
 
 def fisher_cotangent(
@@ -223,7 +237,9 @@ def fisher_cotangent(
 
 
 def _num_examples(layer: Layer, output_shape: tuple[int, ...]) -> int:
-    """``N``: the leading axis of a call's input (and output), or ``1`` for an unbatched call."""
+    """``N``: the leading axis of a call's input (and output), or ``1`` for an unbatched call (after the layer axis of
+    a stacked layer's)."""
+    output_shape = output_shape if layer.stack is None else output_shape[1:]
     example_ndim = layer.output_ndim if layer.kind == "dense" else len(layer.kernel_shape) - 1
     return output_shape[0] if len(output_shape) > example_ndim else 1
 
@@ -264,7 +280,7 @@ def layer_rows(
     for call, x, g in zip(recorded, inputs, output_grads):
         a = layer_inputs(call.layer, x, call.config)
         dtype = jnp.promote_types(a.dtype, jnp.float32)
-        p = g.reshape(-1, call.layer.output_dim).astype(dtype)
+        p = g.reshape(*a.shape[:-1], call.layer.output_dim).astype(dtype)
         rows = LayerRows(a.astype(dtype), p, _num_examples(call.layer, call.output.shape))
         by_layer.setdefault(call.layer.kernel_index, []).append(rows)
     missing = [layer.name for layer in layers.layers if layer.kernel_index not in by_layer]
@@ -288,22 +304,25 @@ def _call_output_shapes(model_fn, params, layers: Layers) -> list[jax.ShapeDtype
 
 
 def sum_over_rows(x: jax.Array, y: jax.Array) -> jax.Array:
-    """``x^T y``, a sum over the rows (the batch). On a mesh with ``Explicit`` axes the rows may be split over the
-    devices, and JAX asks where such a sum goes: here, replicated (the global batch's statistic on every device)."""
+    """``x^T y``, a sum over the rows (the batch), for every index of any leading axes (a stacked layer's ``L``). On
+    a mesh with ``Explicit`` axes the rows may be split over the devices, and JAX asks where such a sum goes: here,
+    replicated (the global batch's statistic on every device)."""
     mesh = jax.typeof(x).sharding.mesh
     explicit = not mesh.empty and AxisType.Explicit in mesh.axis_types
-    return jnp.matmul(x.T, y, precision=jax.lax.Precision.HIGHEST, out_sharding=PartitionSpec() if explicit else None)
+    return jnp.matmul(jnp.swapaxes(x, -1, -2), y, precision=jax.lax.Precision.HIGHEST,
+                      out_sharding=PartitionSpec() if explicit else None)
 
 
 def _factors(calls: Sequence[LayerRows]) -> tuple[jax.Array, jax.Array]:
-    """``A = sum a a^T / rows`` and ``G = sum p p^T`` over all the calls of one layer."""
+    """``A = sum a a^T / rows`` and ``G = sum p p^T`` over all the calls of one layer (per layer of a stack)."""
     aa = sum(sum_over_rows(c.inputs, c.inputs) for c in calls)
     gg = sum(sum_over_rows(c.output_grads, c.output_grads) for c in calls)
-    return aa / sum(c.inputs.shape[0] for c in calls), gg
+    return aa / sum(c.inputs.shape[-2] for c in calls), gg
 
 
 def _per_example_rows(calls: Sequence[LayerRows], name: str) -> tuple[jax.Array, jax.Array]:
-    """One layer's rows ``a`` and ``p`` grouped by example, ``(N, T, d_in)`` and ``(N, T, d_out)``.
+    """One layer's rows ``a`` and ``p`` grouped by example, ``(N, T, d_in)`` and ``(N, T, d_out)`` (after the layer
+    axis ``L`` of a stacked layer's).
 
     The calls of a shared layer become further locations ``t`` of the same examples.
     """
@@ -315,9 +334,11 @@ def _per_example_rows(calls: Sequence[LayerRows], name: str) -> tuple[jax.Array,
         )
     n = examples.pop()
     # the locations per example counted, not inferred (``-1`` fails on a layer with no inputs, d_in = 0)
-    a = jnp.concatenate([c.inputs.reshape(n, c.inputs.shape[0] // n, c.inputs.shape[-1]) for c in calls], axis=1)
-    p = jnp.concatenate([c.output_grads.reshape(n, c.output_grads.shape[0] // n, c.output_grads.shape[-1])
-                         for c in calls], axis=1)
+    def by_example(x):
+        return x.reshape(*x.shape[:-2], n, x.shape[-2] // n, x.shape[-1])
+
+    a = jnp.concatenate([by_example(c.inputs) for c in calls], axis=-2)
+    p = jnp.concatenate([by_example(c.output_grads) for c in calls], axis=-2)
     return a, p
 
 
@@ -342,7 +363,8 @@ def _check_eigenbases(layers: Layers, eigenbases: dict[str, tuple[jax.Array, jax
         if name not in by_name:
             raise ValueError(f"kronecker_factors: eigenbases names {name}, which is not one of the layers")
         layer = by_name[name]
-        want = ((layer.input_dim,) * 2, (layer.output_dim,) * 2)
+        stack = () if layer.stack is None else (layer.stack,)
+        want = ((*stack, *(layer.input_dim,) * 2), (*stack, *(layer.output_dim,) * 2))
         if (jnp.shape(q_a), jnp.shape(q_g)) != want:
             raise ValueError(
                 f"kronecker_factors: eigenbases[{name!r}] must have shapes {want} (Q_A, Q_G), "
@@ -367,7 +389,7 @@ def kronecker_factors(
     the Fisher (for sampled targets, or random signs, the cross terms vanish in expectation).
 
     ``eigenbases``, ``{layer name: (Q_A, Q_G)}`` with orthogonal ``(d_in, d_in)`` and ``(d_out, d_out)``
-    matrices (the eigenvectors of that layer's ``A`` and ``G``), adds EK-FAC's ``scales`` for those layers:
+    matrices (the eigenvectors of that layer's ``A`` and ``G``; ``(L, d, d)`` for a stacked layer), adds EK-FAC's ``scales`` for those layers:
     ``s = sum_i (w_i / W) (Q_A^T (d l_i / d W) Q_G)**2`` of shape ``(d_in, d_out)`` (see the module docs).
     Assumption: a layer's examples ``i`` are the entries of the leading axis of its input (``(N, ..., d_in)``
     for a dense layer, ``(N, *spatial, C_in)`` for a conv; a dense layer's vector input is one example),
@@ -386,5 +408,6 @@ def kronecker_factors(
         factors[layer.name] = _factors(calls)
         if layer.name in eigenbases:
             a, p = _per_example_rows(calls, layer.name)
-            scales[layer.name] = _eigenbasis_scales(a, p, *eigenbases[layer.name])
+            scales_of = _eigenbasis_scales if layer.stack is None else jax.vmap(_eigenbasis_scales)
+            scales[layer.name] = scales_of(a, p, *eigenbases[layer.name])
     return KroneckerStatistics(factors, dict(zip(layers.fallback, captured.fallback_grads)), scales)

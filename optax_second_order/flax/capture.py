@@ -1,9 +1,9 @@
 """Layer capture for unmodified Flax models: linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` (and their
 subclasses), NNX ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` (and theirs).
 
-Nothing is patched process-wide, and nothing happens outside a capture
-(:func:`~optax_second_order.curvature.capture.find_layers` once, then each statistics pass of K-FAC), which
-runs in its own :class:`contextvars.ContextVar` context, so two models traced in two threads stay apart.
+Nothing happens outside a capture (:func:`~optax_second_order.curvature.capture.find_layers` once, then each
+statistics pass of K-FAC), which runs in its own :class:`contextvars.ContextVar` context, so two models traced in two
+threads stay apart.
 
 * linen: :func:`find_layers` stores :func:`linen_capture` in the :class:`~optax_second_order.curvature.capture.Layers`
   it returns, and every capturing trace enters it: ``flax.linen.intercept_methods`` (Flax's own, thread-local
@@ -11,6 +11,14 @@ runs in its own :class:`contextvars.ContextVar` context, so two models traced in
   ``nn.Conv`` -- also when a subclass inherits it or calls it through ``super().__call__`` -- runs it unchanged
   and tags it with its input, output, ``kernel`` and ``bias`` (``module.get_variable("params", ...)``, the very
   arrays of the ``params`` given to ``apply``).
+* linen ``nn.scan``: Flax's lifted scan (``flax.core.axes_scan``) runs ``jax.lax.scan`` on the scanned variable
+  collections, the very leaves of ``params`` (``(L, ...)``), so a Dense inside sees a slice of them as its kernel.
+  For the duration of a capture, :func:`linen_capture` has that module's ``lax.scan`` be
+  :func:`~optax_second_order.curvature.capture.scan` (the one module attribute swapped, under a lock, and restored
+  when the last capture ends; ``jax.lax.scan`` itself is untouched, and in any thread not capturing the swapped
+  name is exactly ``jax.lax.scan``): the scanned Dense / Conv layers are then stacked layers, one per iteration.
+  This relies on Flax calling ``lax.scan`` through that module attribute (flax 0.8 to 0.12 do); where it does
+  not, the scanned layers fall back to the diagonal, as they did before.
 * NNX has no method interception, so capture is opt-in per model copy: :func:`tag_layers` marks the layers of
   the module that ``model_fn`` builds with ``nnx.merge`` (a copy of the model used once), by giving each
   ``nnx.Linear`` / ``nnx.LinearGeneral`` its own ``dot_general`` and each ``nnx.Conv`` its own
@@ -51,7 +59,10 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import threading
+
 from flax import nnx
+from flax.core import axes_scan
 
 from optax_second_order.curvature import capture as _capture
 from optax_second_order.curvature.capture import ConvConfig, Layers
@@ -136,9 +147,45 @@ def _linen_interceptor(next_fun, args, kwargs, context):
     return _tag_dense(module, y, x, kernel, bias)
 
 
-def linen_capture() -> contextlib.AbstractContextManager:
-    """Context in which calls of linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` are tagged."""
-    return nn.intercept_methods(_linen_interceptor)
+class _LaxWithCapturingScan:
+    """``jax.lax`` as Flax's lifted scan sees it during a capture: ``scan`` is the capture's own."""
+
+    scan = staticmethod(_capture.scan)
+
+    def __init__(self, lax):
+        self._lax = lax
+
+    def __getattr__(self, name):
+        return getattr(self._lax, name)
+
+
+_SWAP_LOCK = threading.Lock()
+_SWAP = {"captures": 0, "lax": None}  # captures running (any thread), and the lifted scan's own ``lax``
+
+
+@contextlib.contextmanager
+def _lifted_scan_captured():
+    """Flax's lifted scan runs :func:`~optax_second_order.curvature.capture.scan` while a capture is running."""
+    with _SWAP_LOCK:
+        if _SWAP["captures"] == 0 and hasattr(axes_scan, "lax"):
+            _SWAP["lax"] = axes_scan.lax
+            axes_scan.lax = _LaxWithCapturingScan(axes_scan.lax)
+        _SWAP["captures"] += 1
+    try:
+        yield
+    finally:
+        with _SWAP_LOCK:
+            _SWAP["captures"] -= 1
+            if _SWAP["captures"] == 0 and _SWAP["lax"] is not None:
+                axes_scan.lax, _SWAP["lax"] = _SWAP["lax"], None
+
+
+@contextlib.contextmanager
+def linen_capture():
+    """Context in which calls of linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` are tagged, also inside
+    ``nn.scan`` (module docstring)."""
+    with nn.intercept_methods(_linen_interceptor), _lifted_scan_captured():
+        yield
 
 
 # --- NNX: per-instance products on the copy model_fn merges ---------------------------------------

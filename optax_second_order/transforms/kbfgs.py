@@ -120,9 +120,10 @@ class KBFGSLayerState(NamedTuple):
 
 
 def kbfgs_layer_states(layers: kronecker.Layers, state: Any) -> list[KBFGSLayerState]:
-    """Each captured layer's state (in ``layers.layers`` order), gathered from the bank's stacks to the host, to
+    """Each captured layer's state (in ``layers.layers`` order, stacked layers left out), gathered from the bank's stacks to the host, to
     inspect. ``state``: a :class:`KBFGSState` or a state holding one (an alias's)."""
     state = inner_state(state, KBFGSState, "kbfgs_layer_states")
+    layers = layers.without_stacks()  # as scale_by_kbfgs: stacked (scanned) layers are on the diagonal fallback
     fields = ("factors", "inverse_factors", "curvature", "pairs")
     host = jax.tree.map(lambda x: x if isinstance(x, jax.core.Tracer) else np.asarray(x), [getattr(state, f) for f in fields])
     per_layer = [kronecker.layer_bank(layers).item_units(stacks, per="group") for stacks in host]
@@ -343,7 +344,8 @@ def scale_by_kbfgs(
 
     Args:
       layers: the capture found by :func:`optax_second_order.kronecker.find_layers` or
-        :func:`optax_second_order.flax.find_layers`, on the same parameters ``init`` and ``update`` get.
+        :func:`optax_second_order.flax.find_layers`, on the same parameters ``init`` and ``update`` get. Stacked
+        (scanned) layers are not K-BFGS layers yet: their parameters get the diagonal fallback.
       learning_rate: the learning rate the chain applies after this transformation (float or schedule): the
         pairs are formed at ``theta - learning_rate * D``.
       damping: ``lambda``: ``A + sqrt(lambda) I`` for ``H_a``, ``mu_2 = sqrt(lambda)`` in the double damping of
@@ -364,6 +366,7 @@ def scale_by_kbfgs(
     traced, on the current batch) and ``loss`` (bound to the batch's targets).
     """
     _validate(layers, learning_rate, damping, momentum, ema_decay, pair_decay, statistics_frequency, min_cosine)
+    layers = layers.without_stacks()  # scanned layers: the diagonal fallback (one K-BFGS layer per kernel leaf)
     m = static_int(NAME, "memory_size", memory_size, 100)
     bank = kronecker.layer_bank(layers, precondition_sharding)
 

@@ -26,6 +26,9 @@ the eigenbases (four products per step; EK-FAC likewise). The factors are expone
 ``decay_k = min(1 - 1/k, ema_decay)`` at the ``k``-th statistics update (the paper's section 5), refreshed every
 ``statistics_frequency`` steps from one extra forward/backward pass of ``model_fn`` with targets
 sampled from the model (``fisher="true"``, the default) or the data's targets (``"empirical"``).
+A stacked layer (``L`` layers under :func:`~optax_second_order.kronecker.scan` or linen's ``nn.scan``, a kernel
+leaf ``(L, d_in, d_out)``) is ``L`` layers with factors ``A_l, G_l`` of their own, ``L`` units of the factor bank
+(docs/optimizers/kfac.md, "Scanned and stacked layers"): the same steps as the network written layer by layer.
 Parameters no layer captured fall back to a diagonal Fisher ``d`` (EMA of the squared gradients of the
 same pass): ``v = grad / (d + lambda)``. With sampled targets the square of the batch's summed gradient is an
 unbiased estimate of the Fisher diagonal (the cross terms between examples vanish in expectation); with the
@@ -131,7 +134,8 @@ class KFACState(NamedTuple):
 
 
 class LayerState(NamedTuple):
-    """One captured layer's part of a :class:`KFACState` (from :func:`kfac_layer_states`)."""
+    """One captured layer's part of a :class:`KFACState` (from :func:`kfac_layer_states`); a stacked layer's entries
+    have a leading layer axis ``L`` (layer ``l``'s factors at index ``l``)."""
 
     name: str
     factors: tuple  # (A, G)
@@ -167,14 +171,14 @@ def kfac_layer_states(layers: kronecker.Layers, state: Any) -> list[LayerState]:
     host = lambda x: x if isinstance(x, jax.core.Tracer) else np.asarray(x)  # noqa: E731
     state = state._replace(**{f: jax.tree.map(host, getattr(state, f)) for f in fields})
     none = [None] * len(layers.layers)
-    first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731 (a layer is one unit)
     factors, preconditioners = bank.item_units(state.factors), bank.item_units(state.preconditioners)
     scales = bank.item_units(state.scales, per="group") if state.scales else none
     counts = bank.item_units(state.num_scales, per="group") if isinstance(state.num_scales, tuple) else none
-    return [
-        LayerState(l.name, first(f), first(p), None if s is None else s[0], None if c is None else c[0])
-        for l, f, p, s, c in zip(layers.layers, factors, preconditioners, scales, counts)
-    ]
+    states = []
+    for l, *parts in zip(layers.layers, factors, preconditioners, scales, counts):
+        own = (lambda x: x[0]) if l.stack is None else (lambda x: x)  # a layer is one unit; a stack, L of them
+        states.append(LayerState(l.name, *(None if x is None else jax.tree.map(own, x) for x in parts)))
+    return states
 
 
 # --- statistics: the factors' moving averages (section 5) ------------------------------------------
@@ -191,14 +195,15 @@ def _batch_statistics(config: _Config, params, model_fn, loss, key, precondition
 
 
 def _eigenbases(config: _Config, preconditioners) -> dict:
-    """``{layer: (Q_A, Q_G)}`` from the bank's stacks."""
+    """``{layer: (Q_A, Q_G)}`` from the bank's stacks (``(L, d, d)`` for a stacked layer)."""
     bases = {}
     for l, units in zip(config.layers.layers, config.bank.item_units(preconditioners)):
+        stack = () if l.stack is None else (l.stack,)
         if units is None:  # a layer with no weights (a zero dimension) is not in the bank
-            bases[l.name] = (jnp.eye(l.input_dim), jnp.eye(l.output_dim))
+            bases[l.name] = tuple(jnp.broadcast_to(jnp.eye(d), (*stack, d, d)) for d in (l.input_dim, l.output_dim))
         else:
             (_, q_a), (_, q_g) = units
-            bases[l.name] = (q_a[0], q_g[0])
+            bases[l.name] = (q_a, q_g) if stack else (q_a[0], q_g[0])
     return bases
 
 
