@@ -11,9 +11,12 @@ from optax_second_order.transforms import *  # noqa: F401,F403
 
 # Last, so that the aliases (e.g. ``oso.shampoo``) win over same-named transforms submodules.
 from optax_second_order.aliases import *  # noqa: F401,F403,E402
+from optax_second_order import driver  # noqa: E402
+from optax_second_order.driver import *  # noqa: F401,F403,E402
 from optax_second_order import flax  # noqa: E402
 
 __all__ = ["curvature", "transforms", "flax", *curvature.__all__, *transforms.__all__, *aliases.__all__]
-del aliases  # the aliases are exported by name; the module is not a namespace of its own
+__all__ += driver.__all__
+del aliases, driver  # exported by name; the modules are not namespaces of their own
 
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ import optax
 
 import optax_second_order as oso
 
-__all__ = ["FUNCTIONS", "METHODS", "run_method", "run_scipy", "test_functions", "logistic_regression", "main"]
+__all__ = ["FUNCTIONS", "RESIDUALS", "METHODS", "LEAST_SQUARES", "optimistix_solvers", "run_method", "run_optimistix", "run_scipy", "test_functions", "logistic_regression", "main"]
 
 GTOL = 1e-6
 
@@ -74,6 +74,34 @@ FUNCTIONS: dict[str, tuple[Callable, np.ndarray]] = {
 }
 """Name -> (function of a flat float64 vector, starting point)."""
 
+
+def rosenbrock_residuals(x):
+    """``r = (10 (x_{i+1} - x_i^2), 1 - x_i)_{i<n}``: :func:`rosenbrock` is ``||r||^2`` (MGH #1's residuals)."""
+    return jnp.concatenate([10.0 * (x[1:] - x[:-1] ** 2), 1.0 - x[:-1]])
+
+
+def helical_valley_residuals(x):
+    """MGH #7's residuals ``(10 (x3 - 10 theta), 10 (r - 1), x3)``: :func:`helical_valley` is ``||r||^2``."""
+    theta = jnp.arctan(x[1] / x[0]) / (2 * jnp.pi) + jnp.where(x[0] < 0, 0.5, 0.0)
+    return jnp.stack([10.0 * (x[2] - 10.0 * theta), 10.0 * (jnp.hypot(x[0], x[1]) - 1.0), x[2]])
+
+
+def wood_residuals(x):
+    """MGH #14's six residuals: :func:`wood` is ``||r||^2``."""
+    x1, x2, x3, x4 = x
+    return jnp.stack([10.0 * (x2 - x1**2), 1.0 - x1, jnp.sqrt(90.0) * (x4 - x3**2), 1.0 - x3,
+                      jnp.sqrt(10.0) * (x2 + x4 - 2.0), (x2 - x4) / jnp.sqrt(10.0)])
+
+
+RESIDUALS: dict[str, Callable] = {
+    "rosenbrock-2": rosenbrock_residuals,
+    "rosenbrock-10": rosenbrock_residuals,
+    "helical-valley": helical_valley_residuals,
+    "wood": wood_residuals,
+}
+"""Name -> the residuals ``r`` of :data:`FUNCTIONS`' function (``f = ||r||^2``), for the least-squares solvers, which
+minimize ``1/2 ||r||^2 = f / 2``: they stop at ``||grad (f / 2)|| <= GTOL / 2``, the same points."""
+
 def _more_thuente(strategy: str) -> optax.GradientTransformation:
     return oso.scale_by_more_thuente_linesearch(20, initial_guess_strategy=strategy)
 
@@ -95,38 +123,103 @@ line search for BFGS and L-BFGS (zoom; Moré-Thuente from 1 and from scipy BFGS'
 ``optax.lbfgs`` (memory 10, zoom)."""
 
 
+def optimistix_solvers() -> dict[str, tuple[Any, bool]]:
+    """optimistix's solvers beside scipy (Rader, Lyons & Kidger 2024), name -> (solver, on the residuals):
+    ``optx.BFGS`` (its defaults: a backtracking Armijo search) on ``f``, ``optx.LevenbergMarquardt`` and
+    ``optx.Dogleg`` on the residuals (:data:`RESIDUALS`); each stepped by :func:`run_optimistix`."""
+    import optimistix as optx
+
+    tol = dict(rtol=1e-8, atol=1e-8)  # unused: run_optimistix stops on the gradient norm
+    return {"optx.BFGS": (optx.BFGS(**tol), False), "optx.LevenbergMarquardt": (optx.LevenbergMarquardt(**tol), True),
+            "optx.Dogleg": (optx.Dogleg(**tol), True)}
+
+LEAST_SQUARES: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "oso.levenberg_marquardt": lambda: oso.levenberg_marquardt(solver="dense"),
+}
+"""This library's least-squares rows: ``oso.least_squares`` on the residuals with a dense solve (the problems have
+at most 10 parameters)."""
+
+
 # --- runs ---------------------------------------------------------------------------------------------------
 
 
+def _timed(solve: Callable, x0, repeats: int = 3) -> tuple[Any, float]:
+    """``solve(x0)`` compiled by a first call, then timed: the least seconds of ``repeats`` calls (to the result)."""
+    out, best = jax.block_until_ready(solve(x0)), float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(solve(x0))
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
 def run_method(tx: optax.GradientTransformation, fn: Callable, x0: np.ndarray, gtol: float = GTOL,
-               target: float | None = None, max_iterations: int = 2000) -> dict:
-    """Iterate ``tx`` from ``x0`` until ``||g||_2 < gtol`` (or ``fn <= target``); iterations and evaluations.
+               target: float | None = None, max_iterations: int = 2000, residuals: Callable | None = None) -> dict:
+    """Iterate ``tx`` from ``x0`` until ``||g||_2 <= gtol`` (or ``fn <= target``) with :func:`oso.minimize` (with
+    ``residuals``, :func:`oso.least_squares` on them, ``fn`` then unused): iterations, evaluations and seconds.
 
-    With a line search, ``value`` and ``grad`` come from its state (``optax.value_and_grad_from_state``) and an
-    iteration costs its ``num_linesearch_steps``; without one (a fixed learning rate), one evaluation.
+    The counts are the driver's (``num_evals``: 1 + the line searches' ``num_linesearch_steps``, or one per
+    iteration that moved without a line search); on ``residuals``, plus one evaluation of ``r`` per iteration at the
+    trial point (Levenberg-Marquardt's reduction ratio, outside the driver's count). ``seconds``: the compiled solve
+    (:func:`_timed`).
     """
-    x = jnp.asarray(x0, jnp.float64)
-    state = tx.init(x)
-    searches = optax.tree.get(state, "num_linesearch_steps") is not None
-    value_and_grad = optax.value_and_grad_from_state(fn) if searches else (lambda x, state: jax.value_and_grad(fn)(x))
+    limits = dict(gtol=0.0 if target is not None else gtol, target_value=target, max_iters=max_iterations)
+    if residuals is None:
+        solve = jax.jit(lambda x: oso.minimize(fn, tx, x, **limits))
+    else:
+        solve = jax.jit(lambda x: oso.least_squares(residuals, tx, x, **limits))
+    result, seconds = _timed(solve, jnp.asarray(x0, jnp.float64))
+    evaluations = int(result.num_evals) + (0 if residuals is None else int(result.num_iters))
+    return dict(iterations=int(result.num_iters), evaluations=evaluations, value=float(result.value),
+                grad_norm=float(result.grad_norm), converged=bool(result.success), seconds=seconds)
 
-    @jax.jit
-    def step(x, state):
-        value, grad = value_and_grad(x, state=state)
-        updates, state = tx.update(grad, state, x, value=value, grad=grad, value_fn=fn)
-        searched = optax.tree.get(state, "num_linesearch_steps") if searches else 1
-        return optax.apply_updates(x, updates), state, value, jnp.linalg.norm(grad), searched
 
-    evaluations, start = 1, time.perf_counter()
-    for iteration in range(max_iterations + 1):
-        new_x, new_state, value, grad_norm, searched = step(x, state)
-        done = grad_norm < gtol if target is None else value <= target
-        if done or iteration == max_iterations or not np.isfinite(float(value)):
-            break
-        x, state = new_x, new_state
-        evaluations += int(searched)
-    return dict(iterations=iteration, evaluations=evaluations, value=float(value), grad_norm=float(grad_norm),
-                converged=bool(done), seconds=time.perf_counter() - start)
+def run_optimistix(solver, fn: Callable, x0: np.ndarray, gtol: float = GTOL, target: float | None = None,
+                   max_steps: int = 5000) -> dict:
+    """An optimistix solver stepped with its own ``init`` / ``step`` on one ``jax.lax.while_loop`` until the gradient
+    at its last accepted point is ``<= gtol`` (or its value ``<= target``): the stopping rule of the other rows
+    (``optx.minimise`` stops on its Cauchy test of ``rtol`` / ``atol`` on the changes of ``y`` and ``f`` instead).
+
+    ``fn`` is ``x -> f`` for a minimiser, ``x -> r`` for a least-squares solver (``f = 1/2 ||r||^2``). Every
+    optimistix step evaluates ``fn`` once (with its linearization) at a trial point, line-search trials included:
+    ``evaluations`` is the number of steps, ``iterations`` the accepted steps after the first (which accepts ``x0``).
+    """
+    import equinox as eqx
+    import optimistix as optx
+
+    x0 = jnp.asarray(x0, jnp.float64)
+    f = lambda y, args: (fn(y), None)  # noqa: E731  (optx.minimise's wrapping: the value and no aux)
+    least_squares = isinstance(solver, optx.AbstractLeastSquaresSolver)
+
+    def solve(y0):
+        out, aux = jax.eval_shape(lambda y: f(y, None), y0)
+        # the state holds non-arrays (a linear operator's jaxpr): the loop carries its arrays, as optx.minimise does
+        dynamic, static = eqx.partition(solver.init(f, y0, None, {}, out, aux, frozenset()), eqx.is_array)
+
+        def info(state):
+            grad = state.f_info.compute_grad() if least_squares else state.f_info.grad
+            return state.f_info.as_min(), jnp.linalg.norm(grad)
+
+        def running(carry):
+            _, dynamic, steps = carry
+            state = eqx.combine(dynamic, static)
+            value, grad_norm = info(state)
+            done = (grad_norm <= gtol) if target is None else (value <= target)
+            return (state.first_step | ~done) & (steps < max_steps)
+
+        def step(carry):
+            y, dynamic, steps = carry
+            y, state, _ = solver.step(f, y, None, {}, eqx.combine(dynamic, static), frozenset())
+            return y, eqx.filter(state, eqx.is_array), steps + 1
+
+        _, dynamic, steps = jax.lax.while_loop(running, step, (y0, dynamic, jnp.asarray(0)))
+        state = eqx.combine(dynamic, static)
+        return (steps, state.num_accepted_steps - 1, *info(state))
+
+    (steps, accepted, value, grad_norm), seconds = _timed(jax.jit(solve), x0)
+    converged = grad_norm <= gtol if target is None else value <= target
+    return dict(iterations=int(accepted), evaluations=int(steps), value=float(value), grad_norm=float(grad_norm),
+                converged=bool(converged), seconds=seconds)
 
 
 def run_scipy(method: str, fn: Callable, x0: np.ndarray, gtol: float = GTOL, target: float | None = None) -> dict:
@@ -147,6 +240,7 @@ def run_scipy(method: str, fn: Callable, x0: np.ndarray, gtol: float = GTOL, tar
         reached_iterations.append(1)
 
     reached_iterations: list = []
+    jax.block_until_ready(value_and_grad(jnp.asarray(x0, jnp.float64)))  # compiled before the clock starts
     options = dict(gtol=gtol, norm=2) if method == "BFGS" else dict(gtol=gtol, ftol=0.0, maxiter=10_000)
     start = time.perf_counter()
     result = minimize(fun, np.asarray(x0, np.float64), jac=True, method=method, options=options, callback=callback)
@@ -160,19 +254,35 @@ def run_scipy(method: str, fn: Callable, x0: np.ndarray, gtol: float = GTOL, tar
     return out
 
 
-def test_functions(methods: dict | None = None, functions: dict | None = None) -> dict:
-    """Every method on every test function (:data:`FUNCTIONS`): ``{function: {method: record}}``."""
+def test_functions(methods: dict | None = None, functions: dict | None = None, least_squares: dict | None = None,
+                   optimistix: bool = True) -> dict:
+    """Every method on every test function (:data:`FUNCTIONS`), the least-squares ones (:data:`LEAST_SQUARES`) and
+    optimistix's (:func:`optimistix_solvers`) on its residuals (:data:`RESIDUALS`): ``{function: {method: record}}``.
+    """
     methods = METHODS if methods is None else methods
     functions = FUNCTIONS if functions is None else functions
+    least_squares = LEAST_SQUARES if least_squares is None else least_squares
+    peers = optimistix_solvers() if optimistix else {}
     results = {}
     with jax.enable_x64(True):
         for name, (fn, x0) in functions.items():
             rows = {"scipy BFGS": run_scipy("BFGS", fn, x0), "scipy L-BFGS-B": run_scipy("L-BFGS-B", fn, x0)}
             for method, make in methods.items():
                 rows[method] = run_method(make(), fn, x0)
-                _progress(name, method, rows[method])
+            for method, make in least_squares.items():
+                rows[method] = _on_f(run_method(make(), fn, x0, gtol=GTOL / 2, residuals=RESIDUALS[name]))
+            for method, (solver, on_residuals) in peers.items():
+                rows[method] = (_on_f(run_optimistix(solver, RESIDUALS[name], x0, gtol=GTOL / 2)) if on_residuals
+                                else run_optimistix(solver, fn, x0))
+            for method, row in rows.items():
+                _progress(name, method, row)
             results[name] = rows
     return results
+
+
+def _on_f(record: dict) -> dict:
+    """A least-squares record (of ``1/2 ||r||^2``) in terms of ``f = ||r||^2``: value and gradient norm doubled."""
+    return {**record, "value": 2.0 * record["value"], "grad_norm": 2.0 * record["grad_norm"]}
 
 
 def _digits_logistic(l2: float):
@@ -191,7 +301,8 @@ def _digits_logistic(l2: float):
     return fn, np.zeros(650)
 
 
-def logistic_regression(methods: dict | None = None, l2: float = 1e-3, tolerance: float = 1e-8) -> dict:
+def logistic_regression(methods: dict | None = None, l2: float = 1e-3, tolerance: float = 1e-8,
+                        optimistix: bool = True) -> dict:
     """Full-batch L2-regularized softmax regression on digits: evaluations to scipy L-BFGS-B's final loss + tol."""
     methods = METHODS if methods is None else {k: v for k, v in methods.items()}
     with jax.enable_x64(True):
@@ -206,6 +317,8 @@ def logistic_regression(methods: dict | None = None, l2: float = 1e-3, tolerance
                 continue  # DFP does not reach the target in the budget (see the Rosenbrock rows)
             rows[method] = run_method(make(), fn, x0, target=target, max_iterations=1000)
             _progress("digits logistic regression", method, rows[method])
+        if optimistix:
+            rows["optx.BFGS"] = run_optimistix(optimistix_solvers()["optx.BFGS"][0], fn, x0, target=target)
     return {"target": target, "rows": rows}
 
 
@@ -216,17 +329,19 @@ def _progress(problem: str, method: str, record: dict) -> None:
 def markdown(functions: dict, logistic: dict | None) -> str:
     lines = ["# Quasi-Newton: iterations / value-and-gradient evaluations", ""]
     for name, rows in functions.items():
-        lines += [f"## {name} (to ||g|| < {GTOL:g})", "", "| method | iterations | evaluations | final ||g|| | converged |",
-                  "|---|---:|---:|---:|:-:|"]
+        lines += [f"## {name} (to ||g|| <= {GTOL:g})", "",
+                  "| method | iterations | evaluations | ms | final f | final ||g|| | converged |",
+                  "|---|---:|---:|---:|---:|---:|:-:|"]
         for method, r in rows.items():
-            lines.append(f"| {method} | {r['iterations']} | {r['evaluations']} | {r['grad_norm']:.1e} | "
-                         f"{'yes' if r['converged'] else 'no'} |")
+            lines.append(f"| {method} | {r['iterations']} | {r['evaluations']} | {1e3 * r['seconds']:.1f} | "
+                         f"{r['value']:.3g} | {r['grad_norm']:.1e} | {'yes' if r['converged'] else 'no'} |")
         lines.append("")
     if logistic is not None:
         lines += [f"## digits logistic regression (to loss <= {logistic['target']:.10f})", "",
-                  "| method | iterations | evaluations | loss | reached |", "|---|---:|---:|---:|:-:|"]
+                  "| method | iterations | evaluations | ms | loss | reached |", "|---|---:|---:|---:|---:|:-:|"]
         for method, r in logistic["rows"].items():
-            lines.append(f"| {method} | {r['iterations']} | {r['evaluations']} | {r['value']:.10f} | "
+            lines.append(f"| {method} | {r['iterations']} | {r['evaluations']} | {1e3 * r['seconds']:.1f} | "
+                         f"{r['value']:.10f} | "
                          f"{'yes' if r['converged'] else 'no'} |")
         lines.append("")
     return "\n".join(lines)

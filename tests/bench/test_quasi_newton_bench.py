@@ -47,3 +47,32 @@ def test_target_mode_counts_evaluations_to_the_first_iterate_below_it():
         assert ours["converged"] and (ours["iterations"], ours["evaluations"]) == (0, 1)  # the start is below 1e3
         logistic, z0 = quasi_newton._digits_logistic(1e-3)
         np.testing.assert_allclose(float(logistic(z0)), np.log(10.0), rtol=1e-12)  # uniform over 10 classes
+
+
+def test_residuals_square_to_the_test_functions():
+    with jax.enable_x64(True):
+        for name, (fn, x0) in quasi_newton.FUNCTIONS.items():
+            x = np.asarray(x0) + 0.3
+            r = quasi_newton.RESIDUALS[name](x)
+            np.testing.assert_allclose(float(np.sum(np.square(r))), float(fn(x)), rtol=1e-12)
+
+
+def test_optimistix_rows_count_every_evaluation_and_stop_at_the_tolerance():
+    """The evaluations of an optimistix row are the calls of the function, counted by a host callback."""
+    import optimistix as optx
+
+    with jax.enable_x64(True):
+        fn, x0 = quasi_newton.FUNCTIONS["rosenbrock-2"]
+        calls = []
+
+        def counted(x):
+            jax.debug.callback(lambda: calls.append(1))
+            return fn(x)
+
+        row = quasi_newton.run_optimistix(optx.BFGS(rtol=1e-8, atol=1e-8), counted, x0)
+        assert row["converged"] and row["grad_norm"] <= 1e-6 and row["evaluations"] > row["iterations"] > 10
+        assert len(calls) == 4 * row["evaluations"]  # one evaluation per step, in each of the 4 runs (_timed)
+        residuals = quasi_newton.RESIDUALS["rosenbrock-2"]
+        lm = quasi_newton.run_optimistix(optx.LevenbergMarquardt(rtol=1e-8, atol=1e-8), residuals, x0, gtol=5e-7)
+        ours = quasi_newton.run_method(oso.levenberg_marquardt(solver="dense"), fn, x0, gtol=5e-7, residuals=residuals)
+        assert lm["converged"] and ours["converged"] and abs(ours["value"]) < 1e-12 and abs(lm["value"]) < 1e-12
