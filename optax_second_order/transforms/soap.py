@@ -54,6 +54,10 @@ rather than ``eigh``'s rounding; and in the eigenbases Adam's ``eps`` has ``100 
 Storage (``docs/memory.md``): ``state_dtype`` stores the factors, bases and moments in another dtype (bfloat16),
 computing in float32; ``quantize`` stores the bases block-wise in 4 or 8 bits
 (:mod:`~optax_second_order.curvature.quantize`, the quantizer of 4-bit Shampoo), used after ``rectify`` Björck steps.
+The paper's own two (Vyas et al. 2024, sec. 7; not in the official code): ``one_sided`` keeps the factor and basis of a
+2-D block's smaller side only (``Q = I`` on the larger: :func:`_rotated_modes`), and ``factorized_second_moment`` keeps
+``v`` of each 2-D block in the eigenbasis as Adafactor's row and column accumulators, ``v = r c^T / (1^T r)``
+(:func:`_factored_estimate`), a refresh's re-sort permuting the accumulator of its mode.
 
 Defaults are the official code's (github.com/nikhilvyas/SOAP, ``soap.py``): ``lr = 3e-3``, ``betas =
 (0.95, 0.95)``, ``shampoo_beta = -1`` meaning ``b2``, ``eps = 1e-8``, ``weight_decay = 0.01`` (in the
