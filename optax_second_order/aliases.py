@@ -249,6 +249,8 @@ def soap(
     layer_axes: Any = None,
     state_dtype: Any = None,
     quantize: Any = None,
+    one_sided: bool | int = False,
+    factorized_second_moment: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
 
@@ -275,6 +277,8 @@ def soap(
             layer_axes=layer_axes,
             state_dtype=state_dtype,
             quantize=quantize,
+            one_sided=one_sided,
+            factorized_second_moment=factorized_second_moment,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),

@@ -118,7 +118,8 @@ OPTIMIZERS["soap"] = OptimizerSpec(
 # eigenvalues and a 4-bit eigenbasis, roots 4-bit with a float32 diagonal) with the statistics every 10 steps (each
 # costs an eigh per factor; the paper gathers them every 100), bfloat16 momentum and small factors; SOAP with 4-bit
 # bases (used as dequantized: Björck's rectification on every step cost more than it changed the loss) and bfloat16
-# factors and moments.
+# factors and moments. SOAP's one_sided / factorized_second_moment (the paper's sec. 7) are smaller and faster but
+# missed issue 22's 1% loss bound on digits-autoencoder (+1.4% / +3.4%; docs/memory.md), so they are not used here.
 OPTIMIZERS["shampoo-lowmem"] = OptimizerSpec(
     make=lambda learning_rate, task: oso.shampoo(learning_rate, precondition_frequency=10, block_size=128, stagger=True,
                                                  statistics_frequency=10, quantize=4, state_dtype="bfloat16"),
