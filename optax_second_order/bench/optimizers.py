@@ -158,6 +158,12 @@ OPTIMIZERS["kfac"] = OptimizerSpec(
     description="K-FAC (true Fisher, factored Tikhonov damping 0.1, KL clip 1e-2, momentum 0.9), factors and inverses "
     "every 10 steps (amortized like the K-FAC PyTorch implementation's covariance period), Martens & Grosse 2015",
 )
+OPTIMIZERS["kfac-lowmem"] = OptimizerSpec(
+    make=lambda learning_rate, task: _kfac(learning_rate, task, statistics_frequency=10, seed=task.seed,
+                                           state_dtype="bfloat16", **_KFAC),
+    learning_rates=(0.3, 0.1, 0.03),
+    description="K-FAC as 'kfac' with its factors and inverses stored in bfloat16 between steps (issue 22)",
+)
 OPTIMIZERS["kfac-s1"] = OptimizerSpec(
     make=lambda learning_rate, task: _kfac(learning_rate, task, seed=task.seed, **_KFAC),
     learning_rates=(0.3, 0.1, 0.03),

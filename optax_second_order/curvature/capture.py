@@ -186,22 +186,6 @@ class Layers:
     def __str__(self) -> str:
         return self.summary()
 
-    def without_stacks(self) -> "Layers":
-        """These layers with the stacked layers' parameters moved to the fallback, for a method that keeps no
-        per-layer state for a stack (K-BFGS)."""
-        stacked = [l for l in self.layers if l.stack is not None]
-        if not stacked:
-            return self
-        paths = dict(zip(self.fallback_indices, self.fallback))
-        for l in stacked:
-            paths[l.kernel_index] = l.kernel
-            if l.bias_index is not None:
-                paths[l.bias_index] = l.bias
-        fallback = sorted(paths)
-        kept = tuple(l for l in self.layers if l.stack is None)
-        return dataclasses.replace(self, layers=kept, fallback=tuple(paths[i] for i in fallback),
-                                   fallback_indices=tuple(fallback))
-
     def check_params(self, params: PyTree, where: str) -> list[Any]:
         """The leaves of ``params``, or a ``ValueError`` if they are not the parameters the layers were found on."""
         leaves = jax.tree.leaves(params)
