@@ -62,11 +62,15 @@ def _batch(seed):
     return jax.random.normal(kx, (N, D_IN)), jax.random.randint(ky, (N,), 0, D_OUT)
 
 
-def _run(model, params, steps, find_layers=kronecker.find_layers, **options):
-    """``steps`` K-FAC steps (the alias, with momentum); the updates of each step and the final state."""
+def _run(model, params, steps, find_layers=kronecker.find_layers, optimizer=None, **options):
+    """``steps`` steps of ``optimizer(layers)`` (default: the K-FAC alias with ``options``, with momentum); the
+    layers, the updates of each step and the final state."""
     x, _ = _batch(0)
     layers = find_layers(lambda p: model(p, x), params)
-    tx = oso.kfac(0.1, layers, statistics_frequency=1, precondition_frequency=2, **options)
+    if optimizer is None:
+        tx = oso.kfac(0.1, layers, statistics_frequency=1, precondition_frequency=2, **options)
+    else:
+        tx = optimizer(layers)
 
     @jax.jit
     def step(params, state, x, y):
@@ -182,21 +186,8 @@ def test_kbfgs_on_scanned_layers_steps_as_the_unrolled_network(limited):
     """K-BFGS and K-BFGS(L), 4 steps, float64 rtol 1e-10: a stacked layer's A, H_a, H_g and pairs per layer are those
     of the unrolled layers (L units of the factor bank)."""
     def run(model, params):
-        x, _ = _batch(0)
-        layers = kronecker.find_layers(lambda p: model(p, x), params)
-        tx = oso.kbfgs(0.1, layers, limited_memory=limited, memory_size=3)
-
-        @jax.jit
-        def step(params, state, x, y):
-            loss = oso.losses.softmax_cross_entropy(y)
-            grads = jax.grad(lambda p: loss(model(p, x)))(params)
-            updates, state = tx.update(grads, state, params, model_fn=lambda p: model(p, x), loss=loss)
-            return jax.tree.map(lambda p, u: p + u, params, updates), state, updates
-
-        state, history = tx.init(params), []
-        for seed in range(4):
-            params, state, updates = step(params, state, *_batch(seed))
-            history.append(updates)
+        kbfgs = lambda layers: oso.kbfgs(0.1, layers, limited_memory=limited, memory_size=3)  # noqa: E731
+        layers, history, state = _run(model, params, 4, optimizer=kbfgs)
         return oso.kbfgs_layer_states(layers, state), history
 
     unrolled = _unrolled_params()
