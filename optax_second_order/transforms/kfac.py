@@ -445,8 +445,13 @@ def _quadratic_model_step(direction, previous, grads, params, damping, model_fn,
     ``alpha = -g.Delta / Delta^T C Delta`` without momentum, on the first step (``delta_0 = 0``) or when it is
     singular, and to ``alpha = mu = 0`` when ``Delta = 0``. Returns ``delta`` and ``(alpha, mu)``.
     """
+    # two jvps (XLA shares their forward pass): one jax.linearize with both tangents vmapped measured 10% slower on
+    # stdlib-charlm (bench ab, process clock: kfac-auto 2.43x against 2.21x Adam's mean step)
     outputs, j_direction = jax.jvp(model_fn, (params,), (_like(direction, params),))
-    _, j_previous = jax.jvp(model_fn, (params,), (_like(previous, params),))
+    if with_momentum:
+        _, j_previous = jax.jvp(model_fn, (params,), (_like(previous, params),))
+    else:  # delta_0 = 0: J delta_0 = 0
+        j_previous = jnp.zeros_like(j_direction)
 
     def form(u, ju, w, jw):
         # a sum of products over the (possibly batch-split) outputs: gnvp_quadratic_form says why not vdot
