@@ -295,7 +295,10 @@ def scale_by_diagonal_curvature(
 
     def init_fn(params):
         def full(p, shape, value):
-            return jnp.full(shape, value, stat_dtype(jnp.result_type(p)))
+            dtype = stat_dtype(jnp.result_type(p))
+            if shape == jnp.shape(p):  # laid out like the parameter (split with it on a mesh), as optax's moments
+                return jnp.full_like(p, value, dtype)
+            return jnp.full(shape, value, dtype)
 
         return DiagonalCurvatureState(
             count=jnp.zeros([], jnp.int32),
