@@ -200,7 +200,7 @@ def test_linen_layer_norm_rows_match_the_tagged_model():
             return nn.Dense(C, use_bias=False)(jnp.tanh(h).mean(-2))
 
     net = Net()
-    params = net.init(jax.random.key(4), IDS)["params"]
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), net.init(jax.random.key(4), IDS)["params"])
 
     def tagged(p):
         h = kronecker.embed(IDS, p["Embed_0"]["embedding"])
