@@ -213,3 +213,48 @@ def test_linen_layer_norm_rows_match_the_tagged_model():
     got = kronecker.kronecker_factors(model_fn, params, layers, EMPIRICAL)
     want = kronecker.kronecker_factors(tagged, params, layers, EMPIRICAL)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12), got, want)
+
+
+def test_scanned_scale_and_shift_steps_as_the_unrolled_network():
+    """LayerNorm-like scale-and-shift in a stack run by ``oso.kronecker.scan``: per-layer diagonals, the same steps
+    as the network written layer by layer."""
+    depth = 3
+    keys = jax.random.split(jax.random.key(5), 2)
+    x = jax.random.normal(keys[0], (N, T, D))
+    unrolled = {"head": jax.random.normal(keys[1], (D, C)) / 2}
+    for l in range(depth):
+        unrolled[f"norm{l}"] = {"scale": 1 + 0.1 * l + 0.05 * jnp.arange(D), "shift": 0.1 * l * jnp.ones(D)}
+
+    def block(h, p):
+        return jnp.tanh(kronecker.scale_and_shift(_normalized(h), p["scale"], p["shift"])) + h, None
+
+    def unrolled_model(p):
+        h = x
+        for l in range(depth):
+            h, _ = block(h, p[f"norm{l}"])
+        return kronecker.dense(h.mean(-2), p["head"])
+
+    def scanned_model(p):
+        return kronecker.dense(kronecker.scan(block, x, p["norms"])[0].mean(-2), p["head"])
+
+    stacked = {"head": unrolled["head"],
+               "norms": jax.tree.map(lambda *xs: jnp.stack(xs), *[unrolled[f"norm{l}"] for l in range(depth)])}
+    layers = kronecker.find_layers(scanned_model, stacked)
+    assert [(b.kind, b.stack) for b in layers.blocks] == [("scale_and_shift", depth)] and not layers.fallback
+
+    def run(model_fn, params):
+        tx = oso.scale_by_kfac(kronecker.find_layers(model_fn, params), damping=1e-2, kl_clip=None,
+                               fisher="empirical", statistics_frequency=1)
+        state, out = tx.init(params), []
+        for _ in range(3):
+            grads = jax.grad(lambda p: LOSS(model_fn(p)))(params)
+            v, state = tx.update(grads, state, params, model_fn=model_fn, loss=LOSS)
+            params = jax.tree.map(lambda p, u: p - 0.1 * u, params, v)
+            out.append(v)
+        return out
+
+    for got, want in zip(run(scanned_model, stacked), run(unrolled_model, unrolled)):
+        for l in range(depth):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a[l], b, rtol=1e-10, atol=1e-13),
+                         got["norms"], want[f"norm{l}"])
+        np.testing.assert_allclose(got["head"], want["head"], rtol=1e-10, atol=1e-13)
