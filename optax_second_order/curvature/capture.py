@@ -2,11 +2,12 @@
 
 Methods that keep curvature per layer (K-FAC, EK-FAC, K-BFGS) need, for every dense or convolutional layer
 ``s = W^T a`` of ``model_fn(params)``, the layer's input ``a`` and the gradient of the loss with respect to its
-output ``s``. This module finds them without JAX internals:
+output ``s``; K-FAC also has blocks for embeddings (:func:`embed`) and scale-and-shift layers
+(:func:`scale_and_shift`), kept apart in :attr:`Layers.blocks`. This module finds them without JAX internals:
 
-* A forward function marks a layer by calling :func:`dense` / :func:`conv` (or :func:`tag_layer` on a layer it
-  computed itself); :mod:`optax_second_order.flax` marks unmodified Flax layers. Outside a capture a tag does
-  nothing but return the layer's output.
+* A forward function marks a layer by calling :func:`dense` / :func:`conv` / :func:`embed` /
+  :func:`scale_and_shift` (or :func:`tag_layer` on a layer it computed itself); :mod:`optax_second_order.flax`
+  marks unmodified Flax layers. Outside a capture a tag does nothing but return the layer's output.
 * A capture (:func:`find_layers` once, then :func:`trace_calls` inside each statistics pass) sets a recorder in a
   :class:`contextvars.ContextVar` for the duration of one trace of ``model_fn``, so two models traced at the same
   time in two threads (each thread has its own context) never see each other's layers. While it is set, a tag

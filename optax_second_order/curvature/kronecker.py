@@ -50,7 +50,9 @@ Layers are found by :mod:`~optax_second_order.curvature.capture` (tags, or Flax 
 output-gradient rows ``p`` from one forward and backward pass, and :func:`kronecker_factors` builds the factors
 from them. A stacked layer (``L`` layers run by :func:`~optax_second_order.curvature.capture.scan`, ``layer.stack``)
 is ``L`` independent layers: its rows, kernel matrices, factors and scales carry a leading layer axis ``L``, and
-layer ``l``'s come from layer ``l``'s inputs and output gradients alone.
+layer ``l``'s come from layer ``l``'s inputs and output gradients alone. The same pass gives the statistics of
+K-FAC's embedding and scale-and-shift blocks (``layers.blocks``; :func:`block_statistics`,
+:mod:`~optax_second_order.curvature.blocks`).
 
 References: Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
 curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
