@@ -785,8 +785,8 @@ def scale_by_kfac(
         factors, diagonal, scales, num_statistics, num_scales, nonfinite, block_factors = jax.lax.cond(
             is_refresh_step(state.count, statistics_frequency),
             lambda: statistics(state, params, model_fn, loss, stats_key),
-            lambda: (state.factors, state.diagonal, state.scales, state.num_statistics, state.num_scales, state.nonfinite,
-                     state.block_factors),
+            lambda: (state.factors, state.diagonal, state.scales, state.num_statistics, state.num_scales,
+                     state.nonfinite, state.block_factors),
         )
         block_preconditioners, nonfinite = jax.lax.cond(
             is_refresh_step(state.count, precondition_frequency),
