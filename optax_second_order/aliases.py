@@ -249,6 +249,8 @@ def soap(
     layer_axes: Any = None,
     state_dtype: Any = None,
     quantize: Any = None,
+    one_sided: bool | int = False,
+    factorized_second_moment: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's factors, decoupled weight decay.
 
@@ -275,6 +277,8 @@ def soap(
             layer_axes=layer_axes,
             state_dtype=state_dtype,
             quantize=quantize,
+            one_sided=one_sided,
+            factorized_second_moment=factorized_second_moment,
         ),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
@@ -317,8 +321,9 @@ def kfac(
     ``approximation="eigenvalue_corrected"`` gives EK-FAC. With ``adaptive_learning_rate`` (and ``kl_clip=None``)
     the step size comes from the quadratic model and ``learning_rate`` multiplies it (use 1.0); with
     ``adaptive_momentum`` the momentum does too, and ``momentum`` is not used (Martens & Grosse 2015, section 7:
-    the configuration K-FAC-JAX enables by default, together with ``adaptive_damping``). See
-    :func:`~optax_second_order.scale_by_kfac` for the other arguments.
+    the configuration K-FAC-JAX enables by default, together with ``adaptive_damping``). ``state_dtype`` stores the
+    momentum in that dtype too (as :func:`shampoo`'s). See :func:`~optax_second_order.scale_by_kfac` for the other
+    arguments.
     """
     _check_alias("kfac", learning_rate, weight_decay, momentum)
     return optax.chain(
@@ -344,7 +349,7 @@ def kfac(
             stagger=stagger,
             state_dtype=state_dtype,
         ),
-        *([] if adaptive_momentum else [optax.trace(momentum)]),
+        *([] if adaptive_momentum else [_momentum(momentum, False, state_dtype)]),
         optax.add_decayed_weights(weight_decay),
         optax.scale_by_learning_rate(learning_rate),
     )

@@ -12,7 +12,9 @@ below the paper's 4096 entries, so these quantizers take every matrix (``min_siz
 a block and, at 4 bits, a nibble). Shampoo's case cuts the kernel into its 4 modes (``block_size=4``): merged to
 18 x 4, its 18 x 18 statistic has a 14-dimensional null space after a step, where eigh may return any basis, and
 programs compiled apart (the ``inject_hyperparams`` check) then quantize different bases to different codes (the
-quantizer is discontinuous); docs/memory.md says so.
+quantizer is discontinuous); docs/memory.md says so. SOAP's memory variants (issue 22, the paper's sec. 7) have one
+case, staggered: the 4 x 3 matrix keeps the factor and basis of its 3-wide side only and Adafactor's row and column
+accumulators (3 + 4 numbers) for its second moment; the rank-4 kernel keeps SOAP's two-sided layout.
 """
 
 from __future__ import annotations
@@ -52,5 +54,15 @@ CASES = [
         inject="b1", static_args=("precondition_frequency",),
         # as shampoo-q4, a neighbouring 8-bit code of a basis (2.2e-5 against updates of 1.6e-2 at step 1)
         inject_rtol=1e-2,
+    ),
+    ContractCase(
+        "soap-1s-fac", oso.soap,
+        dict(precondition_frequency=2, stagger=True, one_sided=True, factorized_second_moment=True),
+        inject="b1", static_args=("precondition_frequency",),
+        # the injected alias differs from the plain one by more than SOAP's 1e-3 (measured at step 1 on the dense
+        # leaf: 2.4e-4 one-sided alone, 1.4e-2 factorized alone, 1.9e-3 both). Not pinned down (open, docs/memory.md);
+        # a guess: Adafactor's rank-1 v mixes the rounding-level coordinates of the factors' null space (a softmax
+        # layer's gradient has one) with the others. The float64 loop of tests/transforms/test_soap.py agrees to 1e-10
+        inject_rtol=2e-2,
     ),
 ]

@@ -15,6 +15,9 @@ measured on, an optional held-out set for accuracy, a default step budget and a 
 * ``stdlib-charlm``: a 2-layer pre-LayerNorm causal transformer (width 128, 4 heads, context 64) predicting
   the next byte of a fixed, sorted list of standard-library modules read from the running interpreter;
   minibatch 32 windows; loss on 64 fixed windows from the held-out last 10% of the corpus.
+* ``stdlib-charlm-scan``: the same transformer with its blocks under linen's ``nn.scan`` (parameters stacked on a
+  leading layer axis, ``Task.layer_axes`` for Shampoo and SOAP; K-FAC's capture sees the scan): the same steps as
+  ``stdlib-charlm`` up to the initialization of the stacked blocks (``split_rngs``) and rounding.
 * ``rosenbrock-2``, ``rosenbrock-10``: the Rosenbrock function in float64 from the classic start
   (-1.2, 1, -1.2, 1, ...), written as squared residuals so Gauss-Newton-type methods apply (see
   :func:`rosenbrock`).
@@ -74,6 +77,8 @@ class Task:
       x64: run in float64 (``jax.enable_x64``).
       seed: the run's seed: the runner hands each run's optimizer factory a copy of the task with it set, for the
         optimizers that take a seed (PRNG keys for probes and sampled targets).
+      layer_axes: where the parameters stack scanned layers (``layer_axes=`` of Shampoo and SOAP; K-FAC's capture
+        finds them itself), or ``None``.
     """
 
     name: str
@@ -89,6 +94,7 @@ class Task:
     heldout: Batch | None = None
     x64: bool = False
     seed: int = 0
+    layer_axes: Any = None  # the stacked (scanned) layers' axes, for ``layer_axes=`` of Shampoo and SOAP
 
     def batch_loss(self, params: PyTree, batch: Batch) -> jax.Array:
         """The loss of ``params`` on ``batch = (inputs, targets)``."""
@@ -153,22 +159,47 @@ class Block(nn.Module):
         return x + nn.Dense(width)(nn.gelu(nn.Dense(4 * width)(nn.LayerNorm()(x))))
 
 
+class ScanBlock(nn.Module):
+    """:class:`Block` as the body of ``nn.scan``: ``(x, _) -> (Block(x), None)``."""
+
+    heads: int
+
+    @nn.compact
+    def __call__(self, x, _):
+        return Block(self.heads)(x), None
+
+
 class CharTransformer(nn.Module):
-    """Byte-level causal transformer: token + learned position embeddings, blocks, LayerNorm, linear head."""
+    """Byte-level causal transformer: token + learned position embeddings, blocks, LayerNorm, linear head. With
+    ``scan`` the blocks run under ``nn.scan`` (their parameters stacked on a leading layer axis under ``"blocks"``),
+    as models written for scale do."""
 
     vocab: int = 256
     width: int = 128
     layers: int = 2
     heads: int = 4
     context: int = 64
+    scan: bool = False
 
     @nn.compact
     def __call__(self, tokens):
         position = self.param("position", nn.initializers.normal(0.02), (self.context, self.width))
         x = nn.Embed(self.vocab, self.width)(tokens) + position[: tokens.shape[-1]]
-        for _ in range(self.layers):
-            x = Block(self.heads)(x)
+        if self.scan:
+            blocks = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
+            x, _ = blocks(self.heads, name="blocks")(x, None)
+        else:
+            for _ in range(self.layers):
+                x = Block(self.heads)(x)
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
+
+
+def scanned_blocks(params: PyTree) -> PyTree:
+    """``layer_axes`` of a :class:`CharTransformer` with ``scan``: axis 0 for the leaves under ``"blocks"``."""
+    def axes(path, _):
+        return 0 if any(getattr(k, "key", None) == "blocks" for k in path) else None
+
+    return jax.tree_util.tree_map_with_path(axes, params)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -278,16 +309,18 @@ def _random_windows(tokens: np.ndarray, context: int, batch_size: int, seed: int
         yield _windows(tokens, rng.integers(0, len(tokens) - context - 1, batch_size), context)
 
 
-def stdlib_charlm() -> Task:
+def stdlib_charlm(scan: bool = False) -> Task:
     context = 64
     tokens = _stdlib_corpus()
     split = int(0.9 * len(tokens))
     train, held = tokens[:split], tokens[split:]
     eval_starts = np.linspace(0, len(held) - context - 1, 64).astype(np.int64)
-    module = CharTransformer(context=context)
+    module = CharTransformer(context=context, scan=scan)
     return Task(
-        name="stdlib-charlm",
-        description="2-layer width-128 byte transformer, context 64, batch 32, on stdlib source; held-out loss",
+        name="stdlib-charlm-scan" if scan else "stdlib-charlm",
+        description="2-layer width-128 byte transformer, context 64, batch 32, on stdlib source; held-out loss"
+        + ("; blocks under nn.scan" if scan else ""),
+        layer_axes=scanned_blocks if scan else None,
         module=module,
         init=_init_linen(module, jnp.zeros((1, context), jnp.int32)),
         apply=module.apply,
@@ -382,6 +415,7 @@ TASKS: dict[str, Callable[[], Task]] = {
     "digits-mlp": digits_mlp,
     "digits-cnn": digits_cnn,
     "stdlib-charlm": stdlib_charlm,
+    "stdlib-charlm-scan": functools.partial(stdlib_charlm, scan=True),
     "rosenbrock-2": functools.partial(rosenbrock, 2),
     "rosenbrock-10": functools.partial(rosenbrock, 10),
 }

@@ -197,11 +197,6 @@ class Layers:
     def __str__(self) -> str:
         return self.summary()
 
-    def without_stacks(self) -> "Layers":
-        """These layers with the stacked layers' parameters moved to the fallback, for a method that keeps no
-        per-layer state for a stack (K-BFGS)."""
-        return self._fall_back([l for l in self.layers if l.stack is not None])
-
     def without_blocks(self) -> "Layers":
         """These layers with the embeddings' and scale-and-shift layers' parameters moved to the fallback, for a
         method that has no such blocks (K-BFGS)."""

@@ -120,15 +120,17 @@ class KBFGSLayerState(NamedTuple):
 
 
 def kbfgs_layer_states(layers: kronecker.Layers, state: Any) -> list[KBFGSLayerState]:
-    """Each captured layer's state (in ``layers.layers`` order, stacked layers left out), gathered from the bank's stacks to the host, to
+    """Each captured layer's state (in ``layers.layers`` order; a stacked layer's with a leading layer axis ``L``), gathered from the bank's stacks to the host, to
     inspect. ``state``: a :class:`KBFGSState` or a state holding one (an alias's)."""
     state = inner_state(state, KBFGSState, "kbfgs_layer_states")
-    layers = layers.without_stacks().without_blocks()  # as scale_by_kbfgs: stacked layers and blocks on the fallback
+    layers = layers.without_blocks()  # as scale_by_kbfgs: embeddings and scale-and-shift layers on the fallback
     fields = ("factors", "inverse_factors", "curvature", "pairs")
     host = jax.tree.map(lambda x: x if isinstance(x, jax.core.Tracer) else np.asarray(x), [getattr(state, f) for f in fields])
     per_layer = [kronecker.layer_bank(layers).item_units(stacks, per="group") for stacks in host]
-    first = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731 (a layer is one unit)
-    return [KBFGSLayerState(l.name, *(first(f[i]) for f in per_layer)) for i, l in enumerate(layers.layers)]
+    def own(layer, tree):  # a layer is one unit; a stack, L of them
+        return tree if layer.stack is not None else jax.tree.map(lambda x: x[0], tree)
+
+    return [KBFGSLayerState(l.name, *(own(l, f[i]) for f in per_layer)) for i, l in enumerate(layers.layers)]
 
 
 class _Means(NamedTuple):
@@ -155,17 +157,18 @@ def _cotangent(loss):
 
 
 def _layer_means(layer, calls, kernel: jax.Array, bias) -> _Means:
-    """:class:`_Means` of one layer from its rows (all calls), with ``s = W^T h`` for the current ``W``."""
-    a = jnp.concatenate([c.inputs for c in calls])
-    p = jnp.concatenate([c.output_grads for c in calls])
-    rows, examples = a.shape[0], calls[0].num_examples
-    h = jnp.mean(a, axis=0)
+    """:class:`_Means` of one layer from its rows (all calls), with ``s = W^T h`` for the current ``W``; a stacked
+    layer's (``L`` layers under a scan) per layer, with a leading axis ``L``."""
+    a = jnp.concatenate([c.inputs for c in calls], axis=-2)
+    p = jnp.concatenate([c.output_grads for c in calls], axis=-2)
+    rows, examples = a.shape[-2], calls[0].num_examples
+    h = jnp.mean(a, axis=-2)
     w = kronecker.kernel_matrix(layer, kernel, bias).astype(a.dtype)
     return _Means(
         aa=kronecker.sum_over_rows(a, a) / rows,
         h=h,
-        s=jnp.matmul(h, w, precision=_HIGHEST),
-        g=jnp.sum(p, axis=0) * (examples / rows),
+        s=jnp.matmul(h[..., None, :], w, precision=_HIGHEST)[..., 0, :],
+        g=jnp.sum(p, axis=-2) * (examples / rows),
     )
 
 
@@ -180,7 +183,8 @@ def _pass_means(layers: kronecker.Layers, bank: FactorBank, model_fn, loss, para
     for layer, calls in zip(layers.layers, captured.rows):
         bias = leaves[layer.bias_index] if layer.bias_index is not None else None
         means = _layer_means(layer, calls, leaves[layer.kernel_index], bias)
-        per_layer.append(_Means(*(x.astype(dtype)[None] for x in means)))
+        units = (lambda x: x[None]) if layer.stack is None else (lambda x: x)  # a layer is one unit, a stack L
+        per_layer.append(_Means(*(units(x.astype(dtype)) for x in means)))
     return bank.stack_items(per_layer, per="group")
 
 
@@ -344,8 +348,9 @@ def scale_by_kbfgs(
 
     Args:
       layers: the capture found by :func:`optax_second_order.kronecker.find_layers` or
-        :func:`optax_second_order.flax.find_layers`, on the same parameters ``init`` and ``update`` get. Stacked
-        (scanned) layers are not K-BFGS layers yet: their parameters get the diagonal fallback.
+        :func:`optax_second_order.flax.find_layers`, on the same parameters ``init`` and ``update`` get. A stacked
+        layer (``L`` layers under :func:`~optax_second_order.kronecker.scan` or linen's ``nn.scan``) is ``L`` layers
+        with ``A``, ``H_a``, ``H_g`` and pairs of their own (``L`` units of the factor bank).
       learning_rate: the learning rate the chain applies after this transformation (float or schedule): the
         pairs are formed at ``theta - learning_rate * D``.
       damping: ``lambda``: ``A + sqrt(lambda) I`` for ``H_a``, ``mu_2 = sqrt(lambda)`` in the double damping of
@@ -366,7 +371,7 @@ def scale_by_kbfgs(
     traced, on the current batch) and ``loss`` (bound to the batch's targets).
     """
     _validate(layers, learning_rate, damping, momentum, ema_decay, pair_decay, statistics_frequency, min_cosine)
-    layers = layers.without_stacks().without_blocks()  # scanned layers, embeddings, scale-and-shift: the fallback
+    layers = layers.without_blocks()  # embeddings and scale-and-shift layers: the diagonal fallback
     m = static_int(NAME, "memory_size", memory_size, 100)
     bank = kronecker.layer_bank(layers, precondition_sharding)
 

@@ -54,6 +54,10 @@ rather than ``eigh``'s rounding; and in the eigenbases Adam's ``eps`` has ``100 
 Storage (``docs/memory.md``): ``state_dtype`` stores the factors, bases and moments in another dtype (bfloat16),
 computing in float32; ``quantize`` stores the bases block-wise in 4 or 8 bits
 (:mod:`~optax_second_order.curvature.quantize`, the quantizer of 4-bit Shampoo), used after ``rectify`` Björck steps.
+The paper's own two (Vyas et al. 2024, sec. 7; not in the official code): ``one_sided`` keeps the factor and basis of a
+2-D block's smaller side only (``Q = I`` on the larger: :func:`_rotated_modes`), and ``factorized_second_moment`` keeps
+``v`` of each 2-D block in the eigenbasis as Adafactor's row and column accumulators, ``v = r c^T / (1^T r)``
+(:func:`_factored_estimate`), a refresh's re-sort permuting the accumulator of its mode.
 
 Defaults are the official code's (github.com/nikhilvyas/SOAP, ``soap.py``): ``lr = 3e-3``, ``betas =
 (0.95, 0.95)``, ``shampoo_beta = -1`` meaning ``b2``, ``eps = 1e-8``, ``weight_decay = 0.01`` (in the
@@ -130,14 +134,59 @@ class SoapState(NamedTuple):
     nonfinite: jax.Array
 
 
-def _bank(shapes, axes, block_size: int | None, max_precond_dim: int, sharding) -> FactorBank:
+def _bank(shapes, axes, block_size: int | None, max_precond_dim: int, sharding, one_sided: int | None = None
+          ) -> FactorBank:
     """The factor bank of SOAP's leaves (each layer of a stacked leaf: ``axes``, its layer axes): blocks (cut by
-    ``block_size``, else the layer itself) with a factor for each mode of size <= ``max_precond_dim``; scalars and
-    vectors are not in it (plain Adam)."""
+    ``block_size``, else the layer itself) with a factor for each mode of size <= ``max_precond_dim`` (one-sided:
+    :func:`_rotated_modes`); scalars and vectors are not in it (plain Adam)."""
     layer_shapes = [tuple(d for i, d in enumerate(shape) if i not in a) for shape, a in zip(shapes, axes)]
     layers = [math.prod(shape[i] for i in a) for shape, a in zip(shapes, axes)]
-    modes = lambda block_shape: tuple(i for i, d in enumerate(block_shape) if d <= max_precond_dim)  # noqa: E731
+    modes = functools.partial(_rotated_modes, max_precond_dim=max_precond_dim, one_sided=one_sided)
     return plan_bank([s if len(s) > 1 else None for s in layer_shapes], modes, block_size, sharding, layers)
+
+
+def _rotated_modes(block_shape, max_precond_dim: int, one_sided: int | None) -> tuple[int, ...]:
+    """The modes of a block that get a factor and an eigenbasis: those of size <= ``max_precond_dim``; one-sided
+    (Vyas et al. 2024, sec. 7: for an ``m x n`` matrix with ``m < n`` only ``Q_L`` is kept and ``Q_R = I``), a 2-D
+    block whose larger side exceeds ``one_sided`` keeps only its smaller side's (the rows' on a tie)."""
+    modes = tuple(i for i, d in enumerate(block_shape) if d <= max_precond_dim)
+    if one_sided is None or len(block_shape) != 2 or len(modes) != 2 or max(block_shape) <= one_sided:
+        return modes
+    return (0,) if block_shape[0] <= block_shape[1] else (1,)
+
+
+def _factored(block_shape) -> bool:
+    """Whether a block's second moment is factored (``factorized_second_moment``): 2-D blocks where the row and
+    column accumulators (``m + n`` numbers) are smaller than ``v`` (``m n``)."""
+    return len(block_shape) == 2 and sum(block_shape) < math.prod(block_shape)
+
+
+def _row_col_sums(squares: jax.Array) -> jax.Array:
+    """``[n, m + k]``: per block (axis 0) of ``squares`` (``[n, m, k]``) its row sums ``G'^2 1`` then its column sums
+    ``1^T G'^2`` (Adafactor's accumulators, Shazeer & Stern 2018, Alg. 4, without its ``eps_1``)."""
+    return jnp.concatenate([jnp.sum(squares, axis=2), jnp.sum(squares, axis=1)], axis=1)
+
+
+def _factored_estimate(nu: jax.Array, rows: int) -> jax.Array:
+    """Adafactor's rank-1 second moment ``V = r c^T / (1^T r)`` of each block from its accumulators ``nu = [r, c]``
+    (``[n, rows + cols]``; Shazeer & Stern 2018, eq. 6, the I-divergence's minimizer); 0 where ``1^T r = 0`` (then
+    ``r = c = 0``)."""
+    r, c = nu[:, :rows], nu[:, rows:]
+    total = jnp.sum(r, axis=1)[:, None, None]
+    estimate = r[:, :, None] * c[:, None, :] / jnp.where(total > 0, total, 1.0)
+    return jnp.where(total > 0, estimate, 0.0)
+
+
+def _accumulator(nu: jax.Array, mode: int, rows: int) -> jax.Array:
+    """The accumulator of a factored ``nu = [r, c]`` along ``mode`` as a ``[n, rows, 1]`` (``r``) or ``[n, 1, cols]``
+    (``c``) array, so that a permutation of ``v`` along ``mode`` is the same permutation of it."""
+    return nu[:, :rows, None] if mode == 0 else nu[:, None, rows:]
+
+
+def _with_accumulator(nu: jax.Array, accumulator: jax.Array, mode: int, rows: int) -> jax.Array:
+    """``nu = [r, c]`` with the accumulator of ``mode`` replaced (the inverse of :func:`_accumulator`)."""
+    r, c = nu[:, :rows], nu[:, rows:]
+    return jnp.concatenate([accumulator[:, :, 0], c] if mode == 0 else [r, accumulator[:, 0, :]], axis=1)
 
 
 def _rotate(x: jax.Array, modes, bases, back: bool = False) -> jax.Array:
@@ -243,6 +292,14 @@ def _discard_nonfinite_blocks(stacks: tuple[jax.Array, ...]) -> tuple[jax.Array,
     return tuple(jnp.where(_finite_blocks(x).reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0) for x in stacks)
 
 
+
+def _one_sided_threshold(name: str, one_sided: Any) -> int | None:
+    """``one_sided`` as the side a 2-D block's larger side must exceed to be rotated on one side only: ``None`` for
+    ``False`` (two-sided), 0 for ``True`` (every 2-D block), else the integer itself (a structural one)."""
+    if one_sided is False:
+        return None
+    return 0 if one_sided is True else static_int(name, "one_sided", one_sided, 0, minimum=0)
+
 def scale_by_soap(
     b1: float = 0.95,
     b2: float = 0.95,
@@ -259,6 +316,8 @@ def scale_by_soap(
     layer_axes: Any = None,
     state_dtype: Any = None,
     quantize: Any = None,
+    one_sided: bool | int = False,
+    factorized_second_moment: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """SOAP's update direction (see the module docstring); chain with the learning rate (:func:`soap`).
 
@@ -292,9 +351,22 @@ def scale_by_soap(
         ``Q_i`` with ``d_i^2 >= 4096`` block-wise quantized (Wang et al. 2024's quantizer), used after one Björck step
         (``rectify``) and refreshed from the rectified basis; the first moment moves between the bases as they are
         used. Smaller bases follow ``state_dtype``.
+      one_sided: rotate only the smaller side of 2-D blocks (Vyas et al. 2024, sec. 7, "one-sided eigenbasis", after
+        GaLore): ``True`` for every 2-D block, an integer ``d`` for those whose larger side exceeds ``d``; such a block
+        keeps one factor and one eigenbasis, of its smaller side (its rows on a tie), and the other side is not
+        rotated. ``False`` (default): both sides, the official code. Blocks of other ranks are unchanged.
+      factorized_second_moment: keep Adam's second moment of each 2-D block in the eigenbasis factored as Adafactor
+        does (Vyas et al. 2024, sec. 7; Shazeer & Stern 2018): row and column accumulators ``r <- b2 r + (1 - b2)
+        G'^2 1`` and ``c <- b2 c + (1 - b2) 1^T G'^2`` of the rotated gradient ``G'``, and ``v = r c^T / (1^T r)``
+        in place of the full ``v`` (``m + n`` numbers instead of ``m n``). Where a refresh sorts ``Q_i`` and
+        permutes ``v`` along mode ``i``, it permutes that mode's accumulator (``r`` for the rows, ``c`` for the
+        columns), which is exactly the factorization of the permuted ``v``. Leaves outside the bank and blocks of
+        other ranks keep the full ``v``.
 
     ``max_precond_dim``, ``stagger``, ``block_size`` and ``layer_axes`` set shapes: under ``optax.inject_hyperparams`` leave them
-    ``None`` or list them in ``static_args`` (with ``stagger=True``, list ``precondition_frequency``).
+    ``None`` or list them in ``static_args`` (with ``stagger=True``, list ``precondition_frequency``); so do
+    ``one_sided`` (booleans are static under ``inject_hyperparams``; list an integer in ``static_args``) and
+    ``factorized_second_moment``.
     """
     name = "scale_by_soap"
     shampoo_beta = b2 if shampoo_beta is None else shampoo_beta
@@ -308,6 +380,7 @@ def scale_by_soap(
     slots = stagger_slots(name, stagger, precondition_frequency)
     quantizer = storage_codecs.as_quantizer(name, quantize)
     state_dtype = storage_codecs.as_state_dtype(name, state_dtype)
+    one_sided = _one_sided_threshold(name, one_sided)
 
     def storage_of(dtype) -> FactorStorage:
         """How the factors, bases and block moments are stored (computing in ``dtype``)."""
@@ -322,7 +395,19 @@ def scale_by_soap(
 
     def bank_of(tree) -> tuple[FactorBank, list[tuple[int, ...]]]:
         axes, leaves = common_layer_axes(name, layer_axes, tree), jax.tree.leaves(tree)
-        return _bank([x.shape for x in leaves], axes, block_size, max_precond_dim, precondition_sharding), axes
+        return _bank([x.shape for x in leaves], axes, block_size, max_precond_dim, precondition_sharding,
+                     one_sided), axes
+
+    def factored_rows(group) -> int | None:
+        """The rows of a group's blocks if their second moment is factored, else ``None``."""
+        return group.block_shape[0] if factorized_second_moment and _factored(group.block_shape) else None
+
+    def second_moments(bank: FactorBank, dtype) -> tuple[jax.Array, ...]:
+        """Zero second moments per group: ``[n, *block_shape]``, or ``[n, rows + cols]`` (``[r, c]``) factored."""
+        return bank.split(tuple(
+            jnp.zeros((g.size, sum(g.block_shape)) if factored_rows(g) else (g.size, *g.block_shape), dtype)
+            for g in bank.groups
+        ))
 
     def init_fn(params):
         leaves = jax.tree.leaves(params)
@@ -330,23 +415,27 @@ def scale_by_soap(
         storage = storage_of(dtype)
         outside = [x for x, place in zip(leaves, bank.places) if place is None]
 
-        def moments():  # fresh buffers: the state is donatable
-            return bank.zero_stacks(storage.dtype), tuple(jnp.zeros(x.shape, leaf_dtype(x)) for x in outside)
+        def moments(blocks):  # fresh buffers: the state is donatable
+            return blocks(storage.dtype), tuple(jnp.zeros(x.shape, leaf_dtype(x)) for x in outside)
 
         zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
         bases = bank.split(tuple(storage.store_basis(q) for q in bank.matrices(dtype, identity=True)))
-        return SoapState(zero(), moments(), moments(), bank.matrices(storage.dtype), bases, zero(), zero())
+        return SoapState(zero(), moments(bank.zero_stacks), moments(functools.partial(second_moments, bank)),
+                         bank.matrices(storage.dtype), bases, zero(), zero())
 
     def refresh_fn():  # looked up at call time (tests replace it)
         return _power_qr_refresh if basis_method == "qr" else _cholesky_qr_refresh
 
-    def refreshed(storage: FactorStorage, f, q, mu, nu, mode):
+    def refreshed(storage: FactorStorage, f, q, mu, nu, mode, rows=None):
         """One refresh of the blocks' bases ``q`` (``[n, d, d]``, as stored) of ``mode`` from their factors ``f``,
-        with ``mu`` moved and ``nu`` permuted alike; a block whose new basis is not finite keeps its basis and
-        moments. Also which blocks those were. ``mu`` moves from the basis as it was used to the new one as it will
-        be (a quantized basis: after its round trip through storage)."""
+        with ``mu`` moved and ``nu`` permuted alike (factored, ``rows`` not ``None``: its accumulator of ``mode``);
+        a block whose new basis is not finite keeps its basis and moments. Also which blocks those were. ``mu``
+        moves from the basis as it was used to the new one as it will be (a quantized basis: after its round trip
+        through storage)."""
         q_used = storage.load_basis(q)
-        q_new, nu_new = refresh_fn()(_tie_broken(f), q_used, nu, mode + 1)
+        permuted = nu if rows is None else _accumulator(nu, mode, rows)
+        q_new, nu_new = refresh_fn()(_tie_broken(f), q_used, permuted, mode + 1)
+        nu_new = nu_new if rows is None else _with_accumulator(nu, nu_new, mode, rows)
         ok = _finite_blocks(q_new)
         if storage.quantized(q_new.shape[-1]):  # quantize finite bases only; mu moves to the basis as it will be used
             stored = storage.store_basis(jnp.where(ok[:, None, None], q_new, q_used))
@@ -374,7 +463,8 @@ def scale_by_soap(
         def on_device(factors, bases, mu, nu):
             bases, mu, nu, failed = list(bases), list(mu), list(nu), []
             for s, (g, mode) in enumerate(bank.factor_stacks):
-                bases[s], mu[g], nu[g], bad = refreshed(storage, factors[s], bases[s], mu[g], nu[g], mode)
+                bases[s], mu[g], nu[g], bad = refreshed(storage, factors[s], bases[s], mu[g], nu[g], mode,
+                                                        factored_rows(bank.groups[g]))
                 failed.append(bad)
             return tuple(bases), tuple(mu), tuple(nu), tuple(failed)
 
@@ -394,7 +484,7 @@ def scale_by_soap(
                 def refresh(index, carry, s=s, g=g, mode=mode):
                     bases, mu, nu, failed = (list(c) for c in carry)
                     q, m, v, bad = refreshed(storage, factors[s][index], jax.tree.map(lambda x: x[index], bases[s]),
-                                             mu[g][index], nu[g][index], mode)
+                                             mu[g][index], nu[g][index], mode, factored_rows(bank.groups[g]))
                     bases[s] = jax.tree.map(lambda x, new: x.at[index].set(new), bases[s], q)
                     failed[s] = failed[s].at[index].set(bad)
                     mu[g], nu[g] = mu[g].at[index].set(m), nu[g].at[index].set(v)
@@ -405,13 +495,16 @@ def scale_by_soap(
 
         return bank.on_each_device(on_device, factors, bases, mu, nu, shared=(slot, due))
 
-    def adam_step(g, mu, nu, rotated=False):
+    def adam_step(g, mu, nu, rotated=False, rows=None):
         """Adam's moments and normalized direction ``m / (sqrt(v) + eps)`` (in whatever basis ``g`` is given; in the
-        eigenbases, ``rotated``, ``eps`` has the rotation's rounding floor of :func:`_rounding_floor` added)."""
+        eigenbases, ``rotated``, ``eps`` has the rotation's rounding floor of :func:`_rounding_floor` added). With
+        ``rows`` (a factored group) ``nu`` holds the accumulators ``[r, c]`` and ``v = r c^T / (1^T r)``."""
         new_mu = b1 * mu + (1.0 - b1) * g
-        new_nu = b2 * nu + (1.0 - b2) * jnp.square(g)
-        floor = _rounding_floor(new_nu) if rotated else 0.0
-        return new_mu / (jnp.sqrt(new_nu) + (eps + floor)), new_mu, new_nu
+        squares = jnp.square(g)
+        new_nu = b2 * nu + (1.0 - b2) * (squares if rows is None else _row_col_sums(squares))
+        v = new_nu if rows is None else _factored_estimate(new_nu, rows)
+        floor = _rounding_floor(v) if rotated else 0.0
+        return new_mu / (jnp.sqrt(v) + (eps + floor)), new_mu, new_nu
 
     def adam_in_eigenbases(bank: FactorBank, blocks, grads, stacked, axes, mu, nu, bases, count):
         """``(directions, mu, nu)``: Adam's step in the eigenbases, each device on its own blocks (none on the first
@@ -420,7 +513,7 @@ def scale_by_soap(
         block_mu, block_nu, rotated_back = [], [], []
         for g, (group, x, m, v) in enumerate(zip(bank.groups, blocks, mu[0], nu[0])):
             group_bases = [bases[stack_of[g, mode]] for mode in group.modes]
-            direction, m, v = adam_step(_rotate(x, group.modes, group_bases), m, v, rotated=True)
+            direction, m, v = adam_step(_rotate(x, group.modes, group_bases), m, v, True, factored_rows(group))
             rotated_back.append(_rotate(direction, group.modes, group_bases, back=True))
             block_mu.append(m)
             block_nu.append(v)

@@ -16,6 +16,7 @@ import optax
 import pytest
 from scipy.optimize import rosen, rosen_der
 
+import optax_second_order as oso
 from optax_second_order import curvature
 from optax_second_order.bench import OPTIMIZERS, TASKS, get_task, npz_task
 from optax_second_order.bench.__main__ import parse_args, run_benchmark
@@ -229,6 +230,26 @@ def test_charlm_corpus_is_reproducible():
     np.testing.assert_array_equal(x1, x2)
     assert x1.shape == (32, 64) and int(x1.max()) < 256
     np.testing.assert_array_equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
+
+
+def test_scanned_charlm_is_the_charlm_with_its_blocks_stacked():
+    """``stdlib-charlm-scan``: the unrolled model's blocks, stacked on a leading axis under ``blocks``, give the same
+    logits (nn.scan runs the same block); K-FAC's capture finds every Dense layer (the scanned ones stacked, 2 layers
+    each) and Shampoo's ``layer_axes`` marks exactly the stacked leaves."""
+    unrolled, scanned = get_task("stdlib-charlm"), get_task("stdlib-charlm-scan")
+    params = unrolled.init(jax.random.key(0))["params"]
+    blocks = [params.pop(f"Block_{l}") for l in range(2)]
+    stacked = {"params": {**params, "blocks": {"Block_0": jax.tree.map(lambda *x: jnp.stack(x), *blocks)}}}
+    tokens = unrolled.eval_batch[0][:4]
+    np.testing.assert_allclose(scanned.apply(stacked, tokens),
+                               unrolled.apply({"params": {**params, "Block_0": blocks[0], "Block_1": blocks[1]}}, tokens),
+                               rtol=1e-5, atol=1e-5)
+    layers = oso.flax.find_layers(lambda p: scanned.apply(p, tokens), stacked)
+    assert [l.stack for l in layers.layers].count(2) == 4 and len(layers.layers) == 5
+    assert not [name for name in layers.fallback if "Dense" in name]
+    axes = jax.tree_util.tree_leaves_with_path(scanned.layer_axes(stacked), is_leaf=lambda x: x is None)
+    assert {jax.tree_util.keystr(k) for k, a in axes if a == 0} == {
+        jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(stacked) if "blocks" in jax.tree_util.keystr(k)}
 
 
 def _in_git_checkout() -> bool:

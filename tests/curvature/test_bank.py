@@ -154,6 +154,9 @@ SHARDED = textwrap.dedent(
                                             quantize=Quantizer(4, block_size=2, min_size=0), precondition_sharding=s),
         "soap-q8": lambda s: oso.soap(0.01, block_size=4, precondition_frequency=2, stagger=True,
                                       quantize=Quantizer(8, block_size=2, min_size=0), precondition_sharding=s),
+        # SOAP's memory variants (issue 22): one factor and basis per block, and Adafactor's [n, 4 + 4] accumulators
+        "soap-1s-fac": lambda s: oso.soap(0.01, block_size=4, precondition_frequency=2, stagger=True, one_sided=True,
+                                          factorized_second_moment=True, precondition_sharding=s),
     }
     for name, make in makers.items():
         single, _ = run(make, None)

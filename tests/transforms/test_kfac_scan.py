@@ -62,11 +62,15 @@ def _batch(seed):
     return jax.random.normal(kx, (N, D_IN)), jax.random.randint(ky, (N,), 0, D_OUT)
 
 
-def _run(model, params, steps, find_layers=kronecker.find_layers, **options):
-    """``steps`` K-FAC steps (the alias, with momentum); the updates of each step and the final state."""
+def _run(model, params, steps, find_layers=kronecker.find_layers, optimizer=None, **options):
+    """``steps`` steps of ``optimizer(layers)`` (default: the K-FAC alias with ``options``, with momentum); the
+    layers, the updates of each step and the final state."""
     x, _ = _batch(0)
     layers = find_layers(lambda p: model(p, x), params)
-    tx = oso.kfac(0.1, layers, statistics_frequency=1, precondition_frequency=2, **options)
+    if optimizer is None:
+        tx = oso.kfac(0.1, layers, statistics_frequency=1, precondition_frequency=2, **options)
+    else:
+        tx = optimizer(layers)
 
     @jax.jit
     def step(params, state, x, y):
@@ -177,13 +181,23 @@ def test_nn_scan_steps_as_the_unrolled_linen_network(options):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), u, _unstacked(s))
 
 
-def test_kbfgs_gives_scanned_layers_the_diagonal_fallback():
-    x, y = _batch(0)
-    params = _stacked(_unrolled_params())
-    layers = kronecker.find_layers(lambda p: _scanned_model(p, x), params)
-    assert layers.without_stacks().fallback == ("['blocks']['b']", "['blocks']['w']", "['shift']")
-    tx = oso.kbfgs(0.1, layers)
-    loss = oso.losses.softmax_cross_entropy(y)
-    grads = jax.grad(lambda p: loss(_scanned_model(p, x)))(params)
-    updates, _ = tx.update(grads, tx.init(params), params, model_fn=lambda p: _scanned_model(p, x), loss=loss)
-    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+@pytest.mark.parametrize("limited", [False, True], ids=["kbfgs", "kbfgs-l"])
+def test_kbfgs_on_scanned_layers_steps_as_the_unrolled_network(limited):
+    """K-BFGS and K-BFGS(L), 4 steps, float64 rtol 1e-10: a stacked layer's A, H_a, H_g and pairs per layer are those
+    of the unrolled layers (L units of the factor bank)."""
+    def run(model, params):
+        kbfgs = lambda layers: oso.kbfgs(0.1, layers, limited_memory=limited, memory_size=3)  # noqa: E731
+        layers, history, state = _run(model, params, 4, optimizer=kbfgs)
+        return oso.kbfgs_layer_states(layers, state), history
+
+    unrolled = _unrolled_params()
+    states_u, updates_u = run(_unrolled_model, unrolled)
+    states_s, updates_s = run(_scanned_model, _stacked(dict(unrolled)))
+    for u, s in zip(updates_u, updates_s):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14), u, _unstacked(s))
+    per_layer_u = {l.name: l for l in states_u}
+    (blocks,) = [l for l in states_s if l.name == "['blocks']['w']"]
+    for l in range(DEPTH):
+        mine = per_layer_u[f"['block{l}']['w']"]._replace(name=None)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b[l], rtol=1e-10, atol=1e-14),
+                     mine, blocks._replace(name=None))
