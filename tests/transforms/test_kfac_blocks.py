@@ -191,21 +191,23 @@ def test_linen_transformerish_model_gets_no_fallback_and_steps(approximation):
 
 
 def test_linen_layer_norm_rows_match_the_tagged_model():
-    """The rows the linen capture records for nn.LayerNorm / nn.Embed give the statistics of the same model written
-    with tags."""
+    """The rows the linen capture records for nn.Embed / nn.LayerNorm / nn.RMSNorm give the statistics of the same
+    model written with tags."""
     class Net(nn.Module):
         @nn.compact
         def __call__(self, ids):
             h = nn.LayerNorm(epsilon=1e-5)(nn.Embed(V, D)(ids))
-            return nn.Dense(C, use_bias=False)(jnp.tanh(h).mean(-2))
+            h = nn.RMSNorm(epsilon=1e-5)(jnp.tanh(h))
+            return nn.Dense(C, use_bias=False)(h.mean(-2))
 
     net = Net()
     params = jax.tree.map(lambda x: x.astype(jnp.float64), net.init(jax.random.key(4), IDS)["params"])
 
     def tagged(p):
         h = kronecker.embed(IDS, p["Embed_0"]["embedding"])
-        h = kronecker.scale_and_shift(_normalized(h), p["LayerNorm_0"]["scale"], p["LayerNorm_0"]["bias"])
-        return kronecker.dense(jnp.tanh(h).mean(-2), p["Dense_0"]["kernel"])
+        h = jnp.tanh(kronecker.scale_and_shift(_normalized(h), p["LayerNorm_0"]["scale"], p["LayerNorm_0"]["bias"]))
+        h = kronecker.scale_and_shift(h / jnp.sqrt(jnp.mean(h**2, -1, keepdims=True) + 1e-5), p["RMSNorm_0"]["scale"])
+        return kronecker.dense(h.mean(-2), p["Dense_0"]["kernel"])
 
     model_fn = lambda p: net.apply({"params": p}, IDS)  # noqa: E731
     layers = oso.flax.find_layers(model_fn, params)
