@@ -37,10 +37,13 @@ def _linen_setup():
         return net.apply({"params": p, "batch_stats": stats}, TOKENS, IMAGES)
 
     def reference(p):
-        """The same network, Dense/Conv by ``oso.kronecker`` tags, the rest by the linen submodules."""
-        e = nn.Embed(10, 4).apply({"params": p["Embed_0"]}, TOKENS).mean(1)
+        """The same network, Dense/Conv/Embed/LayerNorm by ``oso.kronecker`` tags, the rest by the linen submodules."""
+        e = kronecker.embed(TOKENS, p["Embed_0"]["embedding"]).mean(1)
         h = kronecker.dense(e, p["Dense_0"]["kernel"], p["Dense_0"]["bias"])
-        h = nn.LayerNorm().apply({"params": p["LayerNorm_0"]}, h)
+        mean = h.mean(-1, keepdims=True)
+        variance = jnp.maximum(0.0, jnp.square(h).mean(-1, keepdims=True) - jnp.square(mean))  # Flax's fast variance
+        normalized = (h - mean) * jax.lax.rsqrt(variance + 1e-6)
+        h = kronecker.scale_and_shift(normalized, p["LayerNorm_0"]["scale"], p["LayerNorm_0"]["bias"])
         c = kronecker.conv(IMAGES, p["Conv_0"]["kernel"], p["Conv_0"]["bias"], strides=2, padding="SAME")
         bn = {"params": p["BatchNorm_0"], "batch_stats": stats["BatchNorm_0"]}
         c = jnp.tanh(nn.BatchNorm(use_running_average=True).apply(bn, c)).mean((1, 2))
@@ -59,7 +62,7 @@ def _assert_same_statistics(params, model_fn, reference, layers):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
 
 
-def test_linen_capture_finds_dense_and_conv_and_falls_back_on_the_rest():
+def test_linen_capture_finds_dense_conv_embed_and_layer_norm_and_falls_back_on_the_rest():
     params, model_fn, reference = _linen_setup()
     layers = oso.flax.find_layers(model_fn, params)
     assert [(l.kind, l.kernel, l.bias) for l in layers.layers] == [
@@ -67,10 +70,11 @@ def test_linen_capture_finds_dense_and_conv_and_falls_back_on_the_rest():
         ("conv", "['Conv_0']['kernel']", "['Conv_0']['bias']"),
         ("dense", "['Dense_1']['kernel']", None),
     ]
+    assert [(l.kind, l.kernel, l.bias) for l in layers.blocks] == [
+        ("embed", "['Embed_0']['embedding']", None),
+        ("scale_and_shift", "['LayerNorm_0']['scale']", "['LayerNorm_0']['bias']"),
+    ]
     assert set(layers.fallback) == {
-        "['Embed_0']['embedding']",
-        "['LayerNorm_0']['scale']",
-        "['LayerNorm_0']['bias']",
         "['BatchNorm_0']['scale']",
         "['BatchNorm_0']['bias']",
         "['Conv_1']['kernel']",  # feature_group_count > 1

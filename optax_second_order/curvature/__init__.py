@@ -1,6 +1,7 @@
 """Layer 1: pure, jittable curvature primitives over parameter pytrees (no optimizer state)."""
 
 from optax_second_order.curvature import (
+    blocks,
     capture,
     estimators,
     kronecker,
@@ -21,6 +22,7 @@ from optax_second_order.curvature.solvers import *  # noqa: F401,F403
 from optax_second_order.curvature.spectrum import *  # noqa: F401,F403
 
 __all__ = [
+    "blocks",
     "capture",
     "kronecker",
     "losses",

@@ -2,11 +2,12 @@
 
 Methods that keep curvature per layer (K-FAC, EK-FAC, K-BFGS) need, for every dense or convolutional layer
 ``s = W^T a`` of ``model_fn(params)``, the layer's input ``a`` and the gradient of the loss with respect to its
-output ``s``. This module finds them without JAX internals:
+output ``s``; K-FAC also has blocks for embeddings (:func:`embed`) and scale-and-shift layers
+(:func:`scale_and_shift`), kept apart in :attr:`Layers.blocks`. This module finds them without JAX internals:
 
-* A forward function marks a layer by calling :func:`dense` / :func:`conv` (or :func:`tag_layer` on a layer it
-  computed itself); :mod:`optax_second_order.flax` marks unmodified Flax layers. Outside a capture a tag does
-  nothing but return the layer's output.
+* A forward function marks a layer by calling :func:`dense` / :func:`conv` / :func:`embed` /
+  :func:`scale_and_shift` (or :func:`tag_layer` on a layer it computed itself); :mod:`optax_second_order.flax`
+  marks unmodified Flax layers. Outside a capture a tag does nothing but return the layer's output.
 * A capture (:func:`find_layers` once, then :func:`trace_calls` inside each statistics pass) sets a recorder in a
   :class:`contextvars.ContextVar` for the duration of one trace of ``model_fn``, so two models traced at the same
   time in two threads (each thread has its own context) never see each other's layers. While it is set, a tag
@@ -56,6 +57,8 @@ __all__ = [
     "LayerCall",
     "dense",
     "conv",
+    "embed",
+    "scale_and_shift",
     "tag_layer",
     "capturing",
     "scan",
@@ -65,6 +68,8 @@ __all__ = [
 
 PyTree = Any
 CaptureContext = Callable[[], ContextManager]
+KRONECKER_KINDS = ("dense", "conv")  # layers in the factor bank (K-FAC, EK-FAC, K-BFGS)
+BLOCK_KINDS = ("embed", "scale_and_shift")  # K-FAC's other curvature blocks (Layers.blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +113,10 @@ class Layer:
     of the kernel and bias in ``jax.tree.leaves(params)``. ``stack``: for the layers of a stack run by :func:`scan`,
     their number ``L``: the kernel leaf is ``(L, *kernel_shape)`` (the bias ``(L, *out_shape)``) and each layer has
     its own ``kernel_shape`` kernel; ``None`` for a single layer.
+
+    ``kind`` is ``"dense"`` or ``"conv"`` (Kronecker-factored layers), ``"embed"`` (``kernel`` the table
+    ``(vocabulary, features)``, no bias) or ``"scale_and_shift"`` (``kernel`` the scale, ``bias`` the shift, both
+    the shape of the trailing ``output_ndim`` input axes).
     """
 
     kind: str
@@ -161,6 +170,9 @@ class Layers:
         tree, as ``optax.masked`` does).
       capture: the context (e.g. Flax's method interception) entered around every capturing trace of
         ``model_fn``; ``None`` for plain-JAX tags. Not part of equality.
+      blocks: the captured embeddings and scale-and-shift layers (kinds ``"embed"`` / ``"scale_and_shift"``), which
+        K-FAC preconditions with blocks of their own; a method that has none moves them to the fallback
+        (:meth:`without_blocks`).
     """
 
     layers: tuple[Layer, ...]
@@ -169,22 +181,40 @@ class Layers:
     num_leaves: int = 0
     leaves: tuple[jax.ShapeDtypeStruct, ...] = dataclasses.field(default=(), compare=False)
     capture: CaptureContext | None = dataclasses.field(default=None, compare=False)
+    blocks: tuple[Layer, ...] = ()
 
     def summary(self) -> str:
-        """A printable table of preconditioned layers and fallback parameters."""
-        lines = [f"capture: {len(self.layers)} layers preconditioned, {len(self.fallback)} params fall back"]
-        for layer in self.layers:
+        """A printable table: the block each parameter got (Kronecker, embedding, scale-and-shift, or diagonal)."""
+        lines = [f"capture: {len(self.layers) + len(self.blocks)} layers preconditioned, "
+                 f"{len(self.fallback)} params fall back"]
+        for layer in self.layers + self.blocks:
             bias = f" + {layer.bias}" if layer.bias else ""
             stack = "" if layer.stack is None else f"  stacked: {layer.stack} layers, each"
-            lines.append(
-                f"  {layer.kind:5s} {layer.kernel}{bias}{stack}  A {layer.input_dim}x{layer.input_dim}, "
-                f"G {layer.output_dim}x{layer.output_dim}"
-            )
+            lines.append(f"  {layer.kind:5s} {layer.kernel}{bias}{stack}  {_block_shape(layer)}")
         lines.extend(f"  diagonal {name}" for name in self.fallback)
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
+
+    def without_blocks(self) -> "Layers":
+        """These layers with the embeddings' and scale-and-shift layers' parameters moved to the fallback, for a
+        method that has no such blocks (K-BFGS)."""
+        return self._fall_back(list(self.blocks))
+
+    def _fall_back(self, moved: Sequence[Layer]) -> "Layers":
+        """``moved`` (some of ``layers`` and ``blocks``) taken out, their parameters added to the fallback."""
+        if not moved:
+            return self
+        paths = dict(zip(self.fallback_indices, self.fallback))
+        for l in moved:
+            paths[l.kernel_index] = l.kernel
+            if l.bias_index is not None:
+                paths[l.bias_index] = l.bias
+        fallback = sorted(paths)
+        return dataclasses.replace(self, layers=tuple(l for l in self.layers if l not in moved),
+                                   blocks=tuple(l for l in self.blocks if l not in moved),
+                                   fallback=tuple(paths[i] for i in fallback), fallback_indices=tuple(fallback))
 
     def check_params(self, params: PyTree, where: str) -> list[Any]:
         """The leaves of ``params``, or a ``ValueError`` if they are not the parameters the layers were found on."""
@@ -195,7 +225,7 @@ class Layers:
                 f"{self.num_leaves}; find_layers and the optimizer must see the same parameters (for example both the "
                 "linen `params` collection, not one of them the {'params': ...} variables dict)"
             )
-        for layer in self.layers:
+        for layer in self.layers + self.blocks:
             shape = tuple(jnp.shape(leaves[layer.kernel_index]))
             if shape != layer.leaf_shape:
                 raise ValueError(
@@ -204,6 +234,15 @@ class Layers:
                     "the same parameters"
                 )
         return leaves
+
+
+def _block_shape(layer: Layer) -> str:
+    """What :meth:`Layers.summary` says of a layer's block."""
+    if layer.kind == "embed":
+        return f"A diagonal {layer.input_dim} (token frequencies), G {layer.output_dim}x{layer.output_dim}"
+    if layer.kind == "scale_and_shift":
+        return f"exact Fisher diagonal, {layer.output_dim} features"
+    return f"A {layer.input_dim}x{layer.input_dim}, G {layer.output_dim}x{layer.output_dim}"
 
 
 class LayerCall(NamedTuple):
@@ -237,6 +276,8 @@ class _Recorder:
         kernel_index = self.positions.get(id(kernel))
         if kernel_index is None:
             return None  # not a parameter leaf of this model_fn: cannot be preconditioned
+        if kind == "embed" and self.stack is not None:
+            return None  # a stacked embedding table: no per-layer embedding blocks (the diagonal fallback)
         bias_index = self.positions.get(id(bias)) if bias is not None else None
         bias_path = self.paths[bias_index] if bias_index is not None else None
         return Layer(kind, self.paths[kernel_index], bias_path, tuple(kernel.shape), output_ndim, kernel_index,
@@ -336,10 +377,14 @@ def tag_layer(
     config: ConvConfig | None = None,
     output_ndim: int = 1,
 ) -> jax.Array:
-    """Mark ``outputs = layer(inputs; kernel, bias)`` as a ``"dense"`` or ``"conv"`` layer.
+    """Mark ``outputs = layer(inputs; kernel, bias)`` as a ``"dense"``, ``"conv"``, ``"embed"`` or
+    ``"scale_and_shift"`` layer.
 
     A dense kernel ``(*in_shape, *out_shape)`` has ``output_ndim = len(out_shape)`` and maps the trailing
     axes ``in_shape`` of ``inputs`` to the trailing axes ``out_shape`` of ``outputs`` (bias ``out_shape``).
+    An embedding: ``inputs`` integer ids, ``kernel`` the table ``(vocabulary, features)``, ``outputs
+    (*ids.shape, features)``. A scale-and-shift layer: ``outputs = inputs * kernel + bias``, ``kernel`` (and
+    ``bias``) the shape of the trailing ``output_ndim`` axes of ``inputs``.
     Returns ``outputs`` unchanged unless a capture is running (then with a zero perturbation added).
     """
     recorder = _RECORDER.get()
@@ -347,9 +392,36 @@ def tag_layer(
         return outputs
     if kind == "dense":
         _check_dense_shapes(inputs.shape, outputs.shape, kernel.shape, output_ndim)
+    elif kind == "embed":
+        _check_embed_shapes(inputs, outputs.shape, kernel.shape, bias)
+    elif kind == "scale_and_shift":
+        _check_scale_and_shift_shapes(inputs.shape, outputs.shape, kernel.shape, bias, output_ndim)
+    elif kind != "conv":
+        raise ValueError(f"tag_layer: kind must be one of {KRONECKER_KINDS + BLOCK_KINDS}, got {kind!r}")
     elif output_ndim != 1:
         raise ValueError(f"tag_layer: a {kind!r} layer has output_ndim 1, got {output_ndim}")
     return recorder.record(kind, outputs, inputs, kernel, bias, config, output_ndim)
+
+
+def _check_embed_shapes(ids, outputs, table, bias) -> None:
+    if not (jnp.issubdtype(jnp.result_type(ids), jnp.integer) and len(table) == 2 and bias is None
+            and tuple(outputs) == (*jnp.shape(ids), table[1])):
+        raise ValueError(
+            f"tag_layer: an embedding maps integer ids (...) through a table (vocabulary, features) to outputs "
+            f"(..., features), with no bias; got ids {jnp.shape(ids)} of {jnp.result_type(ids)}, table {tuple(table)}, "
+            f"outputs {tuple(outputs)}"
+        )
+
+
+def _check_scale_and_shift_shapes(inputs, outputs, scale, shift, output_ndim: int) -> None:
+    if not (output_ndim == len(scale) and tuple(inputs) == tuple(outputs)
+            and tuple(inputs[len(inputs) - output_ndim:]) == tuple(scale)
+            and (shift is None or tuple(jnp.shape(shift)) == tuple(scale))):
+        raise ValueError(
+            f"tag_layer: scale-and-shift outputs = inputs * scale + shift with scale and shift the shape of the "
+            f"trailing output_ndim axes of inputs; got inputs {tuple(inputs)}, outputs {tuple(outputs)}, scale "
+            f"{tuple(scale)}, shift {None if shift is None else tuple(jnp.shape(shift))}, output_ndim {output_ndim}"
+        )
 
 
 def _check_dense_shapes(inputs, outputs, kernel, output_ndim: int) -> None:
@@ -377,6 +449,25 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, output
     if bias is not None:
         y = y + bias
     return tag_layer("dense", y, x, kernel, bias, output_ndim=output_ndim)
+
+
+def embed(ids: jax.Array, table: jax.Array) -> jax.Array:
+    """Tagged embedding lookup ``table[ids]``: ``ids`` integers of any shape, ``table (vocabulary, features)``.
+
+    The lookup is the dense layer ``onehot(ids) . table`` (no bias), so K-FAC's block is ``A (x) G`` with
+    ``A = E[onehot onehot^T]`` diagonal (the token frequencies). A learned positional table looked up with the
+    positions, ``embed(jnp.arange(T), table)``, is the same block (``A`` then ``1/T`` on the rows ``0..T-1``).
+    """
+    return tag_layer("embed", jnp.take(table, ids, axis=0), ids, table)
+
+
+def scale_and_shift(x: jax.Array, scale: jax.Array, shift: jax.Array | None = None) -> jax.Array:
+    """Tagged ``x * scale + shift`` over the trailing axes of ``x`` (the affine part of LayerNorm / RMSNorm):
+    ``scale`` (and ``shift``) the shape of the trailing ``scale.ndim`` axes of ``x``, any leading axes."""
+    y = x * scale
+    if shift is not None:
+        y = y + shift
+    return tag_layer("scale_and_shift", y, x, scale, shift, output_ndim=jnp.ndim(scale))
 
 
 def conv(
@@ -457,4 +548,7 @@ def find_layers(
     paths, leaves, _ = _paths_and_leaves(params)
     fallback = [i for i in range(len(leaves)) if i not in covered]
     abstract = tuple(jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)) for x in leaves)
-    return Layers(tuple(layers.values()), tuple(paths[i] for i in fallback), tuple(fallback), len(leaves), abstract, capture)
+    kronecker = tuple(l for l in layers.values() if l.kind not in BLOCK_KINDS)
+    blocks = tuple(l for l in layers.values() if l.kind in BLOCK_KINDS)
+    return Layers(kronecker, tuple(paths[i] for i in fallback), tuple(fallback), len(leaves), abstract, capture,
+                  blocks)

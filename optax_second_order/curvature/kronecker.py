@@ -50,7 +50,9 @@ Layers are found by :mod:`~optax_second_order.curvature.capture` (tags, or Flax 
 output-gradient rows ``p`` from one forward and backward pass, and :func:`kronecker_factors` builds the factors
 from them. A stacked layer (``L`` layers run by :func:`~optax_second_order.curvature.capture.scan`, ``layer.stack``)
 is ``L`` independent layers: its rows, kernel matrices, factors and scales carry a leading layer axis ``L``, and
-layer ``l``'s come from layer ``l``'s inputs and output gradients alone.
+layer ``l``'s come from layer ``l``'s inputs and output gradients alone. The same pass gives the statistics of
+K-FAC's embedding and scale-and-shift blocks (``layers.blocks``; :func:`block_statistics`,
+:mod:`~optax_second_order.curvature.blocks`).
 
 References: Martens & Grosse, "Optimizing neural networks with Kronecker-factored approximate
 curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
@@ -68,6 +70,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from optax_second_order.curvature import blocks as curvature_blocks
 from optax_second_order.curvature.bank import FactorBank, plan_bank
 from optax_second_order.curvature.capture import (
     ConvConfig,
@@ -75,7 +78,9 @@ from optax_second_order.curvature.capture import (
     Layers,
     conv,
     dense,
+    embed,
     find_layers,
+    scale_and_shift,
     scan,
     tag_layer,
     trace_calls,
@@ -89,6 +94,8 @@ __all__ = [
     "Layers",
     "dense",
     "conv",
+    "embed",
+    "scale_and_shift",
     "tag_layer",
     "find_layers",
     "scan",
@@ -104,6 +111,7 @@ __all__ = [
     "layer_rows",
     "sum_over_rows",
     "kronecker_factors",
+    "block_statistics",
 ]
 
 PyTree = Any
@@ -121,11 +129,13 @@ class LayerRows(NamedTuple):
 
 class CapturedPass(NamedTuple):
     """What :func:`layer_rows` returns: the model's ``outputs``; per layer (``layers.layers`` order) the
-    :class:`LayerRows` of each of its calls; the fallback parameters' gradients (``layers.fallback`` order)."""
+    :class:`LayerRows` of each of its calls; the fallback parameters' gradients (``layers.fallback`` order); per
+    block (``layers.blocks`` order) the rows of each of its calls (an embedding's inputs are its ids ``(rows,)``)."""
 
     outputs: jax.Array
     rows: tuple[tuple[LayerRows, ...], ...]
     fallback_grads: tuple[jax.Array, ...]
+    block_rows: tuple[tuple[LayerRows, ...], ...] = ()
 
 
 class KroneckerStatistics(NamedTuple):
@@ -136,6 +146,7 @@ class KroneckerStatistics(NamedTuple):
     factors: dict[str, tuple[jax.Array, jax.Array]]
     fallback_grads: dict[str, jax.Array]
     scales: dict[str, jax.Array]
+    blocks: dict[str, tuple[jax.Array, ...]] = {}  # per block of layers.blocks: block_statistics
 
 
 def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -> jax.Array:
@@ -148,6 +159,10 @@ def layer_inputs(layer: Layer, x: jax.Array, config: ConvConfig | None = None) -
     """
     if layer.stack is not None:
         return jax.vmap(lambda xl: layer_inputs(layer.one_layer(), xl, config))(x)
+    if layer.kind == "embed":  # the ids, not their one-hot rows
+        return jnp.reshape(x, -1)
+    if layer.kind == "scale_and_shift":  # the inputs x per feature, no homogeneous coordinate
+        return x.reshape(math.prod(x.shape[: x.ndim - layer.output_ndim]), layer.output_dim)
     if layer.kind == "conv":
         window = layer.kernel_shape[:-2]
         x = x.reshape((-1,) + x.shape[x.ndim - len(window) - 1:])
@@ -240,7 +255,7 @@ def _num_examples(layer: Layer, output_shape: tuple[int, ...]) -> int:
     """``N``: the leading axis of a call's input (and output), or ``1`` for an unbatched call (after the layer axis of
     a stacked layer's)."""
     output_shape = output_shape if layer.stack is None else output_shape[1:]
-    example_ndim = layer.output_ndim if layer.kind == "dense" else len(layer.kernel_shape) - 1
+    example_ndim = len(layer.kernel_shape) - 1 if layer.kind == "conv" else layer.output_ndim
     return output_shape[0] if len(output_shape) > example_ndim else 1
 
 
@@ -278,16 +293,24 @@ def layer_rows(
 
     by_layer: dict[int, list[LayerRows]] = {}
     for call, x, g in zip(recorded, inputs, output_grads):
-        a = layer_inputs(call.layer, x, call.config)
-        dtype = jnp.promote_types(a.dtype, jnp.float32)
-        p = g.reshape(*a.shape[:-1], call.layer.output_dim).astype(dtype)
-        rows = LayerRows(a.astype(dtype), p, _num_examples(call.layer, call.output.shape))
-        by_layer.setdefault(call.layer.kernel_index, []).append(rows)
-    missing = [layer.name for layer in layers.layers if layer.kernel_index not in by_layer]
+        by_layer.setdefault(call.layer.kernel_index, []).append(_call_rows(call, x, g))
+    missing = [layer.name for layer in layers.layers + layers.blocks if layer.kernel_index not in by_layer]
     if missing:
         raise ValueError(f"layer_rows: layers {missing} were not called by model_fn (is it the model find_layers traced?)")
     rows = tuple(tuple(by_layer[layer.kernel_index]) for layer in layers.layers)
-    return CapturedPass(outputs, rows, tuple(fallback_grads))
+    block_rows = tuple(tuple(by_layer[layer.kernel_index]) for layer in layers.blocks)
+    return CapturedPass(outputs, rows, tuple(fallback_grads), block_rows)
+
+
+def _call_rows(call, x: jax.Array, g: jax.Array) -> LayerRows:
+    """One call's rows: inputs ``a`` and output gradients ``p`` in float32 or better (an embedding's ids as they
+    are)."""
+    a = layer_inputs(call.layer, x, call.config)
+    dtype = jnp.promote_types(g.dtype if call.layer.kind == "embed" else a.dtype, jnp.float32)
+    if call.layer.kind != "embed":
+        a = a.astype(dtype)
+    p = g.reshape(*a.shape[:a.ndim - (call.layer.kind != "embed")], call.layer.output_dim).astype(dtype)
+    return LayerRows(a, p, _num_examples(call.layer, call.output.shape))
 
 
 def _call_output_shapes(model_fn, params, layers: Layers) -> list[jax.ShapeDtypeStruct]:
@@ -340,6 +363,20 @@ def _per_example_rows(calls: Sequence[LayerRows], name: str) -> tuple[jax.Array,
     a = jnp.concatenate([by_example(c.inputs) for c in calls], axis=-2)
     p = jnp.concatenate([by_example(c.output_grads) for c in calls], axis=-2)
     return a, p
+
+
+def block_statistics(layer: Layer, calls: Sequence[LayerRows]) -> tuple[jax.Array, ...]:
+    """A block's statistics from all its calls (:mod:`~optax_second_order.curvature.blocks`): an embedding's
+    ``(c, G)`` (token frequencies, ``G = sum p p^T``); a scale-and-shift layer's exact Fisher diagonal ``(d_s,)`` or
+    ``(d_s, d_b)`` (with a shift), shaped like the parameters."""
+    if layer.kind == "embed":
+        ids = jnp.concatenate([c.inputs for c in calls])
+        grads = jnp.concatenate([c.output_grads for c in calls])
+        return curvature_blocks.embedding_factors(ids, grads, layer.kernel_shape[0])
+    x, p = _per_example_rows(calls, layer.name)
+    d_scale, d_shift = curvature_blocks.scale_and_shift_diagonal(x, p)
+    shape = layer.leaf_shape
+    return (d_scale.reshape(shape),) if layer.bias is None else (d_scale.reshape(shape), d_shift.reshape(shape))
 
 
 def _eigenbasis_scales(a: jax.Array, p: jax.Array, q_a: jax.Array, q_g: jax.Array) -> jax.Array:
@@ -410,4 +447,5 @@ def kronecker_factors(
             a, p = _per_example_rows(calls, layer.name)
             scales_of = _eigenbasis_scales if layer.stack is None else jax.vmap(_eigenbasis_scales)
             scales[layer.name] = scales_of(a, p, *eigenbases[layer.name])
-    return KroneckerStatistics(factors, dict(zip(layers.fallback, captured.fallback_grads)), scales)
+    blocks = {b.name: block_statistics(b, calls) for b, calls in zip(layers.blocks, captured.block_rows)}
+    return KroneckerStatistics(factors, dict(zip(layers.fallback, captured.fallback_grads)), scales, blocks)

@@ -1,5 +1,6 @@
-"""Layer capture for unmodified Flax models: linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv`` (and their
-subclasses), NNX ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv`` (and theirs).
+"""Layer capture for unmodified Flax models: linen ``nn.Dense`` / ``nn.DenseGeneral`` / ``nn.Conv``, ``nn.Embed``,
+``nn.LayerNorm`` / ``nn.RMSNorm`` (and their subclasses), NNX ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Conv``
+(and theirs).
 
 Nothing happens outside a capture (:func:`~optax_second_order.curvature.capture.find_layers` once, then each
 statistics pass of K-FAC), which runs in its own :class:`contextvars.ContextVar` context, so two models traced in two
@@ -10,7 +11,13 @@ threads stay apart.
   method interception) sees each call of the original ``__call__`` of ``nn.Dense``, ``nn.DenseGeneral`` and
   ``nn.Conv`` -- also when a subclass inherits it or calls it through ``super().__call__`` -- runs it unchanged
   and tags it with its input, output, ``kernel`` and ``bias`` (``module.get_variable("params", ...)``, the very
-  arrays of the ``params`` given to ``apply``).
+  arrays of the ``params`` given to ``apply``). ``nn.Embed`` is tagged as an embedding
+  (:func:`~optax_second_order.kronecker.embed`: its ids and table); ``nn.LayerNorm`` / ``nn.RMSNorm`` with a
+  scale, normalizing over the last axis only (the default; no ``axis_name``, no ``mask``) as a scale-and-shift
+  layer whose input is the normalized ``x``, recomputed here as Flax computes it (mean and variance over the last
+  axis in float32 or better, ``use_fast_variance`` honoured, ``(x - mean) / sqrt(var + epsilon)``; RMSNorm
+  without the mean). Other normalizations (other axes, ``use_scale=False``, ``nn.GroupNorm``, ``nn.BatchNorm``)
+  fall back.
 * linen ``nn.scan``: Flax's lifted scan (``flax.core.axes_scan``) runs ``jax.lax.scan`` on the scanned variable
   collections, the very leaves of ``params`` (``(L, ...)``), so a Dense inside sees a slice of them as its kernel.
   For the duration of a capture, :func:`linen_capture` has that module's ``lax.scan`` be
@@ -42,8 +49,11 @@ A layer is captured when its kernel is a leaf of the parameters ``model_fn`` rec
 ``model_fn = lambda p: module.apply({"params": p}, x)``, in NNX as above. Not captured, so preconditioned by the
 diagonal fallback: convolutions with ``feature_group_count > 1`` or a ``mask`` (and, in linen,
 ``"CIRCULAR"`` / ``"CAUSAL"`` padding); ``DenseGeneral`` / ``LinearGeneral`` with batch axes or contracted axes
-that are not the trailing ones, or (NNX) a ``dot_general_cls``; embeddings, ``Einsum``, normalization layers and
-any other parameter.
+that are not the trailing ones, or (NNX) a ``dot_general_cls``; NNX's embeddings and normalization layers (no
+product to intercept: tag them with :func:`~optax_second_order.kronecker.embed` /
+:func:`~optax_second_order.kronecker.scale_and_shift` in a model of one's own), ``Einsum``, and any other
+parameter. A table also used by ``nn.Embed.attend`` (tied output weights) keeps its embedding block, whose
+statistics see only the lookups.
 
 Usage::
 
@@ -59,6 +69,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import threading
 
 from flax import nnx
@@ -71,7 +82,8 @@ __all__ = ["find_layers", "tag_layers", "linen_capture"]
 
 PyTree = Any
 
-_LINEN_CALLS = tuple(cls.__call__.__wrapped__ for cls in (nn.Dense, nn.DenseGeneral, nn.Conv))
+_LINEN_CALLS = tuple(cls.__call__.__wrapped__ for cls in (nn.Dense, nn.DenseGeneral, nn.Conv, nn.Embed, nn.LayerNorm,
+                                                            nn.RMSNorm))
 
 
 def find_layers(model_fn: Callable[[PyTree], Any], params: PyTree) -> Layers:
@@ -81,7 +93,7 @@ def find_layers(model_fn: Callable[[PyTree], Any], params: PyTree) -> Layers:
     model copy with :func:`tag_layers`. Raises a ``ValueError`` when no layer is found.
     """
     layers = _capture.find_layers(model_fn, params, capture=linen_capture)
-    if not layers.layers:
+    if not layers.layers and not layers.blocks:
         raise ValueError(
             "find_layers: model_fn calls no dense or conv layer that can be captured. A linen model_fn is "
             "`lambda p: module.apply({'params': p}, x)` with the same `p` the optimizer gets; an NNX model_fn must "
@@ -133,10 +145,44 @@ def _linen_conv_config(module: nn.Conv) -> ConvConfig | None:
     )
 
 
+def _normalized_input(module: nn.LayerNorm | nn.RMSNorm, x: jax.Array) -> jax.Array | None:
+    """``x_hat``, the input of a linen LayerNorm's (RMSNorm's) scale-and-shift: ``(x - mean) / sqrt(var + eps)``
+    over the last axis as Flax computes it; ``None`` where it is not captured (module docstring)."""
+    last = (x.ndim - 1,)
+    axes = [tuple(a % x.ndim for a in _as_tuple(v)) for v in (module.reduction_axes, module.feature_axes)]
+    if not module.use_scale or axes != [last, last] or module.axis_name is not None:
+        return None
+    dtype = jnp.promote_types(module.dtype or x.dtype, jnp.float32) if module.force_float32_reductions else x.dtype
+    x = x.astype(dtype)
+    if isinstance(module, nn.RMSNorm):
+        mean, var = 0.0, jnp.mean(jnp.square(x), -1, keepdims=True)
+    elif module.use_fast_variance:
+        mean = jnp.mean(x, -1, keepdims=True)
+        var = jnp.maximum(0.0, jnp.mean(jnp.square(x), -1, keepdims=True) - jnp.square(mean))
+    else:
+        mean = jnp.mean(x, -1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + module.epsilon)
+
+
+def _tag_linen_block(module, y, args, kwargs):
+    """Tag a linen ``nn.Embed`` or ``nn.LayerNorm`` / ``nn.RMSNorm`` call (module docstring)."""
+    if isinstance(module, nn.Embed):
+        return _capture.tag_layer("embed", y, args[0] if args else kwargs["inputs"],
+                                  module.get_variable("params", "embedding"))
+    x_hat = None if kwargs.get("mask") is not None else _normalized_input(module, args[0] if args else kwargs["x"])
+    if x_hat is None:
+        return y
+    shift = module.get_variable("params", "bias") if isinstance(module, nn.LayerNorm) and module.use_bias else None
+    return _capture.tag_layer("scale_and_shift", y, x_hat, module.get_variable("params", "scale"), shift)
+
+
 def _linen_interceptor(next_fun, args, kwargs, context):
     if context.method_name != "__call__" or getattr(context.orig_method, "func", None) not in _LINEN_CALLS:
         return next_fun(*args, **kwargs)
     module = context.module
+    if isinstance(module, (nn.Embed, nn.LayerNorm, nn.RMSNorm)):
+        return _tag_linen_block(module, next_fun(*args, **kwargs), args, kwargs)
     x = args[0] if args else kwargs["inputs"]
     kernel = module.get_variable("params", "kernel")
     bias = module.get_variable("params", "bias") if module.use_bias else None

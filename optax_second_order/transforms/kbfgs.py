@@ -123,6 +123,7 @@ def kbfgs_layer_states(layers: kronecker.Layers, state: Any) -> list[KBFGSLayerS
     """Each captured layer's state (in ``layers.layers`` order; a stacked layer's with a leading layer axis ``L``), gathered from the bank's stacks to the host, to
     inspect. ``state``: a :class:`KBFGSState` or a state holding one (an alias's)."""
     state = inner_state(state, KBFGSState, "kbfgs_layer_states")
+    layers = layers.without_blocks()  # as scale_by_kbfgs: embeddings and scale-and-shift layers on the fallback
     fields = ("factors", "inverse_factors", "curvature", "pairs")
     host = jax.tree.map(lambda x: x if isinstance(x, jax.core.Tracer) else np.asarray(x), [getattr(state, f) for f in fields])
     per_layer = [kronecker.layer_bank(layers).item_units(stacks, per="group") for stacks in host]
@@ -370,6 +371,7 @@ def scale_by_kbfgs(
     traced, on the current batch) and ``loss`` (bound to the batch's targets).
     """
     _validate(layers, learning_rate, damping, momentum, ema_decay, pair_decay, statistics_frequency, min_cosine)
+    layers = layers.without_blocks()  # embeddings and scale-and-shift layers: the diagonal fallback
     m = static_int(NAME, "memory_size", memory_size, 100)
     bank = kronecker.layer_bank(layers, precondition_sharding)
 

@@ -35,6 +35,17 @@ unbiased estimate of the Fisher diagonal (the cross terms between examples vanis
 data's targets (``fisher="empirical"``) each example's output gradient gets a random sign first, which makes
 the square unbiased for the per-example squares (:func:`~optax_second_order.kronecker.fisher_cotangent`).
 
+Embeddings and scale-and-shift layers (``layers.blocks``; :mod:`optax_second_order.curvature.blocks`) get blocks of
+their own, outside the factor bank. An embedding ``(V, D)`` is a dense layer on one-hot inputs: ``A = diag(c)``, the
+token frequencies, and ``G`` as for a dense layer; factored mode ``v = (V_grad / (c + pi sqrt(lambda))) (G +
+sqrt(lambda)/pi I)^{-1}``, exact mode (and EK-FAC, which keeps K-FAC's form for these blocks)
+``[(V_grad Q_G) / (c g^T + lambda)] Q_G^T``: the same steps as the dense layer on one-hot inputs, with ``V``
+numbers for ``A`` instead of ``V^2`` and no ``V x V`` inverse. A scale-and-shift layer's block is the exact
+Fisher diagonal ``d`` from per-example gradients (K-FAC-JAX's default for it): ``v = grad / (d + lambda)``.
+Their statistics are averaged like the factors; the embeddings' preconditioners are recomputed every
+``precondition_frequency`` steps (all at once, also with ``stagger``); they are stored in float32 (or the
+parameters' wider dtype) whatever ``state_dtype``.
+
 KL clipping (Ba, Grosse & Martens 2017): the natural gradient ``v`` is scaled by
 ``nu = min(1, sqrt(kl_clip / (lr^2 v^T F~ v)))``, ``F~`` the damped Kronecker (and diagonal) approximation
 that defines ``v = F~^{-1} grad``, so ``v^T F~ v = v . grad`` costs no matrix product, and
@@ -84,6 +95,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding
 
+from optax_second_order.curvature import blocks as curvature_blocks
 from optax_second_order.curvature import kronecker
 from optax_second_order.curvature import quantize as storage_codecs
 from optax_second_order.curvature.bank import FactorBank, due_slot, update_slot_units
@@ -131,6 +143,8 @@ class KFACState(NamedTuple):
     num_scales: Any  # EK-FAC scale updates since the eigenbases were last recomputed: int32, or staggered [n] per group
     previous_step: tuple  # adaptive_momentum: the last step delta, per leaf of params (float32 or better); else ()
     step_coefficients: jax.Array  # adaptive_learning_rate: the last (alpha, mu) of the quadratic model; else zeros
+    block_factors: tuple = ()  # per block of layers.blocks: embedding (c, G); scale-and-shift (d_scale[, d_shift])
+    block_preconditioners: tuple = ()  # per block: embedding factored (1/(c + a), (G + g I)^{-1}), else (c, g, Q_G)
 
 
 class LayerState(NamedTuple):
@@ -259,7 +273,13 @@ def _update_statistics(config: _Config, state: KFACState, stats, ema_decay):
         scales, failed = _fold_in_units(bank, scales, new, _scale_decay(state.num_scales, ema_decay), "group")
         bad = bad + failed
     num_scales = jax.tree.map(lambda k: k + 1, state.num_scales)
-    return factors, tuple(diagonal), scales, state.num_statistics + 1, num_scales, state.nonfinite + bad
+    block_factors = []
+    for b, old in zip(config.layers.blocks, state.block_factors):
+        kept, failed = finite_ema(old, stats.blocks[b.name], decay)
+        block_factors.append(kept)
+        bad = bad + failed
+    return (factors, tuple(diagonal), scales, state.num_statistics + 1, num_scales, state.nonfinite + bad,
+            tuple(block_factors))
 
 
 # --- refresh: damped inverses (section 6.3) or eigenbases ------------------------------------------
@@ -268,10 +288,16 @@ def _update_statistics(config: _Config, state: KFACState, stats, ema_decay):
 def _factored_dampings(a: jax.Array, g: jax.Array, damping: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``pi sqrt(lambda)`` and ``sqrt(lambda) / pi`` per unit, ``pi = sqrt((tr A / d_A) / (tr G / d_G))``."""
     def mean_eigenvalue(m):
-        return jnp.trace(m, axis1=-2, axis2=-1) / m.shape[-1] + 1e-30
+        return jnp.trace(m, axis1=-2, axis2=-1) / m.shape[-1]
 
-    pi = jnp.sqrt(mean_eigenvalue(a) / mean_eigenvalue(g))
-    root = jnp.sqrt(damping).astype(a.dtype)
+    return _pi_dampings(mean_eigenvalue(a), mean_eigenvalue(g), damping)
+
+
+def _pi_dampings(mean_a: jax.Array, mean_g: jax.Array, damping: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``pi sqrt(lambda)`` and ``sqrt(lambda) / pi`` from the factors' mean eigenvalues ``tr A / d_A``, ``tr G / d_G``
+    (section 6.3)."""
+    pi = jnp.sqrt((mean_a + 1e-30) / (mean_g + 1e-30))
+    root = jnp.sqrt(damping).astype(mean_a.dtype)
     return pi * root, root / pi
 
 
@@ -370,6 +396,71 @@ def _staggered_refresh(config: _Config, count, every, factors, preconditioners, 
     return preconditioners, scales, num_scales, nonfinite + bank.count_real(failed, per="group")
 
 
+# --- embeddings and scale-and-shift layers (curvature/blocks.py) --------------------------------------
+
+
+def _init_blocks(config: _Config, leaves, dtype) -> tuple[tuple, tuple]:
+    """The blocks' initial factors (``c = 1``, ``G = I``; ``d = 1``) and preconditioners (those of ``A = G = I``)."""
+    factors, preconditioners = [], []
+    for b in config.layers.blocks:
+        if b.kind == "embed":
+            vocabulary, features = b.kernel_shape
+            ones, identity = jnp.ones(vocabulary, dtype), jnp.eye(features, dtype=dtype)
+            factors.append((ones, identity))
+            exact = (ones + 0, jnp.ones(features, dtype), identity + 0)
+            preconditioners.append((ones + 0, identity + 0) if config.factored else exact)
+        else:
+            indices = (b.kernel_index,) if b.bias_index is None else (b.kernel_index, b.bias_index)
+            factors.append(tuple(jnp.ones(jnp.shape(leaves[i]), stat_dtype(leaves[i].dtype)) for i in indices))
+            preconditioners.append(())
+    return tuple(factors), tuple(preconditioners)
+
+
+def _embedding_preconditioner(config: _Config, factors: tuple, damping) -> tuple:
+    """An embedding's preconditioner from ``(c, G)``: factored, ``(1 / (c + pi sqrt(lambda)), (G + sqrt(lambda) / pi
+    I)^{-1})``; else ``(c, g, Q_G)`` with ``G = Q_G diag(g) Q_G^T`` (``A = diag(c)`` is its own eigenbasis)."""
+    c, g = factors
+    if config.factored:
+        damping_a, damping_g = _pi_dampings(jnp.mean(c), jnp.trace(g) / g.shape[-1], damping)
+        return 1.0 / (c + damping_a), damped_inverse(g, damping_g)[0]
+    return (c, *eigh_psd(g))
+
+
+def _refresh_blocks(config: _Config, block_factors: tuple, old: tuple, nonfinite, damping) -> tuple[tuple, jax.Array]:
+    """The embeddings' preconditioners recomputed (a non-finite one keeps the old and is counted)."""
+    new = []
+    for b, factors, previous in zip(config.layers.blocks, block_factors, old):
+        if b.kind != "embed":
+            new.append(previous)
+            continue
+        fresh = _embedding_preconditioner(config, factors, damping)
+        ok = all_finite(fresh)
+        new.append(jax.tree.map(lambda n, o: jnp.where(ok, n.astype(o.dtype), o), fresh, previous))
+        nonfinite = nonfinite + (~ok).astype(jnp.int32)
+    return tuple(new), nonfinite
+
+
+def _block_directions(config: _Config, leaves: list, block_factors: tuple, block_preconditioners: tuple,
+                      damping) -> dict[int, jax.Array]:
+    """``{leaf position: v}`` for the blocks' parameters: an embedding's ``(A + a I)^{-1} V (G + g I)^{-1}``
+    (factored) or ``[(V Q_G) / (c g^T + lambda)] Q_G^T``; a scale-and-shift layer's ``grad / (d + lambda)``."""
+    out = {}
+    for b, factors, preconditioner in zip(config.layers.blocks, block_factors, block_preconditioners):
+        if b.kind != "embed":
+            indices = (b.kernel_index,) if b.bias_index is None else (b.kernel_index, b.bias_index)
+            for i, d in zip(indices, factors):
+                out[i] = leaves[i].astype(d.dtype) / (d + damping.astype(d.dtype))
+            continue
+        v = leaves[b.kernel_index].astype(factors[1].dtype)
+        if config.factored:
+            out[b.kernel_index] = curvature_blocks.embedding_natural_gradient(v, *preconditioner)
+        else:
+            c, g, q_g = preconditioner
+            rotated = v @ q_g
+            out[b.kernel_index] = (rotated / (c[:, None] * g[None, :] + damping.astype(g.dtype))) @ q_g.T
+    return out
+
+
 # --- the natural gradient ----------------------------------------------------------------------------
 
 
@@ -388,9 +479,11 @@ def _precondition_units(config: _Config, v: jax.Array, pair, scale, damping) -> 
     return q_a @ (rotated / (diagonal + damping.astype(a.dtype))) @ _transpose(q_g)
 
 
-def _natural_gradient(config: _Config, grads: PyTree, preconditioners, scales, diagonal, damping) -> PyTree:
+def _natural_gradient(config: _Config, grads: PyTree, preconditioners, scales, diagonal, damping,
+                      block_factors=(), block_preconditioners=()) -> PyTree:
     """``v = F~^{-1} grad``: Kronecker-factored per layer (one batched product per group of the bank, each device
-    its own units), diagonal per fallback parameter (in float32 or better)."""
+    its own units), the embeddings' and scale-and-shift layers' blocks, diagonal per fallback parameter (in float32
+    or better)."""
     bank = config.bank
     leaves, treedef = jax.tree.flatten(grads)
     out = list(leaves)
@@ -413,6 +506,8 @@ def _natural_gradient(config: _Config, grads: PyTree, preconditioners, scales, d
                 out[layer.bias_index] = bias
     for i, d in zip(config.layers.fallback_indices, diagonal):
         out[i] = leaves[i].astype(d.dtype) / (d + damping.astype(d.dtype))
+    for i, v in _block_directions(config, leaves, block_factors, block_preconditioners, damping).items():
+        out[i] = v
     return jax.tree.unflatten(treedef, bank.gathered(out))
 
 
@@ -527,7 +622,7 @@ def _init(config: _Config, params, damping, seed) -> KFACState:
     else:
         leaves = config.layers.check_params(params, NAME)
     bank = config.bank
-    dtype = tree_stat_dtype([leaves[l.kernel_index] for l in config.layers.layers])
+    dtype = tree_stat_dtype([leaves[l.kernel_index] for l in config.layers.layers + config.layers.blocks])
     # fresh arrays each call: a state sharing buffers cannot be donated
     factors = bank.matrices(dtype, identity=True)
     if config.factored:
@@ -550,6 +645,7 @@ def _init(config: _Config, params, damping, seed) -> KFACState:
     return KFACState(
         zero(), jax.random.key(seed), factors, preconditioners, diagonal, zero(), zero(),
         jnp.asarray(damping, jnp.result_type(float)), scales, num_scales, previous, jnp.zeros(2, jnp.result_type(float)),
+        *_init_blocks(config, leaves, dtype),
     )
 
 
@@ -657,7 +753,7 @@ def scale_by_kfac(
     )
     omega = damping_adaptation_decay**damping_adaptation_interval
     stored_dtype = storage_codecs.as_state_dtype(NAME, state_dtype)
-    computed_dtype = tree_stat_dtype([layers.leaves[l.kernel_index] for l in layers.layers])
+    computed_dtype = tree_stat_dtype([layers.leaves[l.kernel_index] for l in layers.layers + layers.blocks])
 
     def statistics(state, params, model_fn, loss, key):
         stats = _batch_statistics(config, params, model_fn, loss, key, state.preconditioners)
@@ -691,10 +787,16 @@ def scale_by_kfac(
         damping_now = state.damping if adaptive_damping else jnp.asarray(damping, state.damping.dtype)
         key, stats_key = jax.random.split(state.key)
 
-        factors, diagonal, scales, num_statistics, num_scales, nonfinite = jax.lax.cond(
+        factors, diagonal, scales, num_statistics, num_scales, nonfinite, block_factors = jax.lax.cond(
             is_refresh_step(state.count, statistics_frequency),
             lambda: statistics(state, params, model_fn, loss, stats_key),
-            lambda: (state.factors, state.diagonal, state.scales, state.num_statistics, state.num_scales, state.nonfinite),
+            lambda: (state.factors, state.diagonal, state.scales, state.num_statistics, state.num_scales,
+                     state.nonfinite, state.block_factors),
+        )
+        block_preconditioners, nonfinite = jax.lax.cond(
+            is_refresh_step(state.count, precondition_frequency),
+            lambda: _refresh_blocks(config, block_factors, state.block_preconditioners, nonfinite, damping_now),
+            lambda: (state.block_preconditioners, nonfinite),
         )
         if slots == 1:
             preconditioners, scales, num_scales, nonfinite = jax.lax.cond(
@@ -708,7 +810,8 @@ def scale_by_kfac(
                 config, state.count, precondition_frequency, factors, state.preconditioners, scales, num_scales,
                 nonfinite, damping_now,
             )
-        v = _natural_gradient(config, updates, preconditioners, scales, diagonal, damping_now)
+        v = _natural_gradient(config, updates, preconditioners, scales, diagonal, damping_now, block_factors,
+                              block_preconditioners)
         if kl_clip is not None:
             rate = value_at(learning_rate, state.count)
             nu = damping_rules.kl_clip_scale(v, updates, rate, kl_clip)
@@ -739,7 +842,7 @@ def scale_by_kfac(
         updates = jax.tree.map(lambda x, g: x.astype(g.dtype), v, updates)
         new_state = KFACState(
             state.count + 1, key, factors, preconditioners, diagonal, num_statistics, nonfinite, new_damping, scales,
-            num_scales, previous_step, coefficients,
+            num_scales, previous_step, coefficients, block_factors, block_preconditioners,
         )
         return updates, new_state
 
