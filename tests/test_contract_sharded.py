@@ -4,8 +4,9 @@ For each case of every ``tests/cases_*.py`` (as ``test_contract.py`` collects th
 ``--xla_force_host_platform_device_count=4`` runs 3 jitted steps of the toy problem (``contract.toy_model``: a tagged
 conv and dense layer, a scalar and a vector) on one device, and on a mesh of 4 under ``jax.set_mesh``, with the batch
 split over the mesh axis ``"data"``, the parameters replicated and, where the alias takes ``precondition_sharding``,
-the factor bank's stacks split over the same axis; and on an ``Auto`` mesh with FSDP-style parameters (each leaf split
-over ``"data"`` along its first dimension divisible by 4). The parameters must equal the one-device run's (float64, relative
+the factor bank's stacks split over the same axis; and on both mesh axis types with FSDP-style parameters (each leaf
+split over ``"data"`` along its first dimension divisible by 4; on ``Explicit`` axes the forward gathers them with
+``jax.sharding.reshard``, and most transformations do not run there yet: ``EXPLICIT_FSDP_NOT_YET``). The parameters must equal the one-device run's (float64, relative
 ``1e-8``: only the order of the batch's sums differs) and come back laid out as they went in. Both mesh axis types are run: ``Explicit``
 (the default of ``jax.make_mesh``) and ``Auto`` (three cases meet a JAX limitation on ``Explicit`` axes, listed in
 ``UPSTREAM_EXPLICIT_CONV``).
@@ -66,10 +67,14 @@ def run(case, mesh, layout="replicated"):
         overrides["layers"] = oso.flax.find_layers(lambda p: toy_model(p, IMAGES), PARAMS)
     tx = case.alias(learning_rate=LEARNING_RATE, **case.kwargs, **overrides)
 
+    explicit_fsdp = mesh is not None and layout == "fsdp" and AxisType.Explicit in mesh.axis_types
+    # on Explicit axes a forward must gather FSDP parameters itself (jax.sharding.reshard), as a user's model does
+    gather = (lambda p: jax.tree.map(lambda x: jax.sharding.reshard(x, P()), p)) if explicit_fsdp else (lambda p: p)
+
     @jax.jit
     def step(params, state, images, labels):
         loss = oso.losses.softmax_cross_entropy(labels)
-        model_fn = lambda p: toy_model(p, images)
+        model_fn = lambda p: toy_model(gather(p), images)
         value_fn = lambda p: loss(model_fn(p))
         grads = jax.grad(value_fn)(params)
         updates, state = tx.update(grads, state, params, value_fn=value_fn, model_fn=model_fn, loss=loss)
@@ -90,7 +95,9 @@ for case in CASES:
     if case.name not in sys.argv[1:]:
         continue
     single = run(case, None)
-    for types, layout in ((AxisType.Explicit, "replicated"), (AxisType.Auto, "replicated"), (AxisType.Auto, "fsdp")):
+    layouts = ((AxisType.Explicit, "replicated"), (AxisType.Auto, "replicated"), (AxisType.Auto, "fsdp"),
+               (AxisType.Explicit, "fsdp"))
+    for types, layout in layouts:
         try:
             mesh = jax.make_mesh((4,), ("data",), axis_types=(types,))
             with jax.set_mesh(mesh):
@@ -102,7 +109,7 @@ for case in CASES:
                 want = fsdp(sharded[k], mesh) if layout == "fsdp" else NamedSharding(mesh, P())
                 assert sharded[k].sharding.is_equivalent_to(want, sharded[k].ndim), f"{k}: {sharded[k].sharding}"
         except Exception as error:  # every case is run; the failures are reported together
-            name = types.name if layout == "replicated" else "FSDP"
+            name = types.name if layout == "replicated" else "FSDP" if types == AxisType.Auto else "ExplicitFSDP"
             failures[f"{case.name} {name}"] = f"{type(error).__name__}: {str(error)[:1500]}"
 print("RESULT", json.dumps(failures))
 '''
@@ -113,6 +120,19 @@ print("RESULT", json.dumps(failures))
 # the per-example gradients of Martens' preconditioner) meet it on the toy's conv layer; they run on Auto meshes.
 # Strict: a JAX release that fixes it makes this test fail, so the entries get removed.
 UPSTREAM_EXPLICIT_CONV = {"newton Explicit", "gauss_newton-row_space Explicit", "hessian_free Explicit"}
+# FSDP parameters on Explicit axes (issue 20, item 2), not done yet, by cause (docs/scaling.md): flat vectors and dense
+# matrices contracted over a parameter's split axis (the quasi-Newton family, Newton, Gauss-Newton, Hessian-free,
+# natural gradient); layer capture, which finds a layer by its kernel being a parameter leaf and not the forward's
+# gathered copy (K-FAC, K-BFGS); the factor bank's slicing and padding of a split leaf (Shampoo, SOAP). Strict, as
+# above: a case that starts to work makes this test fail until it leaves the list.
+EXPLICIT_FSDP_NOT_YET = {
+    f"{name} ExplicitFSDP" for name in (
+        "newton", "newton_cg", "gauss_newton-row_space", "hessian_free", "natural_gradient", "lbfgs", "lbfgs-zoom",
+        "bfgs-more-thuente", "bfgs_cholesky-same-batch", "lbfgs-same-batch",
+        "kfac", "kfac-ekfac-adaptive", "kfac-ekfac-bf16", "kbfgs",
+        "shampoo", "shampoo-q4", "soap", "soap-q8", "soap-1s-fac",
+    )
+}
 NAMES = [case.name for case in CASES]
 HALVES = {"first": NAMES[: len(NAMES) // 2], "second": NAMES[len(NAMES) // 2:]}
 
@@ -129,5 +149,7 @@ def test_every_case_data_parallel_on_four_devices_equals_one_device(half):
     expected = {k for k in UPSTREAM_EXPLICIT_CONV if k.split()[0] in HALVES[half]}
     upstream = {k for k, message in failures.items() if k in expected and "reshape is not supported" in message}
     assert upstream == expected, f"JAX's Explicit-mesh conv batching now works for {sorted(expected - upstream)}"
-    others = {k: message for k, message in failures.items() if k not in upstream}
+    not_yet = {k for k in EXPLICIT_FSDP_NOT_YET if k.split()[0] in HALVES[half]}
+    assert not_yet <= set(failures), f"FSDP on Explicit axes now works for {sorted(not_yet - set(failures))}"
+    others = {k: message for k, message in failures.items() if k not in upstream | not_yet}
     assert not others, "\n\n".join(f"{name}: {message}" for name, message in others.items())

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType
 from jax.flatten_util import ravel_pytree
 
 from optax_second_order.curvature.losses import OutputLoss
@@ -57,7 +58,17 @@ def probes(key: jax.Array, params: PyTree, distribution: str = "rademacher") -> 
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(key, len(leaves))
     draw = rademacher if distribution == "rademacher" else jax.random.normal
-    return treedef.unflatten([draw(k, p.shape, p.dtype) for k, p in zip(keys, leaves)])
+    return treedef.unflatten([_laid_out_like(draw(k, p.shape, p.dtype), p) for k, p in zip(keys, leaves)])
+
+
+def _laid_out_like(z: jax.Array, like: Any) -> jax.Array:
+    """``z`` with ``like``'s sharding where ``like`` lives on ``Explicit`` mesh axes (a probe is a tangent of the
+    parameters: JAX wants it split as they are, e.g. FSDP parameters); ``z`` itself elsewhere."""
+    sharding = jax.typeof(like).sharding
+    mesh = sharding.mesh
+    if mesh.empty or AxisType.Explicit not in mesh.axis_types:
+        return z
+    return jax.sharding.reshard(z, sharding.spec)
 
 
 def hutchinson_diagonal(
