@@ -295,10 +295,14 @@ def scale_by_diagonal_curvature(
 
     def init_fn(params):
         def full(p, shape, value):
-            dtype = stat_dtype(jnp.result_type(p))
-            if shape == jnp.shape(p):  # laid out like the parameter (split with it on a mesh), as optax's moments
-                return jnp.full_like(p, value, dtype)
-            return jnp.full(shape, value, dtype)
+            # laid out like the parameter (split with it on a mesh), as optax's moments: a statistic of AdaHessian's
+            # spatially reduced shape is the corner of a parameter-like array, which keeps the other axes' layout
+            like = jnp.full_like(p, value, stat_dtype(jnp.result_type(p)))
+            if shape == like.shape:
+                return like
+            if len(shape) == like.ndim and all(n <= d for n, d in zip(shape, like.shape)):
+                return jax.lax.slice(like, (0,) * like.ndim, shape)
+            return jnp.full(shape, value, like.dtype)
 
         return DiagonalCurvatureState(
             count=jnp.zeros([], jnp.int32),
