@@ -48,6 +48,7 @@ __all__ = [
     "layers_back",
     "is_refresh_step",
     "stagger_slots",
+    "computed_once",
     "all_finite",
     "keep_if_nonfinite",
     "finite_ema",
@@ -244,10 +245,26 @@ def stagger_slots(transform: str, stagger: Any, precondition_frequency: Any) -> 
 # --- non-finite numbers ----------------------------------------------------------------------------
 
 
+def computed_once(x: jax.Array) -> jax.Array:
+    """``x`` (any shape and dtype, bit for bit), computed in a kernel of its own before its consumers.
+
+    For a scalar reduced over the whole tree (a non-finite check, a global norm, the KL clip's scale, the quadratic
+    model's coefficients) that then scales or gates every leaf. XLA:CPU's fusion copies cheap scalar operations into
+    each consumer's kernel, so without this every leaf's kernel recomputes the whole chain of per-leaf results (one
+    ``and``, ``add`` or ``max`` a leaf): the program grows with leaves x leaves, and compile time, mostly the code
+    generation of the kernels, with it. SOAP's update on ``stdlib-charlm`` had 27,083 instructions, 6,118 of them
+    ``and``; with the checks computed once, 9,400 (docs/benchmark.md, "Compile"). ``jax.lax.optimization_barrier``
+    does not do this on CPU (XLA removes it before fusion); a sort, which XLA never fuses into its consumers, does:
+    ``x`` stacked with itself and sorted along the new axis is ``x`` again (two equal entries), at the cost of one
+    tiny kernel.
+    """
+    return jax.lax.sort(jnp.stack([x, x]), dimension=0)[0]
+
+
 def all_finite(tree: PyTree) -> jax.Array:
     """Whether every floating leaf of ``tree`` is finite (a scalar bool; True for a tree without such leaves)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.asarray(True)
+    return computed_once(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))) if leaves else jnp.asarray(True)
 
 
 def keep_if_nonfinite(old: PyTree, new: PyTree) -> tuple[PyTree, jax.Array]:
@@ -316,7 +333,7 @@ def gram_update_finite(grads: PyTree, largest_factor: jax.Array, decay: Any, wei
     """
     squared_norm = optax.tree.norm(grads, squared=True) if jax.tree.leaves(grads) else jnp.zeros(())
     bound = decay * largest_factor + 2.0 * jnp.maximum(weight, 1.0) * squared_norm
-    return jnp.isfinite(bound.astype(dtype))
+    return computed_once(jnp.isfinite(bound.astype(dtype)))
 
 
 # --- devices ---------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_second_order.transforms.common import computed_once
+
 __all__ = ["reduction_ratio", "levenberg_marquardt", "kl_clip_scale", "reject_step"]
 
 PyTree = Any
@@ -79,7 +81,7 @@ def kl_clip_scale(v: PyTree, grads: PyTree, learning_rate: Any, kl_clip: Any) ->
     good = jnp.isfinite(normalized) & (normalized > 0) & jnp.isfinite(v_max) & jnp.isfinite(g_max)
     # sqrt(lr^2 v.g) = lr sqrt(v_max) sqrt(g_max) sqrt(normalized), each factor finite
     root = learning_rate * jnp.sqrt(v_max) * jnp.sqrt(g_max) * jnp.sqrt(jnp.where(good, normalized, 1.0))
-    return jnp.where(good, jnp.minimum(1.0, jnp.sqrt(kl_clip) / root), 0.0)
+    return computed_once(jnp.where(good, jnp.minimum(1.0, jnp.sqrt(kl_clip) / root), 0.0))  # scales every leaf
 
 
 def _max_abs(tree: PyTree) -> jax.Array:
@@ -90,7 +92,7 @@ def _max_abs(tree: PyTree) -> jax.Array:
     largest = jnp.zeros([], dtype)
     for x in leaves:
         largest = jnp.maximum(largest, jnp.max(jnp.abs(x), initial=0).astype(dtype))
-    return jnp.maximum(largest, jnp.finfo(dtype).tiny)
+    return computed_once(jnp.maximum(largest, jnp.finfo(dtype).tiny))  # divides every leaf
 
 
 def reject_step(rejected: jax.Array, updates: PyTree) -> PyTree:

@@ -104,6 +104,7 @@ from optax_second_order.curvature.products import gnvp_quadratic_form
 from optax_second_order.transforms import damping as damping_rules
 from optax_second_order.transforms.common import (
     all_finite,
+    computed_once,
     check,
     check_choice,
     check_float_leaves,
@@ -563,6 +564,7 @@ def _quadratic_model_step(direction, previous, grads, params, damping, model_fn,
     safe = jnp.where(solvable, determinant, 1.0)
     alpha = jnp.where(solvable, (-b1 * c22 + b2 * c12) / safe, alpha_only)
     mu = jnp.where(solvable, (b1 * c12 - b2 * c11) / safe, 0.0)
+    alpha, mu = computed_once(jnp.stack([alpha, mu]))  # they scale every leaf
     step = jax.tree.map(lambda d, p: alpha * d + mu * p, direction, previous)
     return step, jnp.stack([alpha, mu])
 

@@ -219,3 +219,22 @@ def test_momentum_and_min_damping_are_checked():
         oso.kfac(0.1, layers, min_damping=-1.0)
     with pytest.raises(ValueError, match="min_damping must be <= damping"):
         oso.kfac(0.1, layers, damping=1e-3, min_damping=1e-2)
+
+
+def test_computed_once_is_its_input_bit_for_bit_and_a_kernel_of_its_own():
+    values = [
+        jnp.asarray(True), jnp.asarray(False), jnp.asarray(-0.0), jnp.asarray(jnp.nan), jnp.asarray(-jnp.inf),
+        jnp.asarray([1.5, -2.0, jnp.nan, 0.0]), jnp.arange(6, dtype=jnp.int32).reshape(2, 3),
+    ]
+    for x in values:
+        y = jax.jit(common.computed_once)(x)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        assert np.asarray(y).tobytes() == np.asarray(x).tobytes()
+
+    def scaled(xs):  # one scalar from every leaf, scaling every leaf
+        s = sum(jnp.sum(x) for x in xs)
+        return [x * common.computed_once(s) for x in xs]
+
+    xs = [jnp.full((3 + i,), float(i)) for i in range(12)]
+    text = jax.jit(scaled).lower(xs).compile().as_text()
+    assert text.count(" add(") <= 2 * len(xs)  # the sum is formed once, not once per leaf's kernel
