@@ -64,5 +64,8 @@ CASES = [
         # a guess: Adafactor's rank-1 v mixes the rounding-level coordinates of the factors' null space (a softmax
         # layer's gradient has one) with the others. The float64 loop of tests/transforms/test_soap.py agrees to 1e-10
         inject_rtol=2e-2,
+        # the same amplification between the donated and the kept program: 96 ulps at step 2 once the whole-tree
+        # checks got a kernel of their own (common.computed_once changed the fusions), 5.7e-6 relative
+        donate_ulps=256,
     ),
 ]
